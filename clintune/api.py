@@ -1,0 +1,209 @@
+"""The three verbs: :func:`train`, :func:`evaluate`, :func:`predict` (the CLI is a thin layer on these).
+
+``train`` runs the whole flow of a run:
+
+    data (load, validate, split) -> tokenize -> assemble (backbone + method + head)
+      -> fit (one loop, cost meter) -> save (only what trained) -> predict test -> metrics + CIs
+      -> record.json, written last, into a directory that appears complete or not at all.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .config import TrainConfig, build
+from .cost import CostMeter
+from .data import LabelMap, Splits, load_examples, prepare_splits, write_table
+from .errors import ClintuneError, DataError
+from .methods import METHODS, count_parameters
+from .metrics import bootstrap_ci, classification_metrics
+from .modeling import Classifier, ClintuneModel, assemble, load, save_model
+from .record import environment, make_record
+from .runtime import resolve_runtime, seed_everything
+from .store import check_output_dir, staged_dir, write_json
+from .training import TokenFeed, balanced_weights, cross_entropy, fit
+
+log = logging.getLogger("clintune")
+
+
+@dataclass
+class TrainResult:
+    record: dict
+    classifier: Classifier | None
+    out: Path | None
+
+    @property
+    def metrics(self) -> dict:
+        return self.record["metrics"]
+
+    @property
+    def cost(self) -> dict:
+        return self.record["cost"]
+
+
+def val_scorer(metric: str, y_val: np.ndarray, positive_index: int | None):
+    """logits -> score where higher is better, for early stopping and best-epoch selection."""
+    import torch
+
+    from .modeling import softmax
+
+    def score(logits: np.ndarray) -> float:
+        if metric == "loss":
+            return -float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_val)))
+        m = classification_metrics(y_val, softmax(logits), positive_index)
+        v = m.get(metric)
+        return float("-inf") if v is None else float(v)
+    return score
+
+
+def _predictions_frame(split_rows: np.ndarray, gold: np.ndarray | None, proba: np.ndarray, lm: LabelMap) -> pd.DataFrame:
+    df = pd.DataFrame({"row": split_rows})
+    if gold is not None:
+        df["gold"] = lm.decode(gold)
+    df["predicted_label"] = lm.decode(proba.argmax(1))
+    for j, lab in enumerate(lm.labels):
+        df[f"prob_{lab}"] = proba[:, j]
+    return df
+
+
+def train(cfg: TrainConfig | None = None, **overrides) -> TrainResult:
+    """Train one model as ``cfg`` says; write ``cfg.out`` (if set); return the record and classifier."""
+    if cfg is None:
+        cfg = build(TrainConfig, overrides=overrides, override_source="train()")
+    elif overrides:
+        cfg = cfg.replace(**overrides)
+    runtime = resolve_runtime(cfg.device, cfg.precision, cfg.threads)
+    if cfg.out:
+        check_output_dir(cfg.out, cfg.overwrite)
+    seed_everything(cfg.seed)
+    t_start = time.perf_counter()
+    splits = prepare_splits(cfg)
+    lm = splits.label_map
+    log.info("data: %d train, %d validation, %d test examples; %d classes", len(splits.train),
+             0 if splits.val is None else len(splits.val), len(splits.test), len(lm))
+    seed_everything(cfg.seed)
+    asm = assemble(cfg, len(lm))
+    rcfg = cfg.replace(lr=cfg.learning_rate, precision=runtime.precision, device=runtime.device.type,
+                       **asm.resolved)
+    try:
+        return _train_assembled(rcfg, runtime, splits, asm, t_start)
+    except (ClintuneError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if rcfg.out:
+            with staged_dir(rcfg.out, overwrite=True) as tmp:
+                write_json(tmp / "record.json", make_record(rcfg.to_dict(), "failed", data=splits.info,
+                                                            env=environment(runtime),
+                                                            error=f"{type(e).__name__}: {e}"))
+        raise
+
+
+def _train_assembled(cfg: TrainConfig, runtime, splits: Splits, asm, t_start: float) -> TrainResult:
+    lm = splits.label_map
+    meter = CostMeter(runtime.device)
+    model: ClintuneModel = asm.model
+    meter.set_params(*count_parameters(model))
+    y_train = splits.encoded("train")
+    with meter.phase("train", len(splits.train)):
+        with meter.phase("tokenize"):
+            from .batching import encode
+            enc_train = encode(asm.tokenizer, splits.train.texts, cfg.max_length)
+            enc_val = None if splits.val is None else encode(asm.tokenizer, splits.val.texts, cfg.max_length)
+        weights = balanced_weights(y_train, len(lm)) if cfg.class_weights else None
+        val_feed = None if enc_val is None else TokenFeed(enc_val)
+        y_val = None if splits.val is None else splits.encoded("val")
+        fitres = fit(model, TokenFeed(enc_train), y_train, cfg, runtime, meter, val_feed=val_feed,
+                     val_score=None if y_val is None else val_scorer(cfg.val_metric, y_val, lm.positive_index),
+                     loss_fn=cross_entropy(weights), num_labels=len(lm))
+    meter.extra["time_to_best_s"] = round(fitres.time_to_best_s, 3)
+    log.info("trained %d epoch(s), best epoch %d", fitres.epochs_run, fitres.best_epoch)
+
+    enc_test = None
+    data_info = dict(splits.info)
+    data_info["truncated"] = {"train": enc_train.n_truncated, "val": 0 if enc_val is None else enc_val.n_truncated}
+
+    def finish(directory: Path | None) -> TrainResult:
+        nonlocal enc_test
+        method = METHODS[cfg.method]
+        if directory is not None:
+            save_model(directory, asm, cfg, lm)
+        inference = ClintuneModel(method.for_inference(model.encoder), model.head, backbone_trains=False)
+        clf = Classifier(inference, asm.tokenizer, lm, cfg, runtime)
+        enc_test = clf.encode(splits.test.texts)
+        data_info["truncated"]["test"] = enc_test.n_truncated
+        with meter.phase("predict", len(splits.test)):
+            logits = clf.logits_encoded(enc_test)
+        from .modeling import softmax
+        proba = softmax(logits)
+        y_test = splits.encoded("test")
+        metrics = classification_metrics(y_test, proba, lm.positive_index, lm.labels)
+        ci = bootstrap_ci(y_test, proba, lm.positive_index)
+        cost = meter.summary()
+        cost["wall_seconds"] = round(time.perf_counter() - t_start, 3)
+        training = {"epochs_run": fitres.epochs_run, "best_epoch": fitres.best_epoch,
+                    "best_val_score": fitres.best_val, "stopped_early": fitres.stopped_early,
+                    "history": fitres.history}
+        record = make_record(cfg.to_dict(), "success", metrics=metrics, metrics_ci=ci, cost=cost,
+                             data=data_info, env=environment(runtime), training=training,
+                             backbone=asm.backbone)
+        if directory is not None:
+            write_table(_predictions_frame(splits.test.rows, y_test, proba, lm), directory / "test_predictions.csv")
+            write_json(directory / "record.json", record)
+        return TrainResult(record, clf, Path(cfg.out) if cfg.out else None)
+
+    if cfg.out:
+        with staged_dir(cfg.out, cfg.overwrite) as tmp:
+            result = finish(tmp)
+        return result
+    return finish(None)
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluate and predict
+# ----------------------------------------------------------------------------------------------
+
+def evaluate(model_dir: str | Path, data: str | Path, *, text_col: str | None = None,
+             label_col: str | None = None, out: str | Path | None = None, classifier: Classifier | None = None) -> dict:
+    """Metrics (with CIs) of a saved model on a labelled file; written to ``out`` if given."""
+    clf = classifier or load(model_dir)
+    cfg = clf.config
+    ex = load_examples(data, text_col or cfg.text_col, label_col or cfg.label_col)
+    lm = clf.label_map
+    for label, row in zip(ex.labels, ex.rows):
+        if lm.index_of(label) is None:
+            raise DataError(f"{ex.source}: label '{label}' at row {row} is not one the model knows "
+                            f"(labels: {', '.join(map(str, lm.labels[:20]))})")
+    meter = CostMeter(clf.runtime.device)
+    with meter.phase("predict", len(ex)):
+        proba = clf.predict_proba(ex.texts)
+    y = lm.encode(ex.labels)
+    result = {"model": str(model_dir), "data": ex.source, "data_sha256": ex.content_hash(),
+              "metrics": classification_metrics(y, proba, lm.positive_index, lm.labels),
+              "metrics_ci": bootstrap_ci(y, proba, lm.positive_index),
+              "cost": {"predict_seconds": round(meter.seconds["predict"], 3),
+                       "predict_samples_per_s": meter.rate("predict")}}
+    if out is not None:
+        write_json(out, result)
+    return result
+
+
+def predict(model_dir: str | Path, data: str | Path, out: str | Path, *, text_col: str | None = None,
+            batch_size: int | None = None, classifier: Classifier | None = None) -> pd.DataFrame:
+    """Write ``data``'s rows plus ``predicted_label`` and ``prob_<label>`` columns to ``out``."""
+    from .data import detect_format
+
+    detect_format(out)  # fail on an unknown output format before any work
+    clf = classifier or load(model_dir)
+    ex = load_examples(data, text_col or clf.config.text_col, None, keep_frame=True)
+    proba = clf.predict_proba(ex.texts, batch_size)
+    df = ex.frame.copy()
+    df["predicted_label"] = clf.label_map.decode(proba.argmax(1))
+    for j, lab in enumerate(clf.label_map.labels):
+        df[f"prob_{lab}"] = proba[:, j]
+    write_table(df, out)
+    return df

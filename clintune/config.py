@@ -1,0 +1,334 @@
+"""Typed, validated configuration: the single source of CLI flags, YAML keys and the saved config.
+
+Each field of a config dataclass is at once
+  * a command-line flag (``lora_r`` -> ``--lora-r``; booleans get ``--x/--no-x``),
+  * a YAML key (``lora_r: 16`` in ``--config run.yaml``), and
+  * a key of ``config`` in the run record (``record.json``) and ``config.yaml`` of a model directory.
+
+Precedence: dataclass default < YAML file < command-line flag. Every value is type-checked and
+range-checked with an error that names the flag or key (see :class:`clintune.errors.ConfigError`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+def option(default: Any = None, help: str = "", *, choices: tuple | None = None, group: str = "options",
+           default_factory: Any = None) -> Any:
+    """A config field with its CLI help, allowed values and help group."""
+    meta = {"help": help, "choices": choices, "group": group}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generic machinery (works for any config dataclass built with `option`)
+# ----------------------------------------------------------------------------------------------
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(base type, optional?) of an annotation like ``int | None`` or ``list[str]``."""
+    optional = False
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) != len(typing.get_args(tp))
+        tp = args[0]
+    return tp, optional
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML or CLI value to the field's type, or raise ConfigError naming ``where``."""
+    base, optional = _base_type(tp)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise ConfigError(f"{where}: a value is required")
+    if typing.get_origin(base) is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, (str, int, float)) for v in value):
+            raise ConfigError(f"{where}: expected a list of names, got {value!r}")
+        return [str(v) for v in value]
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if base is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(value) if isinstance(value, (int, str)) else _raise()
+        except (ValueError, TypeError):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if base is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (ValueError, TypeError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if base is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _raise():
+    raise ValueError
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls, *, exclude: tuple[str, ...] = ()) -> None:
+    """Add one flag per field of ``cls``; defaults are SUPPRESSed so we can tell what was given."""
+    hints = _hints(cls)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        meta = f.metadata
+        group = groups.setdefault(meta.get("group", "options"), parser.add_argument_group(meta.get("group", "options")))
+        base, _ = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        help_text = meta.get("help", "")
+        if default not in (None, [], ""):
+            help_text += f" (default: {default})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if base is bool:
+            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if meta.get("choices"):
+            kwargs["choices"] = list(meta["choices"])
+        if typing.get_origin(base) is list:
+            kwargs["metavar"] = "A,B,..."
+        else:
+            kwargs["metavar"] = {int: "N", float: "X"}.get(base, "VALUE") if not meta.get("choices") else None
+        group.add_argument(_flag(f.name), **kwargs)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}: not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of option: value at the top level")
+    return data
+
+
+def build(cls, *, yaml_values: dict[str, Any] | None = None, yaml_source: str = "config",
+          overrides: dict[str, Any] | None = None, override_source: str = "flag"):
+    """Instantiate ``cls`` from defaults < YAML values < overrides, with errors naming the source."""
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in (yaml_values or {}).items():
+        k = str(key).replace("-", "_")
+        if k not in names:
+            close = [n for n in names if n.startswith(k[:4])]
+            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+            raise ConfigError(f"{yaml_source}: unknown key '{key}'{hint}")
+        values[k] = _coerce(value, hints[k], f"{yaml_source}: {key}")
+    for k, value in (overrides or {}).items():
+        where = _flag(k) if override_source == "flag" else f"{override_source}: {k}"
+        if k not in names:
+            raise ConfigError(f"unknown option {where}")
+        values[k] = _coerce(value, hints[k], where)
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except TypeError as e:  # pragma: no cover - defensive
+        raise ConfigError(str(e)) from None
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def check_choice(cfg, name: str, choices) -> None:
+    value = getattr(cfg, name)
+    if value not in choices:
+        raise ConfigError(f"{_flag(name)}: '{value}' is not one of {', '.join(map(str, choices))}")
+
+
+def check_range(cfg, name: str, lo=None, hi=None, *, lo_open=False, hi_open=False) -> None:
+    v = getattr(cfg, name)
+    if v is None:
+        return
+    bad = (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and (v > hi or (hi_open and v == hi)))
+    if bad:
+        lb = "(" if lo_open else "["
+        rb = ")" if hi_open else "]"
+        raise ConfigError(f"{_flag(name)}: {v} is out of range {lb}{lo if lo is not None else '-inf'}, "
+                          f"{hi if hi is not None else 'inf'}{rb}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The training configuration
+# ----------------------------------------------------------------------------------------------
+
+TASKS = ("classification",)
+POOLINGS = ("mean", "cls")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+VAL_METRICS = ("f1", "auroc", "accuracy", "loss")
+
+#: Per-method default learning rates (used when --lr is not given). Full fine-tuning of a BERT-size
+#: encoder wants ~5e-5; low-rank/scaling adapters train well at ~3e-4 (LoRA) to 3e-3 (IA3, whose
+#: scaling vectors start at 1 and move slowly); a head alone on frozen features tolerates 1e-3.
+DEFAULT_LR = {"full": 5e-5, "lora": 3e-4, "ia3": 3e-3, "frozen": 1e-3}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run. Field name = YAML key = ``--flag-name``."""
+
+    # --- data ---------------------------------------------------------------------------------
+    data: str | None = option(None, "training data: a .csv/.tsv/.jsonl/.parquet file, or builtin:NAME "
+                              "(builtin:icd10-circulatory, builtin:icd10-chapters)", group="data")
+    test_data: str | None = option(None, "separate test file; without it a stratified split of --data "
+                                   "is held out", group="data")
+    text_col: str = option("text", "column holding the note text", group="data")
+    label_col: str = option("label", "column holding the label (strings or integers)", group="data")
+    task: str = option("classification", "task type (binary/multi-class is inferred from the labels)",
+                       choices=TASKS, group="data")
+    test_size: float = option(0.3, "fraction held out for test when --test-data is not given "
+                              "(0.3: the seed study's 70/30)", group="data")
+    val_size: float = option(0.1, "fraction of the training split carved out for validation/early "
+                             "stopping (0 disables)", group="data")
+    train_fraction: float = option(1.0, "train on this stratified fraction of the training split "
+                                   "(learning curves); test stays whole", group="data")
+    allow_duplicates: bool = option(False, "allow identical texts in train and test (leakage)", group="data")
+    positive_label: str | None = option(None, "for binary tasks, the label counted as positive for "
+                                        "precision/recall/F1/AUROC (default: the larger label, e.g. 1)",
+                                        group="data")
+
+    # --- model = backbone + method + head ---------------------------------------------------
+    backbone: str = option("minilm", "encoder: 'minilm' (embedded), a local directory, or a Hugging "
+                           "Face Hub id (needs network unless cached; HF_HUB_OFFLINE is respected)",
+                           group="model")
+    method: str = option("lora", "adaptation method: full, frozen, lora, ia3", group="model")
+    head: str = option("linear", "classification head", group="model")
+    pooling: str = option("mean", "how token states become one vector for pooled heads",
+                          choices=POOLINGS, group="model")
+    max_length: int = option(256, "maximum tokens per note (longer notes are truncated; the record "
+                             "counts them)", group="model")
+    lora_r: int = option(8, "LoRA rank r", group="model")
+    lora_alpha: float = option(16.0, "LoRA alpha (update is scaled by alpha / r)", group="model")
+    lora_dropout: float = option(0.1, "dropout on the LoRA branch input", group="model")
+    target_modules: list[str] | None = option(None, "modules adapted by LoRA/IA3 (default per architecture: "
+                                              "query,key,value for BERT-like LoRA)", group="model")
+    feedforward_modules: list[str] | None = option(None, "IA3 modules scaled on their input (default per "
+                                                   "architecture)", group="model")
+    head_dropout: float = option(0.1, "dropout before the head's output layer", group="model")
+
+    # --- training -----------------------------------------------------------------------------
+    epochs: int = option(3, "training epochs (maximum, with early stopping)", group="training")
+    batch_size: int = option(16, "training batch size", group="training")
+    eval_batch_size: int = option(64, "batch size for validation, test and predict", group="training")
+    lr: float | None = option(None, "peak learning rate (default per method: full 5e-5, lora 3e-4, "
+                              "ia3 3e-3, frozen 1e-3)", group="training")
+    weight_decay: float = option(0.01, "AdamW weight decay (not applied to biases and norms)",
+                                 group="training")
+    warmup_ratio: float = option(0.1, "fraction of steps with linear warm-up, then linear decay to 0",
+                                 group="training")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)", group="training")
+    patience: int = option(2, "early stopping: epochs without validation improvement before stopping "
+                           "(0 disables)", group="training")
+    val_metric: str = option("f1", "validation metric for early stopping and best-epoch selection",
+                             choices=VAL_METRICS, group="training")
+    class_weights: bool = option(False, "weight the loss by inverse class frequency", group="training")
+    seed: int = option(42, "random seed (splits, initialisation, order); same seed, same metrics on CPU",
+                       group="training")
+
+    # --- runtime ------------------------------------------------------------------------------
+    precision: str = option("auto", "auto picks bf16 where the CPU/GPU supports it, else fp32",
+                            choices=PRECISIONS, group="runtime")
+    device: str = option("auto", "where to train", choices=DEVICES, group="runtime")
+    threads: int | None = option(None, "CPU threads (default: PyTorch's, one per core)", group="runtime")
+    progress: bool = option(True, "show a progress bar with loss and samples/s", group="runtime")
+
+    # --- output -------------------------------------------------------------------------------
+    out: str | None = option(None, "output directory for the model and record.json", group="output")
+    overwrite: bool = option(False, "replace --out if it exists", group="output")
+
+    def __post_init__(self) -> None:
+        from .heads import HEADS
+        from .methods import METHODS
+
+        check_choice(self, "task", TASKS)
+        check_choice(self, "method", tuple(METHODS))
+        check_choice(self, "head", tuple(HEADS))
+        check_choice(self, "pooling", POOLINGS)
+        check_choice(self, "precision", PRECISIONS)
+        check_choice(self, "device", DEVICES)
+        check_choice(self, "val_metric", VAL_METRICS)
+        check_range(self, "test_size", 0, 1, lo_open=True, hi_open=True)
+        check_range(self, "val_size", 0, 1, hi_open=True)
+        check_range(self, "train_fraction", 0, 1, lo_open=True)
+        check_range(self, "max_length", 8, 100_000)
+        check_range(self, "lora_r", 1)
+        check_range(self, "lora_alpha", 0, lo_open=True)
+        check_range(self, "lora_dropout", 0, 1, hi_open=True)
+        check_range(self, "head_dropout", 0, 1, hi_open=True)
+        check_range(self, "epochs", 1, 10_000)
+        check_range(self, "batch_size", 1)
+        check_range(self, "eval_batch_size", 1)
+        check_range(self, "lr", 0, 1, lo_open=True)
+        check_range(self, "weight_decay", 0)
+        check_range(self, "warmup_ratio", 0, 1)
+        check_range(self, "max_grad_norm", 0)
+        check_range(self, "patience", 0)
+        check_range(self, "threads", 1, 4096)
+        for name in ("text_col", "label_col"):
+            if not getattr(self, name):
+                raise ConfigError(f"{_flag(name)}: must not be empty")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR.get(self.method, 3e-4)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return build(type(self), overrides={**to_dict(self), **changes}, override_source="config")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+        return build(cls, yaml_values=values, yaml_source=source)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":
+        return build(cls, yaml_values=read_yaml(path), yaml_source=str(path), overrides=overrides)

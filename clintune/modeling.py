@@ -1,0 +1,219 @@
+"""The model: backbone + adaptation method + head, composed in one place (:func:`assemble`).
+
+    input_ids, attention_mask --encoder (+ method)--> token states (B, T, H) --head--> logits (B, K)
+
+:class:`Classifier` is what users hold after training or :func:`load`: the model in its inference
+form (LoRA/IA3 merged into the weights), the tokenizer, the label map and the config, with
+``predict``/``predict_proba``. A model directory holds only what was trained (see ``methods``) and is
+reloaded bit-for-bit: the same inputs give the same probabilities as before saving.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .backbones import fingerprint, load_backbone, load_encoder, load_tokenizer, quiet_transformers
+from .batching import Encoded, collate, encode, eval_batches
+from .config import TrainConfig
+from .data import LabelMap
+from .errors import BackboneError, ModelDirError
+from .heads import HEADS
+from .methods import METHODS
+from .runtime import Runtime, resolve_runtime
+
+FORMAT_VERSION = 1
+
+
+class ClintuneModel(nn.Module):
+    """encoder (possibly peft-wrapped) -> token states -> head -> logits."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, backbone_trains: bool = True) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+        self.backbone_trains = backbone_trains
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not self.backbone_trains:
+            self.encoder.eval()  # a frozen backbone never runs dropout: its features are fixed
+        return self
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids and mask -> (B, T, H) token states."""
+        with torch.set_grad_enabled(self.backbone_trains and torch.is_grad_enabled()):
+            return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def forward(self, input_ids=None, attention_mask=None, states=None) -> torch.Tensor:
+        if states is None:
+            states = self.encode(input_ids, attention_mask)
+        return self.head(states, attention_mask)                      # (B, K)
+
+
+def hidden_size(encoder: nn.Module) -> int:
+    cfg = encoder.config
+    for attr in ("hidden_size", "dim", "d_model"):
+        if getattr(cfg, attr, None):
+            return int(getattr(cfg, attr))
+    raise BackboneError(f"backbone of type '{cfg.model_type}': cannot tell its hidden size")
+
+
+@dataclass
+class Assembled:
+    model: ClintuneModel
+    tokenizer: object
+    backbone: dict                     # name, kind, location, fingerprint
+    resolved: dict = field(default_factory=dict)  # config values the method resolved
+
+
+def assemble(cfg: TrainConfig, num_labels: int) -> Assembled:
+    """Build backbone + method + head for ``cfg``: the single place where the three parts meet."""
+    encoder, tokenizer, src = load_backbone(cfg.backbone)
+    method = METHODS[cfg.method]
+    base_fp = fingerprint(encoder) if method.needs_base else None
+    resolved = method.resolved(encoder, cfg)
+    encoder = method.apply(encoder, cfg.replace(**resolved) if resolved else cfg)
+    head = HEADS[cfg.head](hidden_size(encoder), num_labels, cfg)
+    model = ClintuneModel(encoder, head, backbone_trains=method.backbone_trains)
+    return Assembled(model, tokenizer, {"name": src.name, "kind": src.kind, "location": src.location,
+                                        "fingerprint": base_fp}, resolved)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference
+# ----------------------------------------------------------------------------------------------
+
+class Classifier:
+    """A trained classifier ready to predict: ``predict_proba(texts) -> (N, K)`` probabilities."""
+
+    def __init__(self, model: ClintuneModel, tokenizer, label_map: LabelMap, config: TrainConfig,
+                 runtime: Runtime | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.label_map = label_map
+        self.config = config
+        self.runtime = runtime or resolve_runtime(config.device, config.precision)
+        self.model.to(self.runtime.device)
+
+    @property
+    def labels(self) -> list:
+        return list(self.label_map.labels)
+
+    def encode(self, texts: Sequence[str]) -> Encoded:
+        return encode(self.tokenizer, list(texts), self.config.max_length)
+
+    @torch.inference_mode()
+    def logits_encoded(self, enc: Encoded, batch_size: int | None = None) -> np.ndarray:
+        """(N, K) float32 logits, computed in length-sorted batches and returned in input order."""
+        bs = batch_size or self.config.eval_batch_size
+        out = np.zeros((len(enc), self.label_map.__len__()), dtype=np.float32)
+        dev = self.runtime.device
+        for idx in eval_batches(enc.lengths, bs):
+            ids, mask = collate([enc.ids[i] for i in idx], enc.pad_id)
+            with self.runtime.autocast():
+                logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev))
+            out[idx] = logits.float().cpu().numpy()
+        return out
+
+    def predict_proba(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
+        return softmax(self.logits_encoded(self.encode(texts), batch_size))
+
+    def predict(self, texts: Sequence[str], batch_size: int | None = None) -> list:
+        return self.label_map.decode(self.predict_proba(texts, batch_size).argmax(1))
+
+    def save(self, directory: str | Path) -> None:  # pragma: no cover - see save_model
+        raise NotImplementedError("models are saved by clintune.train(); use clintune.load(dir) to reload")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving and loading
+# ----------------------------------------------------------------------------------------------
+
+def save_model(directory: Path, asm: Assembled, cfg: TrainConfig, label_map: LabelMap) -> None:
+    """Write the trained parts (method-specific), the head, tokenizer, label map and model.json."""
+    import yaml
+
+    method = METHODS[cfg.method]
+    method.save(asm.model.encoder, directory)
+    save_file({k: v.detach().contiguous().cpu() for k, v in asm.model.head.state_dict().items()},
+              str(directory / "head.safetensors"))
+    asm.tokenizer.save_pretrained(str(directory / "tokenizer"))
+    (directory / "labels.json").write_text(json.dumps(label_map.to_json(), indent=2) + "\n", encoding="utf-8")
+    (directory / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    meta = {"format": FORMAT_VERSION, "clintune_version": __version__, "task": cfg.task,
+            "backbone": asm.backbone, "method": cfg.method, "head": cfg.head,
+            "num_labels": len(label_map), "hidden_size": asm.model.head.hidden_size,
+            "max_length": cfg.max_length}
+    (directory / "model.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelDirError(f"{path.parent}: not a clintune model directory (no {path.name})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelDirError(f"{path}: corrupt (not valid JSON)") from None
+
+
+def load(directory: str | Path, *, device: str | None = None, precision: str | None = None) -> Classifier:
+    """Reload a model directory written by ``clintune train`` as a :class:`Classifier`."""
+    import yaml
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise ModelDirError(f"{d}: model directory not found")
+    record = _read_json(d / "record.json")
+    if record.get("status") != "success":
+        raise ModelDirError(f"{d}: holds a {record.get('status', 'unfinished')} run "
+                            f"({record.get('error', 'no model was saved')}); nothing to load")
+    meta = _read_json(d / "model.json")
+    if meta.get("format") != FORMAT_VERSION:
+        raise ModelDirError(f"{d}: model format {meta.get('format')} is not supported by this clintune "
+                            f"(expects {FORMAT_VERSION})")
+    try:
+        cfg = TrainConfig.from_dict(yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8")),
+                                    source=str(d / "config.yaml"))
+    except FileNotFoundError:
+        raise ModelDirError(f"{d}: incomplete model directory (no config.yaml)") from None
+    if device or precision:
+        cfg = cfg.replace(**({"device": device} if device else {}), **({"precision": precision} if precision else {}))
+    label_map = LabelMap.from_json(_read_json(d / "labels.json"))
+    return _load_classifier(d, meta, cfg, label_map)
+
+
+def _load_classifier(d: Path, meta: dict, cfg: TrainConfig, label_map: LabelMap) -> Classifier:
+    method = METHODS[meta["method"]]
+    bb = meta["backbone"]
+    try:
+        if method.needs_base:
+            base, _, src = load_backbone(bb["name"])
+            if bb.get("fingerprint") and fingerprint(base) != bb["fingerprint"]:
+                raise ModelDirError(f"{d}: backbone '{bb['name']}' on this machine differs from the one the "
+                                    "model was trained on (weights fingerprint mismatch)")
+            with quiet_transformers():
+                encoder = method.load(base, d)
+        else:
+            encoder = method.load(None, d)
+        tokenizer = load_tokenizer(str(d / "tokenizer"))
+        head = HEADS[meta["head"]](meta["hidden_size"], meta["num_labels"], cfg)
+        head.load_state_dict(load_file(str(d / "head.safetensors")), strict=True)
+    except (FileNotFoundError, OSError) as e:
+        raise ModelDirError(f"{d}: incomplete model directory ({Path(getattr(e, 'filename', '') or str(e)).name} "
+                            "missing)") from None
+    model = ClintuneModel(method.for_inference(encoder), head, backbone_trains=False)
+    return Classifier(model, tokenizer, label_map, cfg)

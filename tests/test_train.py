@@ -1,0 +1,122 @@
+"""End to end on a tiny BERT: every method trains, saves only what trained, reloads exactly."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import clintune
+from clintune.errors import ModelDirError
+
+from conftest import tiny_config
+
+RECORD_COST_KEYS = {"train_seconds", "train_samples_per_s", "predict_samples_per_s", "peak_rss_mb",
+                    "peak_gpu_mb", "trainable_params", "total_params"}
+
+
+@pytest.mark.parametrize("method", ["full", "frozen", "lora", "ia3"])
+def test_each_method_trains_saves_and_reloads_exactly(method, tiny_backbone, binary_csv, tmp_path):
+    out = tmp_path / method
+    lr = {"full": 1e-3, "frozen": 5e-2, "lora": 1e-2, "ia3": 1e-1}[method]
+    res = clintune.train(tiny_config(tiny_backbone, binary_csv, method=method, out=str(out), lr=lr, epochs=10,
+                                     patience=0))
+    rec = json.loads((out / "record.json").read_text())
+    assert rec["status"] == "success" and rec["config"]["method"] == method and rec["config"]["head"] == "linear"
+    assert {"accuracy", "precision", "recall", "f1", "auroc"} <= set(rec["metrics"])
+    assert RECORD_COST_KEYS <= set(rec["cost"])
+    assert {"packages", "git_sha", "device", "threads"} <= set(rec["env"])
+    assert rec["metrics"]["accuracy"] > 0.6, rec["metrics"]    # balanced classes: chance is 0.5
+    saved = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert "head.safetensors" in saved and not any(s.endswith((".bin", ".pt", ".pkl")) for s in saved)
+    if method == "full":
+        assert any(s.startswith("backbone/") and s.endswith(".safetensors") for s in saved)
+    elif method in ("lora", "ia3"):
+        assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= saved
+        assert not any(s.startswith("backbone/") for s in saved)
+    else:
+        assert not any(s.startswith(("backbone/", "adapter/")) for s in saved)
+    texts = pd.read_csv(binary_csv)["text"].tolist()[:40]
+    before = res.classifier.predict_proba(texts)
+    after = clintune.load(out).predict_proba(texts)
+    np.testing.assert_array_equal(before, after)
+    preds = pd.read_csv(out / "test_predictions.csv")
+    assert len(preds) == rec["data"]["n_test"] and {"row", "gold", "predicted_label", "prob_0", "prob_1"} <= set(preds)
+
+
+def test_same_seed_same_metrics_and_weights(tiny_backbone, binary_csv):
+    a = clintune.train(tiny_config(tiny_backbone, binary_csv, method="lora"))
+    b = clintune.train(tiny_config(tiny_backbone, binary_csv, method="lora"))
+    c = clintune.train(tiny_config(tiny_backbone, binary_csv, method="lora", seed=8))
+    assert a.metrics == b.metrics
+    texts = ["heart cardiac today", "rash on the arm"]
+    np.testing.assert_array_equal(a.classifier.predict_proba(texts), b.classifier.predict_proba(texts))
+    assert not np.array_equal(a.classifier.predict_proba(texts), c.classifier.predict_proba(texts))
+
+
+def test_multiclass_string_labels_and_predict_evaluate(tiny_backbone, multiclass_csv, tmp_path):
+    out = tmp_path / "m"
+    clintune.train(tiny_config(tiny_backbone, multiclass_csv, method="full", lr=2e-3, epochs=4, out=str(out)))
+    rec = json.loads((out / "record.json").read_text())
+    assert rec["metrics"]["labels"] == ["bone", "cardio", "skin"]
+    assert {"f1_macro", "f1_micro"} <= set(rec["metrics"]) and rec["metrics"]["f1"] == rec["metrics"]["f1_macro"]
+    pred_out = tmp_path / "pred.jsonl"
+    df = clintune.predict(out, multiclass_csv, pred_out)
+    back = pd.read_json(pred_out, lines=True)
+    assert len(back) == 180 and {"text", "label", "predicted_label", "prob_bone", "prob_cardio", "prob_skin"} <= set(back)
+    np.testing.assert_allclose(back[["prob_bone", "prob_cardio", "prob_skin"]].sum(1), 1, atol=1e-5)
+    ev = clintune.evaluate(out, multiclass_csv, out=tmp_path / "ev.json")
+    assert json.loads((tmp_path / "ev.json").read_text())["metrics"]["n"] == 180
+    assert ev["metrics"]["accuracy"] == pytest.approx((df["predicted_label"] == df["label"]).mean())
+
+
+def test_early_stopping_restores_the_best_epoch(tiny_backbone, binary_csv):
+    res = clintune.train(tiny_config(tiny_backbone, binary_csv, method="frozen", lr=0.5, epochs=12, patience=1,
+                                     val_metric="loss"))
+    tr = res.record["training"]
+    scores = [h["val_score"] for h in tr["history"]]
+    assert tr["best_epoch"] == 1 + int(np.argmax(scores))
+    if tr["stopped_early"]:
+        assert tr["epochs_run"] == tr["best_epoch"] + 1 and tr["epochs_run"] < 12
+
+
+def test_out_dir_is_never_half_written(tiny_backbone, binary_csv, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    import clintune.api as api
+
+    def boom(*a, **k):
+        raise RuntimeError("disk on fire")
+    monkeypatch.setattr(api, "write_table", boom)   # fails after weights were written
+    with pytest.raises(RuntimeError):
+        clintune.train(tiny_config(tiny_backbone, binary_csv, out=str(out), epochs=1))
+    rec = json.loads((out / "record.json").read_text())
+    assert rec["status"] == "failed" and "disk on fire" in rec["error"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]        # no partial dirs left behind
+    assert [p.name for p in out.iterdir()] == ["record.json"]           # no weights that look usable
+    with pytest.raises(ModelDirError, match="holds a failed run"):
+        clintune.load(out)
+
+
+def test_existing_out_is_refused_before_training(tiny_backbone, binary_csv, tmp_path):
+    from clintune.errors import ConfigError
+
+    (tmp_path / "x").mkdir()
+    with pytest.raises(ConfigError, match="already exists"):
+        clintune.train(tiny_config(tiny_backbone, binary_csv, out=str(tmp_path / "x")))
+
+
+def test_backbone_fingerprint_guards_reload(tiny_backbone, binary_csv, tmp_path):
+    import shutil
+    import torch
+    from transformers import BertModel
+
+    bb = tmp_path / "bb"
+    shutil.copytree(tiny_backbone, bb)
+    out = tmp_path / "lora"
+    clintune.train(tiny_config(str(bb), binary_csv, out=str(out), epochs=1))
+    m = BertModel.from_pretrained(bb)
+    with torch.no_grad():
+        m.embeddings.word_embeddings.weight.add_(1.0)
+    m.save_pretrained(bb)
+    with pytest.raises(ModelDirError, match="fingerprint mismatch"):
+        clintune.load(out)
