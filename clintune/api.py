@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .config import TrainConfig, build
 from .cost import CostMeter
@@ -87,7 +88,7 @@ def train(cfg: TrainConfig | None = None, **overrides) -> TrainResult:
     log.info("data: %d train, %d validation, %d test examples; %d classes", len(splits.train),
              0 if splits.val is None else len(splits.val), len(splits.test), len(lm))
     seed_everything(cfg.seed)
-    asm = assemble(cfg, len(lm))
+    asm = assemble(cfg, len(lm), runtime)
     rcfg = cfg.replace(lr=cfg.learning_rate, precision=runtime.precision, device=runtime.device.type,
                        **asm.resolved)
     try:
@@ -103,48 +104,104 @@ def train(cfg: TrainConfig | None = None, **overrides) -> TrainResult:
         raise
 
 
+class _Inputs:
+    """How a run's texts reach the model: token ids through the encoder, or cached frozen features."""
+
+    def __init__(self, cfg: TrainConfig, runtime, splits: Splits, asm) -> None:
+        from .cache import FeatureCache, default_cache_dir
+
+        self.cfg, self.runtime, self.splits, self.asm = cfg, runtime, splits, asm
+        self.cached = cfg.method == "frozen" and cfg.cache
+        self.cache = FeatureCache(cfg.cache_dir or default_cache_dir()) if self.cached else None
+        self.hits: dict[str, bool] = {}
+        self.truncated: dict[str, int] = {}
+
+    def _features(self, name: str, texts: list[str]):
+        """Cached features of ``texts`` (computed with the classifier's own batching if missing)."""
+        from .batching import encode
+        from .cache import cache_key, encode_into, texts_sha256, tokenizer_sha256
+
+        cfg, model = self.cfg, self.asm.model
+        enc = encode(self.asm.tokenizer, texts, cfg.max_length)
+        dtype = model.feature_dtype or torch.float32
+        key = cache_key(backbone=self.asm.backbone["fingerprint"], tokenizer=tokenizer_sha256(self.asm.tokenizer),
+                        max_length=cfg.max_length, batch_size=cfg.eval_batch_size, dtype=str(dtype),
+                        device=self.runtime.device.type, texts=texts_sha256(texts))
+        model.to(self.runtime.device)
+        feats = self.cache.get(key, enc, model.head.hidden_size, dtype,
+                               lambda st, off: encode_into(model, enc, cfg.eval_batch_size, self.runtime, st, off))
+        self.hits[name] = feats.hit
+        return feats, enc
+
+    def train_val(self):
+        """(train feed, validation feed or None) for fit()."""
+        from .batching import encode
+        from .training import FeatureFeed, TokenFeed
+
+        sp, cfg = self.splits, self.cfg
+        if self.cached:
+            feats, enc = self._features("data", sp.full.texts)
+            tr, va = sp.train.rows - 1, None if sp.val is None else sp.val.rows - 1
+            self.truncated.update(train=int(enc.truncated[tr].sum()),
+                                  val=0 if va is None else int(enc.truncated[va].sum()))
+            return FeatureFeed(feats, tr), None if va is None else FeatureFeed(feats, va)
+        enc_tr = encode(self.asm.tokenizer, sp.train.texts, cfg.max_length)
+        enc_va = None if sp.val is None else encode(self.asm.tokenizer, sp.val.texts, cfg.max_length)
+        self.truncated.update(train=enc_tr.n_truncated, val=0 if enc_va is None else enc_va.n_truncated)
+        return TokenFeed(enc_tr), None if enc_va is None else TokenFeed(enc_va)
+
+    def test_logits(self, clf: Classifier) -> np.ndarray:
+        """Test logits exactly as the saved model computes them (cached features: same bits)."""
+        from .training import FeatureFeed, predict_logits
+
+        texts = self.splits.test.texts
+        if self.cached:
+            feats, enc = self._features("test", texts)
+            self.truncated["test"] = enc.n_truncated
+            return predict_logits(clf.model, FeatureFeed(feats, np.arange(len(texts))), self.cfg.eval_batch_size,
+                                  self.runtime, len(clf.label_map))
+        enc = clf.encode(texts)
+        self.truncated["test"] = enc.n_truncated
+        return clf.logits_encoded(enc)
+
+
 def _train_assembled(cfg: TrainConfig, runtime, splits: Splits, asm, t_start: float) -> TrainResult:
+    from .modeling import softmax
+
     lm = splits.label_map
     meter = CostMeter(runtime.device)
     model: ClintuneModel = asm.model
     meter.set_params(*count_parameters(model))
     y_train = splits.encoded("train")
+    inputs = _Inputs(cfg, runtime, splits, asm)
     with meter.phase("train", len(splits.train)):
-        with meter.phase("tokenize"):
-            from .batching import encode
-            enc_train = encode(asm.tokenizer, splits.train.texts, cfg.max_length)
-            enc_val = None if splits.val is None else encode(asm.tokenizer, splits.val.texts, cfg.max_length)
+        with meter.phase("prepare_inputs"):
+            train_feed, val_feed = inputs.train_val()
         weights = balanced_weights(y_train, len(lm)) if cfg.class_weights else None
-        val_feed = None if enc_val is None else TokenFeed(enc_val)
         y_val = None if splits.val is None else splits.encoded("val")
-        fitres = fit(model, TokenFeed(enc_train), y_train, cfg, runtime, meter, val_feed=val_feed,
+        fitres = fit(model, train_feed, y_train, cfg, runtime, meter, val_feed=val_feed,
                      val_score=None if y_val is None else val_scorer(cfg.val_metric, y_val, lm.positive_index),
                      loss_fn=cross_entropy(weights), num_labels=len(lm))
     meter.extra["time_to_best_s"] = round(fitres.time_to_best_s, 3)
     log.info("trained %d epoch(s), best epoch %d", fitres.epochs_run, fitres.best_epoch)
 
-    enc_test = None
-    data_info = dict(splits.info)
-    data_info["truncated"] = {"train": enc_train.n_truncated, "val": 0 if enc_val is None else enc_val.n_truncated}
-
     def finish(directory: Path | None) -> TrainResult:
-        nonlocal enc_test
         method = METHODS[cfg.method]
         if directory is not None:
             save_model(directory, asm, cfg, lm)
-        inference = ClintuneModel(method.for_inference(model.encoder), model.head, backbone_trains=False)
+        inference = ClintuneModel(method.for_inference(model.encoder), model.head, backbone_trains=False,
+                                  feature_dtype=model.feature_dtype)
         clf = Classifier(inference, asm.tokenizer, lm, cfg, runtime)
-        enc_test = clf.encode(splits.test.texts)
-        data_info["truncated"]["test"] = enc_test.n_truncated
         with meter.phase("predict", len(splits.test)):
-            logits = clf.logits_encoded(enc_test)
-        from .modeling import softmax
-        proba = softmax(logits)
+            proba = softmax(inputs.test_logits(clf))
         y_test = splits.encoded("test")
         metrics = classification_metrics(y_test, proba, lm.positive_index, lm.labels)
         ci = bootstrap_ci(y_test, proba, lm.positive_index)
         cost = meter.summary()
         cost["wall_seconds"] = round(time.perf_counter() - t_start, 3)
+        if inputs.cached:
+            cost["feature_cache"] = {"hits": inputs.hits, "prepare_seconds": round(meter.seconds["prepare_inputs"], 3)}
+        data_info = {**splits.info, "truncated": inputs.truncated}
         training = {"epochs_run": fitres.epochs_run, "best_epoch": fitres.best_epoch,
                     "best_val_score": fitres.best_val, "stopped_early": fitres.stopped_early,
                     "history": fitres.history}

@@ -20,11 +20,15 @@ BUCKET_CHUNK = 64
 
 @dataclass
 class Encoded:
-    """Token ids of each example (without padding) and how many examples were truncated."""
+    """Token ids of each example (without padding) and which examples were truncated."""
 
     ids: list[np.ndarray]
-    n_truncated: int
+    truncated: np.ndarray   # (N,) bool
     pad_id: int
+
+    @property
+    def n_truncated(self) -> int:
+        return int(self.truncated.sum())
 
     @property
     def lengths(self) -> np.ndarray:
@@ -39,14 +43,14 @@ def encode(tokenizer, texts: list[str], max_length: int) -> Encoded:
     enc = tokenizer(list(texts), truncation=True, max_length=max_length + 1, add_special_tokens=True,
                     return_attention_mask=False, return_token_type_ids=False)["input_ids"]
     special = set(tokenizer.all_special_ids)
-    ids, n_trunc = [], 0
-    for seq in enc:
+    ids, truncated = [], np.zeros(len(enc), dtype=bool)
+    for i, seq in enumerate(enc):
         if len(seq) > max_length:  # one token over: the text was cut. Drop a content token, keep [SEP].
-            n_trunc += 1
+            truncated[i] = True
             seq = seq[: max_length - 1] + [seq[-1]] if seq[-1] in special else seq[:max_length]
         ids.append(np.asarray(seq, dtype=np.int64))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return Encoded(ids, n_trunc, pad)
+    return Encoded(ids, truncated, pad)
 
 
 def collate(seqs: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -251,7 +251,10 @@ class TrainConfig:
                                               "query,key,value for BERT-like LoRA)", group="model")
     feedforward_modules: list[str] | None = option(None, "IA3 modules scaled on their input (default per "
                                                    "architecture)", group="model")
-    head_dropout: float = option(0.1, "dropout before the head's output layer", group="model")
+    head_dropout: float = option(0.1, "dropout inside the head and before its output layer", group="model")
+    head_dim: int = option(64, "bottleneck width r of the adapter, lightweight and grn heads; attention width "
+                           "of the tinyattention head", group="model")
+    head_heads: int = option(1, "attention heads of the tinyattention head", group="model")
 
     # --- training -----------------------------------------------------------------------------
     epochs: int = option(3, "training epochs (maximum, with early stopping)", group="training")
@@ -278,6 +281,10 @@ class TrainConfig:
     device: str = option("auto", "where to train", choices=DEVICES, group="runtime")
     threads: int | None = option(None, "CPU threads (default: PyTorch's, one per core)", group="runtime")
     progress: bool = option(True, "show a progress bar with loss and samples/s", group="runtime")
+    cache: bool = option(True, "with --method frozen, encode each text once and train the head from cached "
+                         "features (--no-cache re-encodes every epoch)", group="runtime")
+    cache_dir: str | None = option(None, "feature cache directory (default: $CLINTUNE_CACHE_DIR or "
+                                   "~/.cache/clintune/features)", group="runtime")
 
     # --- output -------------------------------------------------------------------------------
     out: str | None = option(None, "output directory for the model and record.json", group="output")
@@ -302,6 +309,8 @@ class TrainConfig:
         check_range(self, "lora_alpha", 0, lo_open=True)
         check_range(self, "lora_dropout", 0, 1, hi_open=True)
         check_range(self, "head_dropout", 0, 1, hi_open=True)
+        check_range(self, "head_dim", 1, 65536)
+        check_range(self, "head_heads", 1, 1024)
         check_range(self, "epochs", 1, 10_000)
         check_range(self, "batch_size", 1)
         check_range(self, "eval_batch_size", 1)

@@ -316,6 +316,7 @@ class Splits:
     test: Examples
     label_map: LabelMap
     info: dict
+    full: Examples | None = None      # every row of --data (train and validation index into it)
 
     def encoded(self, part: str) -> np.ndarray:
         ex = getattr(self, part)
@@ -385,7 +386,7 @@ def prepare_splits(cfg) -> Splits:
                 labels=[str(l) for l in lm.labels],
                 train_label_counts={str(k): v for k, v in sorted(Counter(map(str, train.labels)).items())},
                 test_label_counts={str(k): v for k, v in sorted(Counter(map(str, test.labels)).items())})
-    return Splits(train, val, test, lm, info)
+    return Splits(train, val, test, lm, info, full)
 
 
 # ----------------------------------------------------------------------------------------------

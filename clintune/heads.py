@@ -1,7 +1,13 @@
 """Classification heads: token states (B, T, H) and attention mask (B, T) -> class logits (B, K).
 
-Heads are registered by name (``@register_head("grn")``) and built as ``HEADS[name](hidden, k, cfg)``;
-they read the options they need from ``cfg`` (pooling, dropout, bottleneck width...).
+Heads are registered by name (``@register_head("name")``) and built as ``HEADS[name](hidden, k, cfg)``;
+they read the options they need from ``cfg`` (``pooling``, ``head_dropout``, ``head_dim``, ``head_heads``).
+
+The four adapter heads are those compared by Le et al. (arXiv 2407.19299) as final layers of French
+biomedical encoders: Adapter, Lightweight, TinyAttention and GRN. Their defaults (``head_dim`` 64, one
+attention head) add 25k-80k parameters to a 384-wide encoder: they fit a 2 GB GPU with room to spare.
+Heads that work on every token (adapter, tinyattention) see padded positions too, but pooling masks
+them out, so padding never changes a prediction; lightweight and grn work on the pooled vector.
 """
 from __future__ import annotations
 
@@ -41,7 +47,7 @@ class Head(nn.Module):
 
 @register_head("linear")
 class LinearHead(Head):
-    """logits = W · dropout(pool(h)) + b, W in R^{K x H}: H·K + K parameters."""
+    """logits = W dropout(pool(h)) + b, W in R^{K x H}: H K + K parameters."""
 
     def __init__(self, hidden_size, num_labels, cfg):
         super().__init__(hidden_size, num_labels, cfg)
@@ -50,3 +56,123 @@ class LinearHead(Head):
 
     def forward(self, states, mask):
         return self.out(self.dropout(pool(states, mask, self.pooling)))      # (B, K)
+
+
+@register_head("adapter")
+class AdapterHead(Head):
+    """Bottleneck adapter (Houlsby et al., arXiv 1902.00751; AdaptFormer, arXiv 2205.13535) on every token.
+
+        h'_t = h_t + W_up ReLU(W_down h_t + b_down) + b_up,   W_down in R^{r x H}, W_up in R^{H x r}
+        logits = W_out dropout(pool(h')) + b_out
+
+    W_up starts at zero, so the head starts as a linear head on pool(h). Parameters:
+    (H r + r) + (r H + H) + (H K + K), with r = ``head_dim``.
+    """
+
+    def __init__(self, hidden_size, num_labels, cfg):
+        super().__init__(hidden_size, num_labels, cfg)
+        r = cfg.head_dim
+        self.down = nn.Linear(hidden_size, r)
+        self.up = nn.Linear(r, hidden_size)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        self.dropout = nn.Dropout(cfg.head_dropout)
+        self.out = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, states, mask):
+        h = states + self.up(torch.relu(self.down(states)))                  # (B, T, H)
+        return self.out(self.dropout(pool(h, mask, self.pooling)))           # (B, K)
+
+
+@register_head("lightweight")
+class LightweightHead(Head):
+    """Lightweight adapter as in Le et al. (arXiv 2407.19299): a linear down-projection, a second linear
+    layer and LayerNorm, then the classifier, on the pooled representation.
+
+        z = LayerNorm(W_2 (W_1 pool(h) + b_1) + b_2),  W_1 in R^{r x H}, W_2 in R^{r x r}
+        logits = W_out dropout(z) + b_out
+
+    The LayerNorm is the only non-linearity. Parameters: (H r + r) + (r r + r) + 2 r + (r K + K).
+    """
+
+    def __init__(self, hidden_size, num_labels, cfg):
+        super().__init__(hidden_size, num_labels, cfg)
+        r = cfg.head_dim
+        self.down = nn.Linear(hidden_size, r)
+        self.second = nn.Linear(r, r)
+        self.norm = nn.LayerNorm(r)
+        self.dropout = nn.Dropout(cfg.head_dropout)
+        self.out = nn.Linear(r, num_labels)
+
+    def forward(self, states, mask):
+        z = self.norm(self.second(self.down(pool(states, mask, self.pooling))))   # (B, r)
+        return self.out(self.dropout(z))                                            # (B, K)
+
+
+@register_head("tinyattention")
+class TinyAttentionHead(Head):
+    """Tiny attention adapter (Zhao et al., arXiv 2211.01979): small-dimensional self-attention over the
+    tokens, added back to the token states, then pooled and classified.
+
+        Q, K, V = h W_q, h W_k, h W_v                   (B, T, d), d = ``head_dim``, split in n heads
+        A = softmax(Q K^T / sqrt(d/n) + mask) V          masked scaled dot-product attention (SDPA)
+        h' = h + A W_o,  W_o in R^{d x H} (zero-initialised: the head starts linear)
+        logits = W_out dropout(pool(h')) + b_out
+
+    Parameters: 3 (H d + d) + (d H + H) + (H K + K).
+    """
+
+    def __init__(self, hidden_size, num_labels, cfg):
+        super().__init__(hidden_size, num_labels, cfg)
+        d, self.n_heads = cfg.head_dim, cfg.head_heads
+        if d % self.n_heads:
+            from .errors import ConfigError
+            raise ConfigError(f"--head-dim {d} must be divisible by --head-heads {self.n_heads}")
+        self.qkv = nn.Linear(hidden_size, 3 * d)
+        self.o = nn.Linear(d, hidden_size)
+        nn.init.zeros_(self.o.weight)
+        nn.init.zeros_(self.o.bias)
+        self.dropout = nn.Dropout(cfg.head_dropout)
+        self.out = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, states, mask):
+        b, t, _ = states.shape
+        q, k, v = self.qkv(states).view(b, t, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)  # each (B, n, T, d/n)
+        keep = mask.bool()[:, None, None, :]                                                 # (B, 1, 1, T)
+        a = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)              # (B, n, T, d/n)
+        h = states + self.o(a.transpose(1, 2).reshape(b, t, -1))                             # (B, T, H)
+        return self.out(self.dropout(pool(h, mask, self.pooling)))                            # (B, K)
+
+
+@register_head("grn")
+class GRNHead(Head):
+    """Gated Residual Network (Lim et al., Temporal Fusion Transformers, arXiv 1912.09363) on the pooled
+    representation a = pool(h), with a bottleneck of width r = ``head_dim``; the best head of Le et al.
+    (F1 0.88).
+
+        eta_2 = ELU(W_2 a + b_2)                        W_2 in R^{r x H}
+        eta_1 = W_1 eta_2 + b_1                         W_1 in R^{r x r}
+        GLU(x) = sigmoid(W_4 x + b_4) * (W_5 x + b_5)   W_4, W_5 in R^{H x r}
+        z = LayerNorm(a + GLU(dropout(eta_1)))
+        logits = W_out dropout(z) + b_out
+
+    Like TFT's GRN it transforms one vector per example (applying it to every token would cost T times
+    more for the same parameters). Parameters: (H r + r) + (r r + r) + 2 (r H + H) + 2 H + (H K + K).
+    """
+
+    def __init__(self, hidden_size, num_labels, cfg):
+        super().__init__(hidden_size, num_labels, cfg)
+        r = cfg.head_dim
+        self.w2 = nn.Linear(hidden_size, r)
+        self.w1 = nn.Linear(r, r)
+        self.gate = nn.Linear(r, 2 * hidden_size)      # [W_5; W_4] in one matrix: glu() gates the first half
+        self.inner_dropout = nn.Dropout(cfg.head_dropout)
+        self.norm = nn.LayerNorm(hidden_size)
+        self.dropout = nn.Dropout(cfg.head_dropout)
+        self.out = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, states, mask):
+        a = pool(states, mask, self.pooling)                                              # (B, H)
+        eta = self.w1(nn.functional.elu(self.w2(a)))                                      # (B, r)
+        z = self.norm(a + nn.functional.glu(self.gate(self.inner_dropout(eta)), dim=-1))  # (B, H)
+        return self.out(self.dropout(z))                                                  # (B, K)

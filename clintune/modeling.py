@@ -35,11 +35,15 @@ FORMAT_VERSION = 1
 class ClintuneModel(nn.Module):
     """encoder (possibly peft-wrapped) -> token states -> head -> logits."""
 
-    def __init__(self, encoder: nn.Module, head: nn.Module, backbone_trains: bool = True) -> None:
+    def __init__(self, encoder: nn.Module, head: nn.Module, backbone_trains: bool = True,
+                 feature_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.head = head
         self.backbone_trains = backbone_trains
+        # Frozen backbones emit features in the run's precision (what the feature cache stores), so that
+        # cached and on-the-fly features are the same numbers. None: leave the encoder's output as is.
+        self.feature_dtype = feature_dtype
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -50,7 +54,8 @@ class ClintuneModel(nn.Module):
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) ids and mask -> (B, T, H) token states."""
         with torch.set_grad_enabled(self.backbone_trains and torch.is_grad_enabled()):
-            return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return states if self.feature_dtype is None else states.to(self.feature_dtype)
 
     def forward(self, input_ids=None, attention_mask=None, states=None) -> torch.Tensor:
         if states is None:
@@ -74,7 +79,14 @@ class Assembled:
     resolved: dict = field(default_factory=dict)  # config values the method resolved
 
 
-def assemble(cfg: TrainConfig, num_labels: int) -> Assembled:
+def frozen_feature_dtype(method_name: str, runtime: Runtime | None) -> torch.dtype | None:
+    """Frozen backbones hand the head features in the run's compute precision (bf16/fp16), else as is."""
+    if method_name != "frozen" or runtime is None or runtime.precision == "fp32":
+        return None
+    return runtime.dtype
+
+
+def assemble(cfg: TrainConfig, num_labels: int, runtime: Runtime | None = None) -> Assembled:
     """Build backbone + method + head for ``cfg``: the single place where the three parts meet."""
     encoder, tokenizer, src = load_backbone(cfg.backbone)
     method = METHODS[cfg.method]
@@ -82,7 +94,8 @@ def assemble(cfg: TrainConfig, num_labels: int) -> Assembled:
     resolved = method.resolved(encoder, cfg)
     encoder = method.apply(encoder, cfg.replace(**resolved) if resolved else cfg)
     head = HEADS[cfg.head](hidden_size(encoder), num_labels, cfg)
-    model = ClintuneModel(encoder, head, backbone_trains=method.backbone_trains)
+    model = ClintuneModel(encoder, head, backbone_trains=method.backbone_trains,
+                          feature_dtype=frozen_feature_dtype(cfg.method, runtime))
     return Assembled(model, tokenizer, {"name": src.name, "kind": src.kind, "location": src.location,
                                         "fingerprint": base_fp}, resolved)
 
@@ -215,5 +228,7 @@ def _load_classifier(d: Path, meta: dict, cfg: TrainConfig, label_map: LabelMap)
     except (FileNotFoundError, OSError) as e:
         raise ModelDirError(f"{d}: incomplete model directory ({Path(getattr(e, 'filename', '') or str(e)).name} "
                             "missing)") from None
-    model = ClintuneModel(method.for_inference(encoder), head, backbone_trains=False)
-    return Classifier(model, tokenizer, label_map, cfg)
+    runtime = resolve_runtime(cfg.device, cfg.precision)
+    model = ClintuneModel(method.for_inference(encoder), head, backbone_trains=False,
+                          feature_dtype=frozen_feature_dtype(meta["method"], runtime))
+    return Classifier(model, tokenizer, label_map, cfg, runtime)

@@ -58,6 +58,34 @@ class TokenFeed:
             yield self._batch(idx), idx
 
 
+@dataclass
+class FeatureFeed:
+    """Cached encoder states (a subset ``index`` of a :class:`~clintune.cache.Features`) -> head batches."""
+
+    features: object
+    index: np.ndarray
+    bucket: bool = True
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.features.lengths[self.index]
+
+    def _batch(self, idx: np.ndarray) -> dict:
+        states, mask = self.features.batch(self.index[idx])
+        return {"states": states, "attention_mask": mask}
+
+    def train_batches(self, batch_size, rng):
+        for idx in train_batches(self.lengths, batch_size, rng, self.bucket):
+            yield self._batch(idx), idx
+
+    def eval_batches(self, batch_size):
+        for idx in eval_batches(self.lengths, batch_size):
+            yield self._batch(idx), idx
+
+
 def _to(inputs: dict, device: torch.device) -> dict:
     if device.type == "cpu":
         return inputs

@@ -63,6 +63,12 @@ def build_tiny_backbone(d: Path) -> str:
     return str(d)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_feature_cache(tmp_path_factory):
+    """Tests never write to the user's feature cache."""
+    os.environ["CLINTUNE_CACHE_DIR"] = str(tmp_path_factory.mktemp("feature-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory) -> str:
     return build_tiny_backbone(tmp_path_factory.mktemp("tiny-bert"))

@@ -1,0 +1,83 @@
+"""The study's heads: exact parameter counts, padding invariance, every head with every method."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import clintune
+from clintune.config import TrainConfig
+from clintune.heads import HEADS
+
+from conftest import tiny_config
+
+H, K, R = 32, 3, 8
+
+
+def head_params(name: str) -> int:
+    return {
+        "linear": H * K + K,
+        "adapter": (H * R + R) + (R * H + H) + (H * K + K),
+        "lightweight": (H * R + R) + (R * R + R) + 2 * R + (R * K + K),
+        "tinyattention": 3 * (H * R + R) + (R * H + H) + (H * K + K),
+        "grn": (H * R + R) + (R * R + R) + 2 * (R * H + H) + 2 * H + (H * K + K),
+    }[name]
+
+
+def make(name, **kw):
+    cfg = TrainConfig(head=name, head_dim=R, progress=False, **kw)
+    torch.manual_seed(0)
+    return HEADS[name](H, K, cfg)
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_head_parameter_counts_are_exact(name):
+    assert sum(p.numel() for p in make(name).parameters()) == head_params(name)
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_heads_ignore_padding_and_shapes(name):
+    head = make(name, head_heads=2 if name == "tinyattention" else 1).eval()
+    states = torch.randn(2, 5, H)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    out = head(states, mask)
+    assert out.shape == (2, K)
+    garbage = states.clone()
+    garbage[0, 3:] = 1e3                                            # padded positions hold junk
+    longer = torch.cat([garbage, torch.randn(2, 3, H)], 1)          # and more padding
+    mask2 = torch.cat([mask, torch.zeros(2, 3, dtype=torch.long)], 1)
+    torch.testing.assert_close(head(longer, mask2)[0], out[0], rtol=1e-5, atol=1e-5)
+
+
+def test_zero_initialised_residuals_start_as_linear_heads():
+    states, mask = torch.randn(2, 4, H), torch.ones(2, 4, dtype=torch.long)
+    for name in ("adapter", "tinyattention"):
+        head = make(name).eval()
+        pooled = states.mean(1)
+        torch.testing.assert_close(head(states, mask), head.out(pooled))
+
+
+def test_grn_gate_and_norm_follow_the_formula():
+    head = make("grn").eval()
+    s = torch.randn(1, 3, H)
+    a = s.mean(1)
+    eta = head.w1(torch.nn.functional.elu(head.w2(a)))
+    g = head.gate(eta)
+    glu = torch.sigmoid(g[..., H:]) * g[..., :H]
+    z = torch.nn.functional.layer_norm(a + glu, (H,), head.norm.weight, head.norm.bias)
+    torch.testing.assert_close(head(s, torch.ones(1, 3, dtype=torch.long)), head.out(z))
+
+
+@pytest.mark.parametrize("name", ["adapter", "lightweight", "tinyattention", "grn"])
+@pytest.mark.parametrize("method", ["frozen", "full", "lora", "ia3"])
+def test_every_head_trains_with_every_method(name, method, tiny_backbone, multiclass_csv, tmp_path):
+    out = tmp_path / "m"
+    lr = {"frozen": 1e-2, "full": 1e-3, "lora": 5e-3, "ia3": 5e-2}[method]
+    res = clintune.train(tiny_config(tiny_backbone, multiclass_csv, method=method, head=name, head_dim=R,
+                                     epochs=1, lr=lr, out=str(out)))
+    rec = json.loads((out / "record.json").read_text())
+    assert rec["config"]["head"] == name and rec["status"] == "success"
+    if method == "frozen":
+        assert rec["cost"]["trainable_params"] == head_params(name)
+    texts = ["heart rash", "fracture today"]
+    np.testing.assert_array_equal(res.classifier.predict_proba(texts), clintune.load(out).predict_proba(texts))
