@@ -37,6 +37,9 @@ class TrainResult:
     record: dict
     classifier: Classifier | None
     out: Path | None
+    #: per test example: ``row`` (1-based row of its file), ``gold``, ``predicted_label``, ``prob_<label>``...
+    #: (the same table as ``test_predictions.csv``; no text). Paired tests between runs use it.
+    predictions: pd.DataFrame | None = None
 
     @property
     def metrics(self) -> dict:
@@ -201,17 +204,19 @@ def _train_assembled(cfg: TrainConfig, runtime, splits: Splits, asm, t_start: fl
         cost["wall_seconds"] = round(time.perf_counter() - t_start, 3)
         if inputs.cached:
             cost["feature_cache"] = {"hits": inputs.hits, "prepare_seconds": round(meter.seconds["prepare_inputs"], 3)}
-        data_info = {**splits.info, "truncated": inputs.truncated}
+        data_info = {**splits.info, "truncated": inputs.truncated,
+                     "test_split_sha256": splits.test.content_hash()}
         training = {"epochs_run": fitres.epochs_run, "best_epoch": fitres.best_epoch,
                     "best_val_score": fitres.best_val, "stopped_early": fitres.stopped_early,
                     "history": fitres.history}
         record = make_record(cfg.to_dict(), "success", metrics=metrics, metrics_ci=ci, cost=cost,
                              data=data_info, env=environment(runtime), training=training,
                              backbone=asm.backbone)
+        preds = _predictions_frame(splits.test.rows, y_test, proba, lm)
         if directory is not None:
-            write_table(_predictions_frame(splits.test.rows, y_test, proba, lm), directory / "test_predictions.csv")
+            write_table(preds, directory / "test_predictions.csv")
             write_json(directory / "record.json", record)
-        return TrainResult(record, clf, Path(cfg.out) if cfg.out else None)
+        return TrainResult(record, clf, Path(cfg.out) if cfg.out else None, preds)
 
     if cfg.out:
         with staged_dir(cfg.out, cfg.overwrite) as tmp:

@@ -12,7 +12,6 @@ and 97.5th percentiles. AUROC uses the rank (Mann-Whitney) form, vectorised over
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import rankdata
 from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support,
                              roc_auc_score)
 
@@ -60,6 +59,8 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, positive_index
 
 def _auroc_resampled(y: np.ndarray, score: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """AUROC for each row of bootstrap indices ``idx`` (B, N); NaN where a resample has one class."""
+    from scipy.stats import rankdata  # imported here: scipy.stats costs 0.6 s at start-up
+
     ys, ss = y[idx], score[idx]                                    # (B, N)
     ranks = rankdata(ss, axis=1)                                   # average ranks handle ties
     n_pos = ys.sum(1).astype(np.float64)
