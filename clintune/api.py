@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ from .data import LabelMap, Splits, load_examples, prepare_splits, write_table
 from .errors import ClintuneError, DataError
 from .methods import METHODS, count_parameters
 from .metrics import bootstrap_ci, classification_metrics
-from .modeling import Classifier, ClintuneModel, assemble, load, save_model
+from . import __version__
+from .modeling import FORMAT_VERSION, Classifier, ClintuneModel, assemble, load, save_model
 from .record import environment, make_record
 from .runtime import resolve_runtime, seed_everything
 from .store import check_output_dir, staged_dir, write_json
@@ -90,12 +92,18 @@ def train(cfg: TrainConfig | None = None, **overrides) -> TrainResult:
     lm = splits.label_map
     log.info("data: %d train, %d validation, %d test examples; %d classes", len(splits.train),
              0 if splits.val is None else len(splits.val), len(splits.test), len(lm))
-    seed_everything(cfg.seed)
-    asm = assemble(cfg, len(lm), runtime)
-    rcfg = cfg.replace(lr=cfg.learning_rate, precision=runtime.precision, device=runtime.device.type,
-                       **asm.resolved)
+    if cfg.method == "tfidf":
+        runtime = resolve_runtime("cpu", "fp32", cfg.threads)
+        rcfg = cfg.replace(backbone="tfidf", head="linear", precision="fp32", device="cpu")
+        run = lambda: _train_tfidf(rcfg, runtime, splits, t_start)  # noqa: E731
+    else:
+        seed_everything(cfg.seed)
+        asm = assemble(cfg, len(lm), runtime, train_texts=splits.train.texts)
+        rcfg = cfg.replace(lr=cfg.learning_rate, precision=runtime.precision, device=runtime.device.type,
+                           **asm.resolved)
+        run = lambda: _train_assembled(rcfg, runtime, splits, asm, t_start)  # noqa: E731
     try:
-        return _train_assembled(rcfg, runtime, splits, asm, t_start)
+        return run()
     except (ClintuneError, KeyboardInterrupt):
         raise
     except Exception as e:
@@ -187,31 +195,86 @@ def _train_assembled(cfg: TrainConfig, runtime, splits: Splits, asm, t_start: fl
                      loss_fn=cross_entropy(weights), num_labels=len(lm))
     meter.extra["time_to_best_s"] = round(fitres.time_to_best_s, 3)
     log.info("trained %d epoch(s), best epoch %d", fitres.epochs_run, fitres.best_epoch)
+    method = METHODS[cfg.method]
 
-    def finish(directory: Path | None) -> TrainResult:
-        method = METHODS[cfg.method]
-        if directory is not None:
-            save_model(directory, asm, cfg, lm)
+    def classifier() -> Classifier:  # after saving: LoRA is merged into the weights once its adapter is saved
         inference = ClintuneModel(method.for_inference(model.encoder), model.head, backbone_trains=False,
                                   feature_dtype=model.feature_dtype)
-        clf = Classifier(inference, asm.tokenizer, lm, cfg, runtime)
+        return Classifier(inference, asm.tokenizer, lm, cfg, runtime)
+
+    def extra_cost() -> dict:
+        if not inputs.cached:
+            return {}
+        return {"feature_cache": {"hits": inputs.hits, "prepare_seconds": round(meter.seconds["prepare_inputs"], 3)}}
+
+    training = {"epochs_run": fitres.epochs_run, "best_epoch": fitres.best_epoch, "best_val_score": fitres.best_val,
+                "stopped_early": fitres.stopped_early, "history": fitres.history}
+    return _complete(cfg, runtime, splits, meter, t_start, classifier,
+                     save=lambda d: save_model(d, asm, cfg, lm), test_proba=lambda c: softmax(inputs.test_logits(c)),
+                     training=training, backbone=asm.backbone,
+                     data_extra=lambda: {"truncated": inputs.truncated}, cost_extra=extra_cost)
+
+
+def _train_tfidf(cfg: TrainConfig, runtime, splits: Splits, t_start: float) -> TrainResult:
+    """TF-IDF + logistic regression: the same splits, metrics, cost keys, record and artifacts."""
+    from .tfidf import TfidfClassifier, TfidfModel
+
+    lm = splits.label_map
+    meter = CostMeter(runtime.device)
+    y_train = splits.encoded("train")
+    with meter.phase("train", len(splits.train)):
+        with meter.phase("train_steps", len(splits.train)):
+            model = TfidfModel.fit(splits.train.texts, y_train, cfg, len(lm))
+        val_score = None
+        if splits.val is not None:
+            with meter.phase("validate", len(splits.val)):
+                val_score = val_scorer(cfg.val_metric, splits.encoded("val"), lm.positive_index)(
+                    np.log(np.clip(model.predict_proba(splits.val.texts), 1e-12, None)))
+    meter.set_params(*model.parameter_counts())
+    meter.extra["time_to_best_s"] = round(meter.seconds["train_steps"], 3)
+    meter.extra["n_features"] = model.n_features
+    clf = TfidfClassifier(model, lm, cfg)
+
+    def save(directory: Path) -> None:
+        import yaml
+
+        model.save(directory)
+        (directory / "labels.json").write_text(json.dumps(lm.to_json(), indent=2) + "\n", encoding="utf-8")
+        (directory / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+        (directory / "model.json").write_text(json.dumps({
+            "format": FORMAT_VERSION, "clintune_version": __version__, "task": cfg.task, "method": "tfidf",
+            "backbone": {"name": "tfidf", "kind": "tfidf"}, "head": "linear", "num_labels": len(lm)}, indent=2) + "\n",
+            encoding="utf-8")
+
+    training = {"epochs_run": 1, "best_epoch": 1, "best_val_score": val_score, "stopped_early": False,
+                "history": [{"epoch": 1, **({"val_score": val_score} if val_score is not None else {})}]}
+    return _complete(cfg, runtime, splits, meter, t_start, lambda: clf, save=save,
+                     test_proba=lambda c: c.predict_proba(splits.test.texts), training=training,
+                     backbone={"name": "tfidf", "kind": "tfidf"}, data_extra=dict, cost_extra=dict)
+
+
+def _complete(cfg: TrainConfig, runtime, splits: Splits, meter: CostMeter, t_start: float, classifier, *, save,
+              test_proba, training: dict, backbone: dict, data_extra, cost_extra) -> TrainResult:
+    """Save the model, predict the test split with it, compute metrics and CIs, write record.json.
+
+    ``classifier()`` builds the inference form of the trained model; it is called after ``save`` (for
+    LoRA/IA3 the inference form has the adapter merged into the weights).
+    """
+    lm = splits.label_map
+
+    def finish(directory: Path | None) -> TrainResult:
+        if directory is not None:
+            save(directory)
+        clf = classifier()
         with meter.phase("predict", len(splits.test)):
-            proba = softmax(inputs.test_logits(clf))
+            proba = test_proba(clf)
         y_test = splits.encoded("test")
         metrics = classification_metrics(y_test, proba, lm.positive_index, lm.labels)
         ci = bootstrap_ci(y_test, proba, lm.positive_index)
-        cost = meter.summary()
-        cost["wall_seconds"] = round(time.perf_counter() - t_start, 3)
-        if inputs.cached:
-            cost["feature_cache"] = {"hits": inputs.hits, "prepare_seconds": round(meter.seconds["prepare_inputs"], 3)}
-        data_info = {**splits.info, "truncated": inputs.truncated,
-                     "test_split_sha256": splits.test.content_hash()}
-        training = {"epochs_run": fitres.epochs_run, "best_epoch": fitres.best_epoch,
-                    "best_val_score": fitres.best_val, "stopped_early": fitres.stopped_early,
-                    "history": fitres.history}
-        record = make_record(cfg.to_dict(), "success", metrics=metrics, metrics_ci=ci, cost=cost,
-                             data=data_info, env=environment(runtime), training=training,
-                             backbone=asm.backbone)
+        cost = {**meter.summary(), "wall_seconds": round(time.perf_counter() - t_start, 3), **cost_extra()}
+        data_info = {**splits.info, **data_extra(), "test_split_sha256": splits.test.content_hash()}
+        record = make_record(cfg.to_dict(), "success", metrics=metrics, metrics_ci=ci, cost=cost, data=data_info,
+                             env=environment(runtime), training=training, backbone=backbone)
         preds = _predictions_frame(splits.test.rows, y_test, proba, lm)
         if directory is not None:
             write_table(preds, directory / "test_predictions.csv")
@@ -220,8 +283,7 @@ def _train_assembled(cfg: TrainConfig, runtime, splits: Splits, asm, t_start: fl
 
     if cfg.out:
         with staged_dir(cfg.out, cfg.overwrite) as tmp:
-            result = finish(tmp)
-        return result
+            return finish(tmp)
     return finish(None)
 
 

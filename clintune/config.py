@@ -208,6 +208,8 @@ VAL_METRICS = ("f1", "auroc", "accuracy", "loss")
 #: encoder wants ~5e-5; low-rank/scaling adapters train well at ~3e-4 (LoRA) to 3e-3 (IA3, whose
 #: scaling vectors start at 1 and move slowly); a head alone on frozen features tolerates 1e-3.
 DEFAULT_LR = {"full": 5e-5, "lora": 3e-4, "ia3": 3e-3, "frozen": 1e-3}
+#: A small encoder trained from random weights (scratch-*) wants a larger step, with the warm-up.
+DEFAULT_LR_SCRATCH = 1e-3
 
 
 @dataclass
@@ -238,7 +240,8 @@ class TrainConfig:
     backbone: str = option("minilm", "encoder: 'minilm' (embedded), a local directory, or a Hugging "
                            "Face Hub id (needs network unless cached; HF_HUB_OFFLINE is respected)",
                            group="model")
-    method: str = option("lora", "adaptation method: full, frozen, lora, ia3", group="model")
+    method: str = option("lora", "adaptation method: full, frozen, lora, ia3; or tfidf (TF-IDF n-grams + "
+                         "logistic regression, no encoder)", group="model")
     head: str = option("linear", "classification head", group="model")
     pooling: str = option("mean", "how token states become one vector for pooled heads",
                           choices=POOLINGS, group="model")
@@ -255,13 +258,27 @@ class TrainConfig:
     head_dim: int = option(64, "bottleneck width r of the adapter, lightweight and grn heads; attention width "
                            "of the tinyattention head", group="model")
     head_heads: int = option(1, "attention heads of the tinyattention head", group="model")
+    scratch_layers: int | None = option(None, "layers of a scratch-* backbone (default: scratch-small 2, "
+                                        "scratch-base 4)", group="model")
+    scratch_hidden: int | None = option(None, "hidden size of a scratch-* backbone (default 128 / 256)", group="model")
+    scratch_heads: int | None = option(None, "attention heads of a scratch-* backbone (default 2 / 4)", group="model")
+    vocab_size: int = option(8000, "vocabulary size of the tokenizer learned (on the training split only) for "
+                             "scratch-* backbones", group="model")
+    tokenizer_model: str = option("wordpiece", "tokenizer learned for scratch-* backbones",
+                                  choices=("wordpiece", "bpe"), group="model")
+    tfidf_word_ngrams: int = option(2, "--method tfidf: word n-grams 1..N (character 2-5-grams are always "
+                                    "added)", group="model")
+    tfidf_min_df: int = option(2, "--method tfidf: keep terms seen in at least this many training notes",
+                               group="model")
+    tfidf_c: float = option(1.0, "--method tfidf: inverse L2 regularisation strength C of the logistic "
+                            "regression", group="model")
 
     # --- training -----------------------------------------------------------------------------
     epochs: int = option(3, "training epochs (maximum, with early stopping)", group="training")
     batch_size: int = option(16, "training batch size", group="training")
     eval_batch_size: int = option(64, "batch size for validation, test and predict", group="training")
     lr: float | None = option(None, "peak learning rate (default per method: full 5e-5, lora 3e-4, "
-                              "ia3 3e-3, frozen 1e-3)", group="training")
+                              "ia3 3e-3, frozen 1e-3; scratch-* backbones 1e-3)", group="training")
     weight_decay: float = option(0.01, "AdamW weight decay (not applied to biases and norms)",
                                  group="training")
     warmup_ratio: float = option(0.1, "fraction of steps with linear warm-up, then linear decay to 0",
@@ -295,7 +312,7 @@ class TrainConfig:
         from .methods import METHODS
 
         check_choice(self, "task", TASKS)
-        check_choice(self, "method", tuple(METHODS))
+        check_choice(self, "method", (*METHODS, "tfidf"))
         check_choice(self, "head", tuple(HEADS))
         check_choice(self, "pooling", POOLINGS)
         check_choice(self, "precision", PRECISIONS)
@@ -320,13 +337,27 @@ class TrainConfig:
         check_range(self, "max_grad_norm", 0)
         check_range(self, "patience", 0)
         check_range(self, "threads", 1, 4096)
+        check_choice(self, "tokenizer_model", ("wordpiece", "bpe"))
+        check_range(self, "vocab_size", 100, 1_000_000)
+        for name in ("scratch_layers", "scratch_hidden", "scratch_heads"):
+            check_range(self, name, 1, 100_000)
+        check_range(self, "tfidf_word_ngrams", 1, 5)
+        check_range(self, "tfidf_min_df", 1)
+        check_range(self, "tfidf_c", 0, lo_open=True)
+        if self.backbone.startswith("scratch-") and self.method not in ("full", "tfidf"):
+            raise ConfigError(f"--method {self.method}: a {self.backbone} backbone starts from random weights and "
+                              "is trained end to end; use --method full")
         for name in ("text_col", "label_col"):
             if not getattr(self, name):
                 raise ConfigError(f"{_flag(name)}: must not be empty")
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR.get(self.method, 3e-4)
+        if self.lr is not None:
+            return self.lr
+        if self.backbone.startswith("scratch-"):
+            return DEFAULT_LR_SCRATCH
+        return DEFAULT_LR.get(self.method, 3e-4)
 
     def replace(self, **changes) -> "TrainConfig":
         return build(type(self), overrides={**to_dict(self), **changes}, override_source="config")

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .backbones import fingerprint, load_backbone, load_encoder, load_tokenizer, quiet_transformers
+from .backbones import BackboneSource, fingerprint, load_backbone, load_tokenizer, quiet_transformers
 from .batching import Encoded, collate, encode, eval_batches
 from .config import TrainConfig
 from .data import LabelMap
@@ -86,10 +86,23 @@ def frozen_feature_dtype(method_name: str, runtime: Runtime | None) -> torch.dty
     return runtime.dtype
 
 
-def assemble(cfg: TrainConfig, num_labels: int, runtime: Runtime | None = None) -> Assembled:
-    """Build backbone + method + head for ``cfg``: the single place where the three parts meet."""
-    encoder, tokenizer, src = load_backbone(cfg.backbone)
+def assemble(cfg: TrainConfig, num_labels: int, runtime: Runtime | None = None,
+             train_texts: list[str] | None = None) -> Assembled:
+    """Build backbone + method + head for ``cfg``: the single place where the three parts meet.
+
+    ``train_texts`` (the training split) is needed only by scratch-* backbones, whose tokenizer is
+    learned from it.
+    """
+    from .scratch import build_scratch, is_scratch
+
     method = METHODS[cfg.method]
+    if is_scratch(cfg.backbone):
+        if train_texts is None:
+            raise ValueError("scratch backbones need the training texts to learn their tokenizer")
+        encoder, tokenizer = build_scratch(cfg, train_texts)
+        src = BackboneSource(cfg.backbone, "", "scratch")
+    else:
+        encoder, tokenizer, src = load_backbone(cfg.backbone)
     base_fp = fingerprint(encoder) if method.needs_base else None
     resolved = method.resolved(encoder, cfg)
     encoder = method.apply(encoder, cfg.replace(**resolved) if resolved else cfg)
@@ -206,6 +219,12 @@ def load(directory: str | Path, *, device: str | None = None, precision: str | N
     if device or precision:
         cfg = cfg.replace(**({"device": device} if device else {}), **({"precision": precision} if precision else {}))
     label_map = LabelMap.from_json(_read_json(d / "labels.json"))
+    if meta["method"] == "tfidf":
+        from .tfidf import TfidfClassifier, TfidfModel
+        try:
+            return TfidfClassifier(TfidfModel.load(d, cfg), label_map, cfg)
+        except (FileNotFoundError, KeyError, ValueError):
+            raise ModelDirError(f"{d}: incomplete or corrupt TF-IDF model (tfidf.json / tfidf.safetensors)") from None
     return _load_classifier(d, meta, cfg, label_map)
 
 
