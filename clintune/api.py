@@ -18,18 +18,18 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import __version__
 from .config import TrainConfig, build
 from .cost import CostMeter
-from .data import LabelMap, Splits, load_examples, prepare_splits, write_table
+from .data import Examples, LabelMap, Splits, load_examples, prepare_splits, write_table
 from .errors import ClintuneError, DataError
 from .methods import METHODS, count_parameters
-from .metrics import bootstrap_ci, classification_metrics
-from . import __version__
-from .modeling import FORMAT_VERSION, Classifier, ClintuneModel, assemble, load, save_model
+from .modeling import FORMAT_VERSION, Classifier, ClintuneModel, assemble, encode_for, load, save_model
 from .record import environment, make_record
 from .runtime import resolve_runtime, seed_everything
 from .store import check_output_dir, staged_dir, write_json
-from .training import TokenFeed, balanced_weights, cross_entropy, fit
+from .tasks import Task, evaluate_outputs, get_task
+from .training import fit, make_feed, predict_logits
 
 log = logging.getLogger("clintune")
 
@@ -39,8 +39,9 @@ class TrainResult:
     record: dict
     classifier: Classifier | None
     out: Path | None
-    #: per test example: ``row`` (1-based row of its file), ``gold``, ``predicted_label``, ``prob_<label>``...
-    #: (the same table as ``test_predictions.csv``; no text). Paired tests between runs use it.
+    #: per test example: ``row`` (its row, or first line for CoNLL, in its file), ``gold`` and the
+    #: prediction columns (``predicted_label`` + ``prob_<label>``; ``predicted_labels``; ``entities``),
+    #: the same table as ``test_predictions.csv``; no note text. Paired tests between runs use it.
     predictions: pd.DataFrame | None = None
 
     @property
@@ -52,28 +53,26 @@ class TrainResult:
         return self.record["cost"]
 
 
-def val_scorer(metric: str, y_val: np.ndarray, positive_index: int | None):
-    """logits -> score where higher is better, for early stopping and best-epoch selection."""
-    import torch
-
-    from .modeling import softmax
-
-    def score(logits: np.ndarray) -> float:
-        if metric == "loss":
-            return -float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_val)))
-        m = classification_metrics(y_val, softmax(logits), positive_index)
-        v = m.get(metric)
-        return float("-inf") if v is None else float(v)
-    return score
+def _gold_column(task: Task, ex: Examples) -> list:
+    if task.name == "classification":
+        return list(ex.labels)
+    if task.name == "multilabel":
+        return ["|".join(map(str, l)) for l in ex.labels]
+    from .ner import entities_from_tags
+    return [json.dumps([{k: v for k, v in e.items() if k != "text"} for e in entities_from_tags(t, o, x)])
+            for t, o, x in zip(ex.labels, ex.offsets, ex.texts)]
 
 
-def _predictions_frame(split_rows: np.ndarray, gold: np.ndarray | None, proba: np.ndarray, lm: LabelMap) -> pd.DataFrame:
-    df = pd.DataFrame({"row": split_rows})
-    if gold is not None:
-        df["gold"] = lm.decode(gold)
-    df["predicted_label"] = lm.decode(proba.argmax(1))
-    for j, lab in enumerate(lm.labels):
-        df[f"prob_{lab}"] = proba[:, j]
+def _predictions_frame(task: Task, ex: Examples, outputs, lm: LabelMap, enc, state: dict) -> pd.DataFrame:
+    """Test predictions without text (entity spans keep their offsets, not their words)."""
+    df = pd.DataFrame({"row": ex.rows, "gold": _gold_column(task, ex)})
+    cols = task.prediction_columns(outputs, lm, enc, state, ex.texts)
+    if "entities" in cols:
+        cols["entities"] = [json.dumps([{k: v for k, v in e.items() if k != "text"} for e in json.loads(s)])
+                            for s in cols["entities"]]
+    for k, v in cols.items():
+        if not k.startswith("_"):
+            df[k] = v
     return df
 
 
@@ -90,8 +89,9 @@ def train(cfg: TrainConfig | None = None, **overrides) -> TrainResult:
     t_start = time.perf_counter()
     splits = prepare_splits(cfg)
     lm = splits.label_map
-    log.info("data: %d train, %d validation, %d test examples; %d classes", len(splits.train),
-             0 if splits.val is None else len(splits.val), len(splits.test), len(lm))
+    log.info("data: %d train, %d validation, %d test examples; %d %s", len(splits.train),
+             0 if splits.val is None else len(splits.val), len(splits.test), len(lm),
+             "tags" if cfg.task == "ner" else "labels" if cfg.task == "multilabel" else "classes")
     if cfg.method == "tfidf":
         runtime = resolve_runtime("cpu", "fp32", cfg.threads)
         rcfg = cfg.replace(backbone="tfidf", head="linear", precision="fp32", device="cpu")
@@ -116,120 +116,135 @@ def train(cfg: TrainConfig | None = None, **overrides) -> TrainResult:
 
 
 class _Inputs:
-    """How a run's texts reach the model: token ids through the encoder, or cached frozen features."""
+    """How a run's texts reach the model: token ids through the encoder, or cached frozen features.
+
+    The feature cache serves frozen backbones (not --long chunk, whose windows are encoded on the fly).
+    """
 
     def __init__(self, cfg: TrainConfig, runtime, splits: Splits, asm) -> None:
         from .cache import FeatureCache, default_cache_dir
 
         self.cfg, self.runtime, self.splits, self.asm = cfg, runtime, splits, asm
-        self.cached = cfg.method == "frozen" and cfg.cache
+        self.cached = cfg.method == "frozen" and cfg.cache and cfg.long != "chunk"
         self.cache = FeatureCache(cfg.cache_dir or default_cache_dir()) if self.cached else None
         self.hits: dict[str, bool] = {}
         self.truncated: dict[str, int] = {}
+        self.enc: dict[str, object] = {}
 
-    def _features(self, name: str, texts: list[str]):
-        """Cached features of ``texts`` (computed with the classifier's own batching if missing)."""
-        from .batching import encode
+    def encode(self, name: str, ex: Examples):
+        if name not in self.enc:
+            self.enc[name] = encode_for(self.cfg, self.asm.tokenizer, ex.texts, ex.words, ex.offsets)
+            self.truncated[name] = self.enc[name].n_truncated
+        return self.enc[name]
+
+    def _features(self, name: str, ex: Examples):
+        """Cached features of ``ex`` (computed with the classifier's own batching if missing)."""
         from .cache import cache_key, encode_into, texts_sha256, tokenizer_sha256
 
         cfg, model = self.cfg, self.asm.model
-        enc = encode(self.asm.tokenizer, texts, cfg.max_length)
+        enc = encode_for(cfg, self.asm.tokenizer, ex.texts, ex.words, ex.offsets)
         dtype = model.feature_dtype or torch.float32
+        unit = ["\x1f".join(w) for w in ex.words] if cfg.task == "ner" else ex.texts
         key = cache_key(backbone=self.asm.backbone["fingerprint"], tokenizer=tokenizer_sha256(self.asm.tokenizer),
                         max_length=cfg.max_length, batch_size=cfg.eval_batch_size, dtype=str(dtype),
-                        device=self.runtime.device.type, texts=texts_sha256(texts))
+                        device=self.runtime.device.type, texts=texts_sha256(unit),
+                        mode="words" if cfg.task == "ner" else "text")
         model.to(self.runtime.device)
         feats = self.cache.get(key, enc, model.head.hidden_size, dtype,
                                lambda st, off: encode_into(model, enc, cfg.eval_batch_size, self.runtime, st, off))
         self.hits[name] = feats.hit
-        return feats, enc
+        return feats
 
-    def train_val(self):
+    def feeds(self):
         """(train feed, validation feed or None) for fit()."""
-        from .batching import encode
-        from .training import FeatureFeed, TokenFeed
+        from .training import FeatureFeed
 
-        sp, cfg = self.splits, self.cfg
+        sp = self.splits
         if self.cached:
-            feats, enc = self._features("data", sp.full.texts)
-            tr, va = sp.train.rows - 1, None if sp.val is None else sp.val.rows - 1
-            self.truncated.update(train=int(enc.truncated[tr].sum()),
-                                  val=0 if va is None else int(enc.truncated[va].sum()))
-            return FeatureFeed(feats, tr), None if va is None else FeatureFeed(feats, va)
-        enc_tr = encode(self.asm.tokenizer, sp.train.texts, cfg.max_length)
-        enc_va = None if sp.val is None else encode(self.asm.tokenizer, sp.val.texts, cfg.max_length)
-        self.truncated.update(train=enc_tr.n_truncated, val=0 if enc_va is None else enc_va.n_truncated)
-        return TokenFeed(enc_tr), None if enc_va is None else TokenFeed(enc_va)
+            feats = self._features("data", sp.full)
+            train = FeatureFeed(feats, sp.train.index)
+            if sp.val is None:
+                return train, None
+            if sp.val.source == sp.full.source:
+                return train, FeatureFeed(feats, sp.val.index)
+            return train, FeatureFeed(self._features("val", sp.val), np.arange(len(sp.val)))
+        train = make_feed(self.encode("train", sp.train))
+        return train, None if sp.val is None else make_feed(self.encode("val", sp.val))
 
-    def test_logits(self, clf: Classifier) -> np.ndarray:
-        """Test logits exactly as the saved model computes them (cached features: same bits)."""
-        from .training import FeatureFeed, predict_logits
+    def test_outputs(self, clf: Classifier):
+        """Test outputs exactly as the saved model computes them (cached features: the same bits)."""
+        from .training import FeatureFeed
 
-        texts = self.splits.test.texts
+        enc = self.encode("test", self.splits.test)
         if self.cached:
-            feats, enc = self._features("test", texts)
-            self.truncated["test"] = enc.n_truncated
-            return predict_logits(clf.model, FeatureFeed(feats, np.arange(len(texts))), self.cfg.eval_batch_size,
-                                  self.runtime, len(clf.label_map))
-        enc = clf.encode(texts)
-        self.truncated["test"] = enc.n_truncated
-        return clf.logits_encoded(enc)
+            feats = self._features("test", self.splits.test)
+            return predict_logits(clf.model, FeatureFeed(feats, np.arange(len(self.splits.test))),
+                                  self.cfg.eval_batch_size, self.runtime, len(clf.label_map), clf.task.token_level)
+        return clf.outputs_encoded(enc)
 
 
 def _train_assembled(cfg: TrainConfig, runtime, splits: Splits, asm, t_start: float) -> TrainResult:
-    from .modeling import softmax
-
+    task = get_task(cfg.task)
     lm = splits.label_map
     meter = CostMeter(runtime.device)
     model: ClintuneModel = asm.model
     meter.set_params(*count_parameters(model))
-    y_train = splits.encoded("train")
     inputs = _Inputs(cfg, runtime, splits, asm)
     with meter.phase("train", len(splits.train)):
         with meter.phase("prepare_inputs"):
-            train_feed, val_feed = inputs.train_val()
-        weights = balanced_weights(y_train, len(lm)) if cfg.class_weights else None
-        y_val = None if splits.val is None else splits.encoded("val")
-        fitres = fit(model, train_feed, y_train, cfg, runtime, meter, val_feed=val_feed,
-                     val_score=None if y_val is None else val_scorer(cfg.val_metric, y_val, lm.positive_index),
-                     loss_fn=cross_entropy(weights), num_labels=len(lm))
+            enc_train = inputs.encode("train", splits.train)
+            enc_val = None if splits.val is None else inputs.encode("val", splits.val)
+            train_feed, val_feed = inputs.feeds()
+        targets = task.targets(splits.train, lm, enc_train)
+        val_score = None if splits.val is None else task.val_score(cfg.val_metric, splits.val, lm, enc_val)
+        fitres = fit(model, train_feed, targets, cfg, runtime, meter, val_feed=val_feed, val_score=val_score,
+                     loss_fn=task.loss(lm, targets, cfg.class_weights), num_labels=len(lm),
+                     token_level=task.token_level)
+        val_out = None if val_feed is None else predict_logits(model, val_feed, cfg.eval_batch_size, runtime, len(lm),
+                                                               task.token_level)
+        state = task.fit_state(val_out, splits.val, lm, enc_val)
     meter.extra["time_to_best_s"] = round(fitres.time_to_best_s, 3)
     log.info("trained %d epoch(s), best epoch %d", fitres.epochs_run, fitres.best_epoch)
+    truncated = {k: v for k, v in inputs.truncated.items()}
+    if truncated.get("train") and cfg.long == "truncate" and cfg.task != "ner":
+        log.warning("%d of %d training notes were cut at --max-length %d tokens (see --long chunk)",
+                    truncated["train"], len(splits.train), cfg.max_length)
     method = METHODS[cfg.method]
 
     def classifier() -> Classifier:  # after saving: LoRA is merged into the weights once its adapter is saved
         inference = ClintuneModel(method.for_inference(model.encoder), model.head, backbone_trains=False,
                                   feature_dtype=model.feature_dtype)
-        return Classifier(inference, asm.tokenizer, lm, cfg, runtime)
+        return Classifier(inference, asm.tokenizer, lm, cfg, runtime, state)
 
-    def extra_cost() -> dict:
+    def cost_extra() -> dict:
         if not inputs.cached:
             return {}
         return {"feature_cache": {"hits": inputs.hits, "prepare_seconds": round(meter.seconds["prepare_inputs"], 3)}}
 
     training = {"epochs_run": fitres.epochs_run, "best_epoch": fitres.best_epoch, "best_val_score": fitres.best_val,
                 "stopped_early": fitres.stopped_early, "history": fitres.history}
-    return _complete(cfg, runtime, splits, meter, t_start, classifier,
-                     save=lambda d: save_model(d, asm, cfg, lm), test_proba=lambda c: softmax(inputs.test_logits(c)),
-                     training=training, backbone=asm.backbone,
-                     data_extra=lambda: {"truncated": inputs.truncated}, cost_extra=extra_cost)
+    return _complete(cfg, task, runtime, splits, meter, t_start, classifier,
+                     save=lambda d: save_model(d, asm, cfg, lm, state), test_outputs=inputs.test_outputs,
+                     test_enc=lambda: inputs.enc["test"], state=state, training=training, backbone=asm.backbone,
+                     data_extra=lambda: {"truncated": dict(inputs.truncated)}, cost_extra=cost_extra)
 
 
 def _train_tfidf(cfg: TrainConfig, runtime, splits: Splits, t_start: float) -> TrainResult:
     """TF-IDF + logistic regression: the same splits, metrics, cost keys, record and artifacts."""
     from .tfidf import TfidfClassifier, TfidfModel
 
+    task = get_task(cfg.task)
     lm = splits.label_map
     meter = CostMeter(runtime.device)
-    y_train = splits.encoded("train")
+    y_train = lm.encode(splits.train.labels)
     with meter.phase("train", len(splits.train)):
         with meter.phase("train_steps", len(splits.train)):
             model = TfidfModel.fit(splits.train.texts, y_train, cfg, len(lm))
         val_score = None
         if splits.val is not None:
             with meter.phase("validate", len(splits.val)):
-                val_score = val_scorer(cfg.val_metric, splits.encoded("val"), lm.positive_index)(
-                    np.log(np.clip(model.predict_proba(splits.val.texts), 1e-12, None)))
+                logp = np.log(np.clip(model.predict_proba(splits.val.texts), 1e-12, None))
+                val_score = task.val_score(cfg.val_metric, splits.val, lm)(logp)
     meter.set_params(*model.parameter_counts())
     meter.extra["time_to_best_s"] = round(meter.seconds["train_steps"], 3)
     meter.extra["n_features"] = model.n_features
@@ -248,13 +263,15 @@ def _train_tfidf(cfg: TrainConfig, runtime, splits: Splits, t_start: float) -> T
 
     training = {"epochs_run": 1, "best_epoch": 1, "best_val_score": val_score, "stopped_early": False,
                 "history": [{"epoch": 1, **({"val_score": val_score} if val_score is not None else {})}]}
-    return _complete(cfg, runtime, splits, meter, t_start, lambda: clf, save=save,
-                     test_proba=lambda c: c.predict_proba(splits.test.texts), training=training,
-                     backbone={"name": "tfidf", "kind": "tfidf"}, data_extra=dict, cost_extra=dict)
+    return _complete(cfg, task, runtime, splits, meter, t_start, lambda: clf, save=save,
+                     test_outputs=lambda c: np.log(np.clip(c.predict_proba(splits.test.texts), 1e-300, None)),
+                     test_enc=lambda: None, state={}, training=training, backbone={"name": "tfidf", "kind": "tfidf"},
+                     data_extra=dict, cost_extra=dict)
 
 
-def _complete(cfg: TrainConfig, runtime, splits: Splits, meter: CostMeter, t_start: float, classifier, *, save,
-              test_proba, training: dict, backbone: dict, data_extra, cost_extra) -> TrainResult:
+def _complete(cfg: TrainConfig, task: Task, runtime, splits: Splits, meter: CostMeter, t_start: float, classifier, *,
+              save, test_outputs, test_enc, state: dict, training: dict, backbone: dict, data_extra,
+              cost_extra) -> TrainResult:
     """Save the model, predict the test split with it, compute metrics and CIs, write record.json.
 
     ``classifier()`` builds the inference form of the trained model; it is called after ``save`` (for
@@ -267,15 +284,14 @@ def _complete(cfg: TrainConfig, runtime, splits: Splits, meter: CostMeter, t_sta
             save(directory)
         clf = classifier()
         with meter.phase("predict", len(splits.test)):
-            proba = test_proba(clf)
-        y_test = splits.encoded("test")
-        metrics = classification_metrics(y_test, proba, lm.positive_index, lm.labels)
-        ci = bootstrap_ci(y_test, proba, lm.positive_index)
+            outputs = test_outputs(clf)
+        enc = test_enc()
+        ev = evaluate_outputs(task, outputs, splits.test, lm, enc, state)
         cost = {**meter.summary(), "wall_seconds": round(time.perf_counter() - t_start, 3), **cost_extra()}
         data_info = {**splits.info, **data_extra(), "test_split_sha256": splits.test.content_hash()}
-        record = make_record(cfg.to_dict(), "success", metrics=metrics, metrics_ci=ci, cost=cost, data=data_info,
+        record = make_record(cfg.to_dict(), "success", metrics=ev.metrics, metrics_ci=ev.ci, cost=cost, data=data_info,
                              env=environment(runtime), training=training, backbone=backbone)
-        preds = _predictions_frame(splits.test.rows, y_test, proba, lm)
+        preds = _predictions_frame(task, splits.test, outputs, lm, enc, state)
         if directory is not None:
             write_table(preds, directory / "test_predictions.csv")
             write_json(directory / "record.json", record)
@@ -291,26 +307,31 @@ def _complete(cfg: TrainConfig, runtime, splits: Splits, meter: CostMeter, t_sta
 # evaluate and predict
 # ----------------------------------------------------------------------------------------------
 
+def _outputs_for(clf, ex: Examples):
+    """(outputs, encoding) of a loaded model on examples (TF-IDF: log-probabilities, no encoding)."""
+    if not isinstance(clf, Classifier):
+        return np.log(np.clip(clf.predict_proba(ex.texts), 1e-300, None)), None
+    enc = clf.encode(ex.texts, ex.words, ex.offsets)
+    return clf.outputs_encoded(enc), enc
+
+
 def evaluate(model_dir: str | Path, data: str | Path, *, text_col: str | None = None,
              label_col: str | None = None, out: str | Path | None = None, classifier: Classifier | None = None) -> dict:
     """Metrics (with CIs) of a saved model on a labelled file; written to ``out`` if given."""
     clf = classifier or load(model_dir)
     cfg = clf.config
-    ex = load_examples(data, text_col or cfg.text_col, label_col or cfg.label_col)
+    task = get_task(cfg.task)
+    ex = load_examples(data, text_col or cfg.text_col, label_col or cfg.label_col, task=cfg.task,
+                       label_sep=cfg.label_sep)
     lm = clf.label_map
-    for label, row in zip(ex.labels, ex.rows):
-        if lm.index_of(label) is None:
-            raise DataError(f"{ex.source}: label '{label}' at row {row} is not one the model knows "
-                            f"(labels: {', '.join(map(str, lm.labels[:20]))})")
+    task.check_known(ex, lm, "the evaluation data")
     meter = CostMeter(clf.runtime.device)
     with meter.phase("predict", len(ex)):
-        proba = clf.predict_proba(ex.texts)
-    y = lm.encode(ex.labels)
-    result = {"model": str(model_dir), "data": ex.source, "data_sha256": ex.content_hash(),
-              "metrics": classification_metrics(y, proba, lm.positive_index, lm.labels),
-              "metrics_ci": bootstrap_ci(y, proba, lm.positive_index),
-              "cost": {"predict_seconds": round(meter.seconds["predict"], 3),
-                       "predict_samples_per_s": meter.rate("predict")}}
+        outputs, enc = _outputs_for(clf, ex)
+    ev = evaluate_outputs(task, outputs, ex, lm, enc, getattr(clf, "state", {}))
+    result = {"model": str(model_dir), "data": ex.source, "data_sha256": ex.content_hash(), "metrics": ev.metrics,
+              "metrics_ci": ev.ci, "cost": {"predict_seconds": round(meter.seconds["predict"], 3),
+                                            "predict_samples_per_s": meter.rate("predict")}}
     if out is not None:
         write_json(out, result)
     return result
@@ -318,16 +339,39 @@ def evaluate(model_dir: str | Path, data: str | Path, *, text_col: str | None = 
 
 def predict(model_dir: str | Path, data: str | Path, out: str | Path, *, text_col: str | None = None,
             batch_size: int | None = None, classifier: Classifier | None = None) -> pd.DataFrame:
-    """Write ``data``'s rows plus ``predicted_label`` and ``prob_<label>`` columns to ``out``."""
+    """Write ``data``'s rows plus the prediction columns to ``out``.
+
+    Classification: ``predicted_label`` and ``prob_<label>``; multilabel: ``predicted_labels``
+    (``|``-separated) and ``prob_<label>``; NER: ``entities`` (JSON list of {start, end, label, text},
+    character offsets into the text). NER input in CoNLL format gives one row per sentence.
+    """
     from .data import detect_format
 
     detect_format(out)  # fail on an unknown output format before any work
     clf = classifier or load(model_dir)
-    ex = load_examples(data, text_col or clf.config.text_col, None, keep_frame=True)
-    proba = clf.predict_proba(ex.texts, batch_size)
-    df = ex.frame.copy()
-    df["predicted_label"] = clf.label_map.decode(proba.argmax(1))
-    for j, lab in enumerate(clf.label_map.labels):
-        df[f"prob_{lab}"] = proba[:, j]
+    cfg = clf.config
+    if cfg.task == "ner" and _is_conll(data):
+        from .ner import read_conll
+        ex = read_conll(data)
+    else:
+        ex = load_examples(data, text_col or cfg.text_col, None, keep_frame=True, task=cfg.task)
+    if isinstance(clf, Classifier):
+        cols = clf.prediction_columns(ex.texts, batch_size, ex.words, ex.offsets)
+    else:
+        proba = clf.predict_proba(ex.texts)
+        cols = {"predicted_label": clf.label_map.decode(proba.argmax(1)),
+                **{f"prob_{lab}": proba[:, j] for j, lab in enumerate(clf.label_map.labels)}}
+    df = ex.frame.copy() if ex.frame is not None else pd.DataFrame({"text": ex.texts})
+    for k, v in cols.items():
+        if not k.startswith("_"):
+            df[k] = v
     write_table(df, out)
     return df
+
+
+def _is_conll(path) -> bool:
+    from .data import detect_format
+    try:
+        return detect_format(path)[0] == "tsv"
+    except DataError:
+        return True

@@ -85,3 +85,67 @@ def eval_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Index batches sorted by decreasing length (deterministic: depends on the data only)."""
     order = np.argsort(-lengths, kind="stable")
     return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@dataclass
+class ChunkEncoded:
+    """Long notes as overlapping windows (``--long chunk``).
+
+    Each note's content tokens are cut into windows of ``max_length - specials`` tokens, consecutive
+    windows sharing ``overlap`` tokens, each wrapped in the tokenizer's special tokens ([CLS] ... [SEP]).
+    ``ids`` holds the windows of all notes back to back; note i owns windows ``starts[i]:starts[i+1]``.
+    """
+
+    ids: list[np.ndarray]
+    starts: np.ndarray          # (N + 1,)
+    truncated: np.ndarray       # (N,) bool: more than max_chunks windows were needed
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    @property
+    def n_truncated(self) -> int:
+        return int(self.truncated.sum())
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens per note (all its windows): the bucketing key."""
+        per_window = np.fromiter((len(x) for x in self.ids), dtype=np.int64, count=len(self.ids))
+        return np.add.reduceat(per_window, self.starts[:-1]) if len(self.ids) else np.zeros(0, np.int64)
+
+    def windows(self, idx: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        """Windows of notes ``idx`` and, for each window, the position (0..len(idx)-1) of its note."""
+        seqs, owner = [], []
+        for j, i in enumerate(idx):
+            a, b = self.starts[i], self.starts[i + 1]
+            seqs += self.ids[a:b]
+            owner += [j] * (b - a)
+        return seqs, np.asarray(owner, dtype=np.int64)
+
+
+def special_wrap(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens a tokenizer puts before and after a single sequence ([CLS] / [SEP] for BERT)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for a in range(len(full) - len(plain) + 1):
+        if full[a: a + len(plain)] == plain:
+            return full[:a], full[a + len(plain):]
+    return [], []  # pragma: no cover - no tokenizer wraps a text without containing it
+
+
+def encode_chunks(tokenizer, texts: list[str], max_length: int, overlap: int, max_chunks: int) -> ChunkEncoded:
+    body = tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False,
+                     return_token_type_ids=False, verbose=False)["input_ids"]
+    prefix, suffix = special_wrap(tokenizer)
+    width = max_length - len(prefix) - len(suffix)
+    step = max(width - overlap, 1)
+    ids, starts, trunc = [], [0], np.zeros(len(texts), dtype=bool)
+    for i, toks in enumerate(body):
+        pieces = [toks[a: a + width] for a in range(0, max(len(toks) - overlap, 1), step)] or [[]]
+        if len(pieces) > max_chunks:
+            pieces, trunc[i] = pieces[:max_chunks], True
+        ids += [np.asarray(prefix + list(p) + suffix, dtype=np.int64) for p in pieces]
+        starts.append(len(ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return ChunkEncoded(ids, np.asarray(starts, dtype=np.int64), trunc, pad)

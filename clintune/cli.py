@@ -51,16 +51,21 @@ def _fmt(v, digits=4) -> str:
 
 def format_metrics(metrics: dict, ci: dict | None = None) -> str:
     ci = ci or {}
-    names = ["accuracy", "precision", "recall", "f1", "auroc"]
-    if "f1_macro" in metrics and len(metrics.get("labels", [])) > 2:
-        names += ["f1_micro", "f1_macro"]
+    if "subset_accuracy" in metrics:           # multilabel
+        names = ["f1_micro", "f1_macro", "precision_micro", "recall_micro", "auroc_macro", "subset_accuracy"]
+    elif "n_entities" in metrics:              # NER: entity-level
+        names = ["precision", "recall", "f1", "token_accuracy"]
+    else:
+        names = ["accuracy", "precision", "recall", "f1", "auroc"]
+        if "f1_macro" in metrics and len(metrics.get("labels", [])) > 2:
+            names += ["f1_micro", "f1_macro"]
     lines = []
     for n in names:
         if n not in metrics:
             continue
         lo_hi = ci.get(n)
         extra = f"  [95% CI {lo_hi[0]:.4f}, {lo_hi[1]:.4f}]" if lo_hi else ""
-        lines.append(f"  {n:<10} {_fmt(metrics[n])}{extra}")
+        lines.append(f"  {n:<15} {_fmt(metrics[n])}{extra}")
     return "\n".join(lines)
 
 
@@ -121,8 +126,15 @@ def _cmd_predict(args) -> int:
     from .api import predict
 
     df = predict(args.model, args.data, args.out, text_col=args.text_col, batch_size=args.batch_size)
-    counts = df["predicted_label"].astype(str).value_counts().to_dict()
-    print(f"{len(df)} predictions written to {args.out} ({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))})")
+    if "predicted_label" in df:
+        counts = df["predicted_label"].astype(str).value_counts().to_dict()
+        detail = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+    elif "predicted_labels" in df:
+        detail = f"{sum(1 for s in df['predicted_labels'] if s)} with at least one label"
+    else:
+        import json
+        detail = f"{sum(len(json.loads(e)) for e in df['entities'])} entities"
+    print(f"{len(df)} predictions written to {args.out} ({detail})")
     return 0
 
 

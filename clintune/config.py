@@ -198,11 +198,13 @@ def check_range(cfg, name: str, lo=None, hi=None, *, lo_open=False, hi_open=Fals
 # The training configuration
 # ----------------------------------------------------------------------------------------------
 
-TASKS = ("classification",)
+TASKS = ("classification", "multilabel", "ner")
+LONG = ("truncate", "chunk")
+CHUNK_POOLINGS = ("mean", "max", "attention")
 POOLINGS = ("mean", "cls")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
-VAL_METRICS = ("f1", "auroc", "accuracy", "loss")
+VAL_METRICS = ("f1", "f1_macro", "auroc", "accuracy", "loss")
 
 #: Per-method default learning rates (used when --lr is not given). Full fine-tuning of a BERT-size
 #: encoder wants ~5e-5; low-rank/scaling adapters train well at ~3e-4 (LoRA) to 3e-3 (IA3, whose
@@ -223,8 +225,11 @@ class TrainConfig:
                                    "is held out", group="data")
     text_col: str = option("text", "column holding the note text", group="data")
     label_col: str = option("label", "column holding the label (strings or integers)", group="data")
-    task: str = option("classification", "task type (binary/multi-class is inferred from the labels)",
-                       choices=TASKS, group="data")
+    task: str = option("classification", "classification (binary/multi-class, inferred from the labels), "
+                       "multilabel (label sets) or ner (CoNLL/BIO or JSONL spans)", choices=TASKS, group="data")
+    label_sep: str = option("|", "separator of the labels in a multilabel label cell", group="data")
+    val_data: str | None = option(None, "separate validation file (default: carved from --data by --val-size)",
+                                  group="data")
     test_size: float = option(0.3, "fraction held out for test when --test-data is not given "
                               "(0.3: the seed study's 70/30)", group="data")
     val_size: float = option(0.1, "fraction of the training split carved out for validation/early "
@@ -245,8 +250,16 @@ class TrainConfig:
     head: str = option("linear", "classification head", group="model")
     pooling: str = option("mean", "how token states become one vector for pooled heads",
                           choices=POOLINGS, group="model")
-    max_length: int = option(256, "maximum tokens per note (longer notes are truncated; the record "
-                             "counts them)", group="model")
+    max_length: int = option(256, "maximum tokens per note, or per window with --long chunk (truncated "
+                             "notes are counted in the record)", group="model")
+    long: str = option("truncate", "notes longer than --max-length: truncate, or chunk into overlapping "
+                       "windows that are encoded and pooled (the whole note is classified)", choices=LONG,
+                       group="model")
+    chunk_overlap: int = option(64, "--long chunk: tokens shared by consecutive windows", group="model")
+    chunk_pooling: str = option("mean", "--long chunk: how window representations become one: mean, max or "
+                                "attention (learned weights)", choices=CHUNK_POOLINGS, group="model")
+    max_chunks: int = option(64, "--long chunk: at most this many windows per note (the rest is counted as "
+                             "truncated)", group="model")
     lora_r: int = option(8, "LoRA rank r", group="model")
     lora_alpha: float = option(16.0, "LoRA alpha (update is scaled by alpha / r)", group="model")
     lora_dropout: float = option(0.1, "dropout on the LoRA branch input", group="model")
@@ -312,6 +325,18 @@ class TrainConfig:
         from .methods import METHODS
 
         check_choice(self, "task", TASKS)
+        check_choice(self, "long", LONG)
+        check_choice(self, "chunk_pooling", CHUNK_POOLINGS)
+        check_range(self, "max_chunks", 1, 100_000)
+        check_range(self, "chunk_overlap", 0)
+        if self.long == "chunk" and self.chunk_overlap > self.max_length // 2:
+            raise ConfigError(f"--chunk-overlap {self.chunk_overlap}: at most half of --max-length {self.max_length}")
+        if self.long == "chunk" and self.task == "ner":
+            raise ConfigError("--long chunk: classification and multilabel only (NER predicts every token)")
+        if self.task != "classification" and self.method == "tfidf":
+            raise ConfigError(f"--method tfidf: classification only (not --task {self.task})")
+        if not self.label_sep:
+            raise ConfigError("--label-sep: must not be empty")
         check_choice(self, "method", (*METHODS, "tfidf"))
         check_choice(self, "head", tuple(HEADS))
         check_choice(self, "pooling", POOLINGS)

@@ -163,16 +163,23 @@ class Examples:
     rows: np.ndarray
     source: str
     frame: pd.DataFrame | None = field(default=None, repr=False)  # the original rows (predict output)
+    words: list | None = field(default=None, repr=False)           # NER: the words of each text
+    offsets: list | None = field(default=None, repr=False)         # NER: (n_words, 2) character offsets
+    index: np.ndarray | None = field(default=None, repr=False)     # position in the file's examples (0-based)
+
+    def __post_init__(self) -> None:
+        if self.index is None:
+            self.index = np.arange(len(self.texts))
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def subset(self, idx: Sequence[int]) -> "Examples":
         idx = np.asarray(idx, dtype=np.int64)
-        return Examples([self.texts[i] for i in idx],
-                        None if self.labels is None else [self.labels[i] for i in idx],
-                        self.rows[idx], self.source,
-                        None if self.frame is None else self.frame.iloc[idx].reset_index(drop=True))
+        pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+        return Examples([self.texts[i] for i in idx], pick(self.labels), self.rows[idx], self.source,
+                        None if self.frame is None else self.frame.iloc[idx].reset_index(drop=True),
+                        pick(self.words), pick(self.offsets), self.index[idx])
 
     def content_hash(self) -> str:
         """sha256 over texts and labels (identifies the data in caches and records, not the text)."""
@@ -181,14 +188,26 @@ class Examples:
             h.update(t.encode("utf-8"))
             h.update(b"\x00")
             if self.labels is not None:
-                h.update(str(self.labels[i]).encode("utf-8"))
+                lab = self.labels[i]
+                h.update((json.dumps(list(lab)) if isinstance(lab, (list, tuple)) else str(lab)).encode("utf-8"))
             h.update(b"\x01")
         return h.hexdigest()
 
 
 def load_examples(path: str | Path, text_col: str = "text", label_col: str | None = "label",
-                  *, keep_frame: bool = False) -> Examples:
-    """Read ``path`` and validate its text (and, if ``label_col``, label) column."""
+                  *, keep_frame: bool = False, task: str = "classification", label_sep: str = "|") -> Examples:
+    """Read ``path`` and validate its text (and, if ``label_col``, label) column.
+
+    ``task="multilabel"``: each label cell holds labels separated by ``label_sep``, kept as a sorted
+    tuple. ``task="ner"``: CoNLL/BIO or JSONL spans, see :mod:`clintune.ner`.
+    """
+    if task == "ner":
+        from .ner import load_ner, words_of_texts
+        if label_col is not None:
+            return load_ner(path, text_col, label_col)
+        ex = load_examples(path, text_col, None, keep_frame=keep_frame)
+        ex.words, ex.offsets = words_of_texts(ex.texts)
+        return ex
     source = str(path)
     df = read_table(path)
     if len(df) == 0:
@@ -208,7 +227,17 @@ def load_examples(path: str | Path, text_col: str = "text", label_col: str | Non
         bad = [i + 1 for i, v in enumerate(raw_labels) if _missing(v)]
         if bad:
             raise DataError(f"{source}: empty or missing label in column '{label_col}' at {_rows_phrase(bad)}")
-        labels = _normalise_labels(raw_labels, source, label_col)
+        if task == "multilabel":
+            sets = [[x.strip() for x in str(v).split(label_sep) if x.strip()] for v in raw_labels]
+            bad = [i + 1 for i, s in enumerate(sets) if not s]
+            if bad:
+                raise DataError(f"{source}: no label in column '{label_col}' at {_rows_phrase(bad)} "
+                                f"(labels are separated by '{label_sep}')")
+            flat = _normalise_labels([x for s in sets for x in s], source, label_col)
+            it = iter(flat)
+            labels = [tuple(sorted({next(it) for _ in s}, key=lambda v: (isinstance(v, str), v))) for s in sets]
+        else:
+            labels = _normalise_labels(raw_labels, source, label_col)
     return Examples(texts, labels, np.arange(1, len(texts) + 1), source, df if keep_frame else None)
 
 
@@ -323,69 +352,80 @@ class Splits:
         return self.label_map.encode(ex.labels)
 
 
-def _check_unseen(test: Examples, lm: LabelMap, what: str) -> None:
-    for label, row in zip(test.labels, test.rows):
-        if lm.index_of(label) is None:
-            raise DataError(f"{test.source}: label '{label}' at row {row} of {what} never appears in the "
-                            f"training data (labels: {', '.join(map(str, lm.labels[:20]))})")
+def _check_leakage(train: Examples, other: Examples, what: str, allow: bool, info: dict) -> None:
+    seen: dict[str, int] = {}
+    for t, row in zip(train.texts, train.rows):
+        seen.setdefault(normalise_text(t), row)
+    clash = [(row, seen[normalise_text(t)]) for t, row in zip(other.texts, other.rows) if normalise_text(t) in seen]
+    info[f"train_{what}_duplicates"] = len(clash)
+    if clash and not allow:
+        (orow, srow) = clash[0]
+        raise DataError(f"{other.source}: {len(clash)} {what} text(s) also appear in {train.source} "
+                        f"(first: {what} row {orow} = train row {srow}); this leaks {what} data into training. "
+                        "Remove them or pass --allow-duplicates")
 
 
 def prepare_splits(cfg) -> Splits:
-    """Load ``cfg.data`` (and ``cfg.test_data``) and build train/validation/test splits."""
+    """Load ``cfg.data`` (and ``cfg.test_data``, ``cfg.val_data``) and build train/validation/test splits.
+
+    Splits are stratified by the task's strata (the label; the label set for multi-label; whether a
+    sentence has entities for NER) and grouped so identical texts stay on one side.
+    """
+    from .tasks import get_task
+
+    task = get_task(cfg.task)
     if not cfg.data:
         raise DataError("no training data: give --data FILE (or builtin:icd10-circulatory)")
-    full = load_examples(cfg.data, cfg.text_col, cfg.label_col)
-    classes = Counter(map(str, full.labels))
-    if len(classes) < 2:
+    load = lambda path: load_examples(path, cfg.text_col, cfg.label_col, task=cfg.task,  # noqa: E731
+                                      label_sep=cfg.label_sep)
+    full = load(cfg.data)
+    classes = Counter(str(x) for l in full.labels for x in task.label_items(l))
+    if cfg.task == "classification" and len(classes) < 2:
         only = next(iter(classes))
         raise DataError(f"{full.source}: column '{cfg.label_col}' has a single class '{only}'; "
                         "a classifier needs at least two")
-    info: dict[str, Any] = {"train_source": full.source, "train_sha256": full.content_hash(),
+    if cfg.task == "ner" and set(classes) <= {"O"}:
+        raise DataError(f"{full.source}: no entities (every tag is O)")
+    info: dict[str, Any] = {"task": cfg.task, "train_source": full.source, "train_sha256": full.content_hash(),
                             "n_rows": len(full)}
     _, n_unique = _groups(full.texts)
     info["duplicate_texts"] = len(full) - n_unique
+    strata = task.strata
     if cfg.test_data:
-        test = load_examples(cfg.test_data, cfg.text_col, cfg.label_col)
+        test = load(cfg.test_data)
         info.update(test_source=test.source, test_sha256=test.content_hash(), split="given")
         train_all = full
-        seen = {}
-        for t, row in zip(train_all.texts, train_all.rows):
-            seen.setdefault(normalise_text(t), row)
-        clash = [(row, seen[normalise_text(t)]) for t, row in zip(test.texts, test.rows)
-                 if normalise_text(t) in seen]
-        info["train_test_duplicates"] = len(clash)
-        if clash and not cfg.allow_duplicates:
-            (trow, srow) = clash[0]
-            raise DataError(f"{test.source}: {len(clash)} test text(s) also appear in {train_all.source} "
-                            f"(first: test row {trow} = train row {srow}); this leaks test data into "
-                            "training. Remove them or pass --allow-duplicates")
+        _check_leakage(train_all, test, "test", cfg.allow_duplicates, info)
     else:
-        for label, n in classes.items():
-            if n < 2:
-                raise DataError(f"{full.source}: label '{label}' has only {n} example; each class needs at "
-                                "least 2 to be split into train and test (or give --test-data)")
-        keep, held = grouped_stratified_split(full.labels, full.texts, cfg.test_size, cfg.seed)
+        if cfg.task == "classification":
+            for label, n in classes.items():
+                if n < 2:
+                    raise DataError(f"{full.source}: label '{label}' has only {n} example; each class needs at "
+                                    "least 2 to be split into train and test (or give --test-data)")
+        keep, held = grouped_stratified_split(strata(full.labels), full.texts, cfg.test_size, cfg.seed)
         train_all, test = full.subset(keep), full.subset(held)
         info.update(split=f"stratified {1 - cfg.test_size:.0%}/{cfg.test_size:.0%} grouped by text, seed {cfg.seed}")
     val = None
     train = train_all
-    if cfg.val_size > 0:
-        keep, held = grouped_stratified_split(train_all.labels, train_all.texts, cfg.val_size, cfg.seed + 1)
+    if cfg.val_data:
+        val = load(cfg.val_data)
+        _check_leakage(train_all, val, "validation", cfg.allow_duplicates, info)
+    elif cfg.val_size > 0:
+        keep, held = grouped_stratified_split(strata(train_all.labels), train_all.texts, cfg.val_size, cfg.seed + 1)
         if len(held):
             train, val = train_all.subset(keep), train_all.subset(held)
     if cfg.train_fraction < 1:
-        keep, _ = grouped_stratified_split(train.labels, train.texts, 1 - cfg.train_fraction, cfg.seed + 2)
+        keep, _ = grouped_stratified_split(strata(train.labels), train.texts, 1 - cfg.train_fraction, cfg.seed + 2)
         train = train.subset(keep)
-    lm = LabelMap.from_labels(train.labels, cfg.positive_label, train.source)
-    if len(lm) < 2:
+    lm = task.label_map(train.labels, cfg, train.source)
+    if cfg.task == "classification" and len(lm) < 2:
         raise DataError(f"{full.source}: the training split has a single class; add data or lower --test-size")
-    _check_unseen(test, lm, "the test data")
+    task.check_known(test, lm, "the test data")
     if val is not None:
-        _check_unseen(val, lm, "the validation split")
+        task.check_known(val, lm, "the validation split")
     info.update(n_train=len(train), n_val=0 if val is None else len(val), n_test=len(test),
-                labels=[str(l) for l in lm.labels],
-                train_label_counts={str(k): v for k, v in sorted(Counter(map(str, train.labels)).items())},
-                test_label_counts={str(k): v for k, v in sorted(Counter(map(str, test.labels)).items())})
+                labels=[str(l) for l in lm.labels], train_label_counts=task.counts(train.labels),
+                test_label_counts=task.counts(test.labels))
     return Splits(train, val, test, lm, info, full)
 
 

@@ -8,6 +8,11 @@ biomedical encoders: Adapter, Lightweight, TinyAttention and GRN. Their defaults
 attention head) add 25k-80k parameters to a 384-wide encoder: they fit a 2 GB GPU with room to spare.
 Heads that work on every token (adapter, tinyattention) see padded positions too, but pooling masks
 them out, so padding never changes a prediction; lightweight and grn work on the pooled vector.
+
+Every head is two parts: ``mix`` (token states -> token states: identity, or the adapter/attention
+block) and ``vector`` (one H-vector -> K logits). A sequence task pools between them,
+``vector(pool(mix(h)))`` -> (B, K); a token task (NER, ``cfg.task == "ner"``) applies ``vector`` to
+every token, ``vector(mix(h))`` -> (B, T, K).
 """
 from __future__ import annotations
 
@@ -33,6 +38,40 @@ def pool(states: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     return (states * m).sum(1) / m.sum(1).clamp_min(1.0)           # (B, H)
 
 
+class WindowPool(nn.Module):
+    """Pools the window vectors of each long note (``--long chunk``) into one vector.
+
+        mean:      v = (1/W) sum_w u_w
+        max:       v_j = max_w u_wj
+        attention: a_w = softmax_w(s . u_w + c),  v = sum_w a_w u_w     (s in R^H, c: learned)
+
+    ``u`` (Nw, H) are the windows of a batch back to back; ``owner`` (Nw,) says which note each belongs to.
+    """
+
+    def __init__(self, how: str, hidden_size: int) -> None:
+        super().__init__()
+        self.how = how
+        self.score = nn.Linear(hidden_size, 1) if how == "attention" else None
+
+    def forward(self, u: torch.Tensor, owner: torch.Tensor, n_notes: int) -> torch.Tensor:
+        h = u.shape[1]
+        idx = owner[:, None].expand(-1, h)                                            # (Nw, H)
+        if self.how == "max":
+            out = torch.full((n_notes, h), float("-inf"), dtype=u.dtype, device=u.device)
+            return out.scatter_reduce(0, idx, u, reduce="amax", include_self=True)
+        if self.how == "attention":
+            s = self.score(u).squeeze(-1).float()                                     # (Nw,)
+            smax = torch.full((n_notes,), float("-inf"), device=u.device).scatter_reduce(
+                0, owner, s, reduce="amax", include_self=True)
+            e = torch.exp(s - smax[owner])
+            den = torch.zeros(n_notes, device=u.device).index_add(0, owner, e)
+            w = (e / den[owner]).to(u.dtype)[:, None]                                 # (Nw, 1)
+            return torch.zeros(n_notes, h, dtype=u.dtype, device=u.device).index_add(0, owner, w * u)
+        total = torch.zeros(n_notes, h, dtype=u.dtype, device=u.device).index_add(0, owner, u)
+        count = torch.zeros(n_notes, device=u.device).index_add(0, owner, torch.ones_like(owner, dtype=torch.float))
+        return total / count[:, None].to(u.dtype)
+
+
 class Head(nn.Module):
     name = ""
 
@@ -40,9 +79,28 @@ class Head(nn.Module):
         super().__init__()
         self.hidden_size, self.num_labels = hidden_size, num_labels
         self.pooling = getattr(cfg, "pooling", "mean")
+        self.token_level = getattr(cfg, "task", "classification") == "ner"
+        if getattr(cfg, "long", "truncate") == "chunk":
+            self.window_pool = WindowPool(cfg.chunk_pooling, hidden_size)
 
-    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+    def forward_windows(self, states: torch.Tensor, mask: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        """Windows of long notes: (Nw, T, H) -> pooled per window -> pooled per note -> (B, K)."""
+        u = pool(self.mix(states, mask), mask, self.pooling)                            # (Nw, H)
+        return self.vector(self.window_pool(u, owner, int(owner.max()) + 1))            # (B, K)
+
+    def mix(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) -> (B, T, H): the part that sees every token (identity by default)."""
+        return states
+
+    def vector(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """(..., H) -> (..., K)."""
         raise NotImplementedError
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.mix(states, mask)                                      # (B, T, H)
+        if self.token_level:
+            return self.vector(h)                                       # (B, T, K)
+        return self.vector(pool(h, mask, self.pooling))                 # (B, K)
 
 
 @register_head("linear")
@@ -54,8 +112,8 @@ class LinearHead(Head):
         self.dropout = nn.Dropout(cfg.head_dropout)
         self.out = nn.Linear(hidden_size, num_labels)
 
-    def forward(self, states, mask):
-        return self.out(self.dropout(pool(states, mask, self.pooling)))      # (B, K)
+    def vector(self, x):
+        return self.out(self.dropout(x))
 
 
 @register_head("adapter")
@@ -79,9 +137,11 @@ class AdapterHead(Head):
         self.dropout = nn.Dropout(cfg.head_dropout)
         self.out = nn.Linear(hidden_size, num_labels)
 
-    def forward(self, states, mask):
-        h = states + self.up(torch.relu(self.down(states)))                  # (B, T, H)
-        return self.out(self.dropout(pool(h, mask, self.pooling)))           # (B, K)
+    def mix(self, states, mask):
+        return states + self.up(torch.relu(self.down(states)))              # (B, T, H)
+
+    def vector(self, x):
+        return self.out(self.dropout(x))
 
 
 @register_head("lightweight")
@@ -104,9 +164,8 @@ class LightweightHead(Head):
         self.dropout = nn.Dropout(cfg.head_dropout)
         self.out = nn.Linear(r, num_labels)
 
-    def forward(self, states, mask):
-        z = self.norm(self.second(self.down(pool(states, mask, self.pooling))))   # (B, r)
-        return self.out(self.dropout(z))                                            # (B, K)
+    def vector(self, x):
+        return self.out(self.dropout(self.norm(self.second(self.down(x)))))   # (..., H) -> (..., r) -> (..., K)
 
 
 @register_head("tinyattention")
@@ -135,13 +194,15 @@ class TinyAttentionHead(Head):
         self.dropout = nn.Dropout(cfg.head_dropout)
         self.out = nn.Linear(hidden_size, num_labels)
 
-    def forward(self, states, mask):
+    def mix(self, states, mask):
         b, t, _ = states.shape
         q, k, v = self.qkv(states).view(b, t, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)  # each (B, n, T, d/n)
         keep = mask.bool()[:, None, None, :]                                                 # (B, 1, 1, T)
         a = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)              # (B, n, T, d/n)
-        h = states + self.o(a.transpose(1, 2).reshape(b, t, -1))                             # (B, T, H)
-        return self.out(self.dropout(pool(h, mask, self.pooling)))                            # (B, K)
+        return states + self.o(a.transpose(1, 2).reshape(b, t, -1))                          # (B, T, H)
+
+    def vector(self, x):
+        return self.out(self.dropout(x))
 
 
 @register_head("grn")
@@ -171,8 +232,7 @@ class GRNHead(Head):
         self.dropout = nn.Dropout(cfg.head_dropout)
         self.out = nn.Linear(hidden_size, num_labels)
 
-    def forward(self, states, mask):
-        a = pool(states, mask, self.pooling)                                              # (B, H)
-        eta = self.w1(nn.functional.elu(self.w2(a)))                                      # (B, r)
-        z = self.norm(a + nn.functional.glu(self.gate(self.inner_dropout(eta)), dim=-1))  # (B, H)
-        return self.out(self.dropout(z))                                                  # (B, K)
+    def vector(self, a):
+        eta = self.w1(nn.functional.elu(self.w2(a)))                                      # (..., r)
+        z = self.norm(a + nn.functional.glu(self.gate(self.inner_dropout(eta)), dim=-1))  # (..., H)
+        return self.out(self.dropout(z))                                                  # (..., K)

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import __version__
 from .backbones import BackboneSource, fingerprint, load_backbone, load_tokenizer, quiet_transformers
-from .batching import Encoded, collate, encode, eval_batches
+from .batching import encode
 from .config import TrainConfig
 from .data import LabelMap
 from .errors import BackboneError, ModelDirError
@@ -57,10 +57,13 @@ class ClintuneModel(nn.Module):
             states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return states if self.feature_dtype is None else states.to(self.feature_dtype)
 
-    def forward(self, input_ids=None, attention_mask=None, states=None) -> torch.Tensor:
+    def forward(self, input_ids=None, attention_mask=None, states=None, window_owner=None) -> torch.Tensor:
+        """(B, K) logits; (B, T, K) for token tasks. With ``window_owner`` the rows are windows of long notes."""
         if states is None:
             states = self.encode(input_ids, attention_mask)
-        return self.head(states, attention_mask)                      # (B, K)
+        if window_owner is not None:
+            return self.head.forward_windows(states, attention_mask, window_owner)
+        return self.head(states, attention_mask)
 
 
 def hidden_size(encoder: nn.Module) -> int:
@@ -117,15 +120,36 @@ def assemble(cfg: TrainConfig, num_labels: int, runtime: Runtime | None = None,
 # Inference
 # ----------------------------------------------------------------------------------------------
 
+def encode_for(cfg: TrainConfig, tokenizer, texts: Sequence[str], words=None, offsets=None):
+    """Tokenise for the task: word-aligned for NER, windows for --long chunk, else one sequence per note."""
+    if cfg.task == "ner":
+        from .ner import encode_words, words_of_texts
+        if words is None:
+            words, offsets = words_of_texts(list(texts))
+        return encode_words(tokenizer, words, cfg.max_length, offsets)
+    if cfg.long == "chunk":
+        from .batching import encode_chunks
+        return encode_chunks(tokenizer, list(texts), cfg.max_length, cfg.chunk_overlap, cfg.max_chunks)
+    return encode(tokenizer, list(texts), cfg.max_length)
+
+
 class Classifier:
-    """A trained classifier ready to predict: ``predict_proba(texts) -> (N, K)`` probabilities."""
+    """A trained model ready to use: ``predict(texts)``; ``predict_proba(texts)`` for classification tasks.
+
+    ``predict`` returns labels (classification), label tuples (multilabel, each label's tuned threshold)
+    or entity lists ``[{"start", "end", "label", "text"}]`` with character offsets (NER).
+    """
 
     def __init__(self, model: ClintuneModel, tokenizer, label_map: LabelMap, config: TrainConfig,
-                 runtime: Runtime | None = None) -> None:
+                 runtime: Runtime | None = None, state: dict | None = None) -> None:
+        from .tasks import get_task
+
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.label_map = label_map
         self.config = config
+        self.task = get_task(config.task)
+        self.state = state or {}
         self.runtime = runtime or resolve_runtime(config.device, config.precision)
         self.model.to(self.runtime.device)
 
@@ -133,30 +157,39 @@ class Classifier:
     def labels(self) -> list:
         return list(self.label_map.labels)
 
-    def encode(self, texts: Sequence[str]) -> Encoded:
-        return encode(self.tokenizer, list(texts), self.config.max_length)
+    def encode(self, texts: Sequence[str], words=None, offsets=None):
+        return encode_for(self.config, self.tokenizer, texts, words, offsets)
 
-    @torch.inference_mode()
-    def logits_encoded(self, enc: Encoded, batch_size: int | None = None) -> np.ndarray:
-        """(N, K) float32 logits, computed in length-sorted batches and returned in input order."""
-        bs = batch_size or self.config.eval_batch_size
-        out = np.zeros((len(enc), self.label_map.__len__()), dtype=np.float32)
-        dev = self.runtime.device
-        for idx in eval_batches(enc.lengths, bs):
-            ids, mask = collate([enc.ids[i] for i in idx], enc.pad_id)
-            with self.runtime.autocast():
-                logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev))
-            out[idx] = logits.float().cpu().numpy()
-        return out
+    def outputs_encoded(self, enc, batch_size: int | None = None):
+        """Raw outputs in input order: (N, K) logits, or for NER a (sub-tokens, K) array per text."""
+        from .training import make_feed, predict_logits
+
+        return predict_logits(self.model, make_feed(enc), batch_size or self.config.eval_batch_size, self.runtime,
+                              len(self.label_map), token_level=self.task.token_level)
+
+    def logits_encoded(self, enc, batch_size: int | None = None):
+        return self.outputs_encoded(enc, batch_size)
 
     def predict_proba(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
-        return softmax(self.logits_encoded(self.encode(texts), batch_size))
+        """(N, K) probabilities: softmax over classes, or one sigmoid per label for multilabel."""
+        if self.task.token_level:
+            raise TypeError("predict_proba is for classification tasks; NER models return entities from predict()")
+        out = self.outputs_encoded(self.encode(texts), batch_size)
+        return softmax(out) if self.config.task == "classification" else 1.0 / (1.0 + np.exp(-out))
+
+    def prediction_columns(self, texts: Sequence[str], batch_size: int | None = None, words=None, offsets=None) -> dict:
+        enc = self.encode(texts, words, offsets)
+        return self.task.prediction_columns(self.outputs_encoded(enc, batch_size), self.label_map, enc, self.state,
+                                            list(texts))
 
     def predict(self, texts: Sequence[str], batch_size: int | None = None) -> list:
-        return self.label_map.decode(self.predict_proba(texts, batch_size).argmax(1))
-
-    def save(self, directory: str | Path) -> None:  # pragma: no cover - see save_model
-        raise NotImplementedError("models are saved by clintune.train(); use clintune.load(dir) to reload")
+        cols = self.prediction_columns(texts, batch_size)
+        if self.config.task == "classification":
+            return cols["predicted_label"]
+        if self.config.task == "multilabel":
+            return [tuple(self.label_map.labels[self.label_map.index_of(l)] for l in s.split("|")) if s else ()
+                    for s in cols["predicted_labels"]]
+        return [json.loads(e) for e in cols["entities"]]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -169,10 +202,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 # Saving and loading
 # ----------------------------------------------------------------------------------------------
 
-def save_model(directory: Path, asm: Assembled, cfg: TrainConfig, label_map: LabelMap) -> None:
-    """Write the trained parts (method-specific), the head, tokenizer, label map and model.json."""
+def save_model(directory: Path, asm: Assembled, cfg: TrainConfig, label_map: LabelMap, state: dict | None = None) -> None:
+    """Write the trained parts (method-specific), the head, tokenizer, label map, task state and model.json."""
     import yaml
 
+    if state:
+        (directory / "task_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
     method = METHODS[cfg.method]
     method.save(asm.model.encoder, directory)
     save_file({k: v.detach().contiguous().cpu() for k, v in asm.model.head.state_dict().items()},
@@ -250,4 +285,5 @@ def _load_classifier(d: Path, meta: dict, cfg: TrainConfig, label_map: LabelMap)
     runtime = resolve_runtime(cfg.device, cfg.precision)
     model = ClintuneModel(method.for_inference(encoder), head, backbone_trains=False,
                           feature_dtype=frozen_feature_dtype(meta["method"], runtime))
-    return Classifier(model, tokenizer, label_map, cfg, runtime)
+    state = _read_json(d / "task_state.json") if (d / "task_state.json").exists() else {}
+    return Classifier(model, tokenizer, label_map, cfg, runtime, state)

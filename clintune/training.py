@@ -86,6 +86,36 @@ class FeatureFeed:
             yield self._batch(idx), idx
 
 
+@dataclass
+class ChunkFeed:
+    """Long notes as windows (--long chunk): a batch of notes -> all their windows + each window's note."""
+
+    enc: object
+    bucket: bool = True
+
+    def __len__(self) -> int:
+        return len(self.enc)
+
+    def _batch(self, idx: np.ndarray) -> dict:
+        seqs, owner = self.enc.windows(idx)
+        ids, mask = collate(seqs, self.enc.pad_id)
+        return {"input_ids": ids, "attention_mask": mask, "window_owner": torch.from_numpy(owner)}
+
+    def train_batches(self, batch_size, rng):
+        for idx in train_batches(self.enc.lengths, batch_size, rng, self.bucket):
+            yield self._batch(idx), idx
+
+    def eval_batches(self, batch_size):
+        for idx in eval_batches(self.enc.lengths, batch_size):
+            yield self._batch(idx), idx
+
+
+def make_feed(enc):
+    from .batching import ChunkEncoded
+
+    return ChunkFeed(enc) if isinstance(enc, ChunkEncoded) else TokenFeed(enc)
+
+
 def _to(inputs: dict, device: torch.device) -> dict:
     if device.type == "cpu":
         return inputs
@@ -93,15 +123,21 @@ def _to(inputs: dict, device: torch.device) -> dict:
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, feed: Feed, batch_size: int, runtime: Runtime, num_labels: int) -> np.ndarray:
-    """(N, K) float32 logits in the feed's order."""
+def predict_logits(model: nn.Module, feed: Feed, batch_size: int, runtime: Runtime, num_labels: int,
+                   token_level: bool = False):
+    """Float32 logits in the feed's order: (N, K), or for token tasks a list of (tokens_i, K) arrays."""
     was_training = model.training
     model.eval()
-    out = np.zeros((len(feed), num_labels), dtype=np.float32)
+    out = [None] * len(feed) if token_level else np.zeros((len(feed), num_labels), dtype=np.float32)
     for inputs, idx in feed.eval_batches(batch_size):
         with runtime.autocast():
-            logits = model(**_to(inputs, runtime.device))
-        out[idx] = logits.float().cpu().numpy()
+            logits = model(**_to(inputs, runtime.device)).float().cpu().numpy()
+        if token_level:
+            lens = inputs["attention_mask"].sum(1).numpy()
+            for j, i in enumerate(idx):
+                out[i] = logits[j, : lens[j]]
+        else:
+            out[idx] = logits
     model.train(was_training)
     return out
 
@@ -125,11 +161,15 @@ class FitResult:
     history: list = field(default_factory=list)
 
 
-def fit(model: nn.Module, train_feed: Feed, train_labels: np.ndarray, cfg, runtime: Runtime, meter: CostMeter,
-        *, val_feed: Feed | None = None, val_score: Callable[[np.ndarray], float] | None = None,
+def fit(model: nn.Module, train_feed: Feed, targets, cfg, runtime: Runtime, meter: CostMeter,
+        *, val_feed: Feed | None = None, val_score: Callable[[object], float] | None = None,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-        num_labels: int | None = None) -> FitResult:
-    """Train ``model`` in place; return what happened. ``val_score(logits) -> higher is better``."""
+        num_labels: int | None = None, token_level: bool = False) -> FitResult:
+    """Train ``model`` in place; return what happened.
+
+    ``targets.batch(idx, inputs)`` gives the batch's targets (see :mod:`clintune.tasks`);
+    ``val_score(outputs) -> float``, higher is better.
+    """
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
@@ -144,7 +184,6 @@ def fit(model: nn.Module, train_feed: Feed, train_labels: np.ndarray, cfg, runti
     total = steps_per_epoch * cfg.epochs
     sched = get_linear_schedule_with_warmup(opt, int(round(cfg.warmup_ratio * total)), total)
     scaler = torch.amp.GradScaler("cuda") if runtime.precision == "fp16" else None
-    labels_t = torch.as_tensor(train_labels)
     rng = np.random.default_rng(cfg.seed)
     res = FitResult()
     best_state = None
@@ -156,7 +195,7 @@ def fit(model: nn.Module, train_feed: Feed, train_labels: np.ndarray, cfg, runti
         for epoch in range(1, cfg.epochs + 1):
             t_epoch, seen, loss_sum = time.perf_counter(), 0, 0.0
             for inputs, idx in train_feed.train_batches(cfg.batch_size, rng):
-                y = labels_t[idx].to(device)
+                y = targets.batch(idx, inputs).to(device)
                 with runtime.autocast():
                     logits = model(**_to(inputs, device))
                 loss = loss_fn(logits.float(), y)
@@ -192,7 +231,7 @@ def fit(model: nn.Module, train_feed: Feed, train_labels: np.ndarray, cfg, runti
             if val_feed is not None and val_score is not None and len(val_feed):
                 with meter.phase("validate", len(val_feed)):
                     score = float(val_score(predict_logits(model, val_feed, cfg.eval_batch_size, runtime,
-                                                           num_labels)))
+                                                           num_labels, token_level)))
                 entry["val_score"] = score
                 if res.best_val is None or score > res.best_val:
                     res.best_val, res.best_epoch, res.time_to_best_s = score, epoch, train_time
@@ -215,15 +254,3 @@ def fit(model: nn.Module, train_feed: Feed, train_labels: np.ndarray, cfg, runti
     return res
 
 
-def cross_entropy(class_weights: torch.Tensor | None = None):
-    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        w = None if class_weights is None else class_weights.to(logits.device)
-        return nn.functional.cross_entropy(logits, y, weight=w)
-    return loss
-
-
-def balanced_weights(labels: np.ndarray, k: int) -> torch.Tensor:
-    """w_c = N / (K * n_c): inverse class frequency, mean weight 1 over the examples' classes."""
-    counts = np.bincount(labels, minlength=k).astype(np.float64)
-    w = len(labels) / (k * np.maximum(counts, 1))
-    return torch.tensor(w, dtype=torch.float32)
