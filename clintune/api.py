@@ -190,6 +190,8 @@ def _train_assembled(cfg: TrainConfig, runtime, splits: Splits, asm, t_start: fl
     model: ClintuneModel = asm.model
     meter.set_params(*count_parameters(model))
     inputs = _Inputs(cfg, runtime, splits, asm)
+    from .fast import Speedups, accelerate
+    speedups = accelerate(model, runtime) if cfg.fast else Speedups()
     with meter.phase("train", len(splits.train)):
         with meter.phase("prepare_inputs"):
             enc_train = inputs.encode("train", splits.train)
@@ -203,7 +205,10 @@ def _train_assembled(cfg: TrainConfig, runtime, splits: Splits, asm, t_start: fl
         val_out = None if val_feed is None else predict_logits(model, val_feed, cfg.eval_batch_size, runtime, len(lm),
                                                                task.token_level)
         state = task.fit_state(val_out, splits.val, lm, enc_val)
+    speedups.restore()     # original weights and attention back: saving and merging see the model as reloaded
     meter.extra["time_to_best_s"] = round(fitres.time_to_best_s, 3)
+    if speedups.report:
+        meter.extra["speedups"] = speedups.report
     log.info("trained %d epoch(s), best epoch %d", fitres.epochs_run, fitres.best_epoch)
     truncated = {k: v for k, v in inputs.truncated.items()}
     if truncated.get("train") and cfg.long == "truncate" and cfg.task != "ner":

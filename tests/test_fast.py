@@ -1,0 +1,111 @@
+"""The CPU speed-ups keep the maths: same distribution, same attention, same bits where promised."""
+import numpy as np
+import pytest
+import torch
+
+import clintune
+from clintune import fast
+from clintune.runtime import Runtime
+
+from conftest import tiny_config
+
+
+def test_keep_mask_has_the_right_rate_and_is_seeded():
+    torch.manual_seed(0)
+    m = fast.keep_mask((1000, 1000), 0.1)
+    assert m.dtype == torch.bool and abs(m.float().mean().item() - 0.9) < 0.002
+    torch.manual_seed(0)
+    assert torch.equal(fast.keep_mask((1000, 1000), 0.1), m)
+    assert fast.keep_mask((10, 10), 0.0).all()
+    assert abs(fast.keep_mask((1000, 1000), 0.5).float().mean().item() - 0.5) < 0.002
+    lanes = fast.keep_mask((250_000, 4), 0.5).float().mean(0)        # every 16-bit slice of a draw is uniform
+    assert (lanes - 0.5).abs().max() < 0.005
+
+
+def test_fast_dropout_is_inverted_dropout():
+    d = fast.FastDropout(0.2)
+    x = torch.rand(400, 500) + 0.5
+    y = d.train()(x)
+    dropped = y == 0
+    assert abs(dropped.float().mean().item() - 0.2) < 0.005
+    torch.testing.assert_close(y[~dropped], x[~dropped] / 0.8)
+    assert abs(y.mean().item() - x.mean().item()) < 0.01
+    assert torch.equal(d.eval()(x), x)
+
+
+def _qkv(b=2, h=2, t=6, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, t, d, generator=g) for _ in range(3))
+    mask = torch.ones(b, 1, t, t, dtype=torch.bool)
+    mask[1, :, :, 4:] = False                                                   # last two keys padded
+    return q, k, v, mask
+
+
+class _Mod(torch.nn.Module):
+    pass
+
+
+def test_attention_matches_eager_attention_and_respects_the_mask():
+    from transformers.models.bert.modeling_bert import eager_attention_forward
+
+    q, k, v, mask = _qkv()
+    mod = _Mod().eval()
+    additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    want, _ = eager_attention_forward(mod, q, k, v, additive, scaling=0.5)
+    got, _ = fast.attention(mod, q, k, v, mask, dropout=0.0, scaling=0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    mod.train()
+    v2 = v.clone()
+    v2[1, :, 4:] = 1e6                                                          # padded values must not leak
+    torch.manual_seed(1)
+    a, _ = fast.attention(mod, q, k, v, mask, dropout=0.1, scaling=0.5)
+    torch.manual_seed(1)
+    b, _ = fast.attention(mod, q, k, v2, mask, dropout=0.1, scaling=0.5)
+    torch.testing.assert_close(a, b)
+    mean = torch.stack([fast.attention(mod, q, k, v, mask, dropout=0.1, scaling=0.5)[0] for _ in range(3000)]).mean(0)
+    torch.testing.assert_close(mean, want, rtol=0, atol=0.05)                    # unbiased: E[dropout] = identity
+
+
+def test_bf16_frozen_weights_give_the_same_bits_as_autocast(tiny_backbone):
+    from clintune.backbones import load_backbone
+
+    model, tok, _ = load_backbone(tiny_backbone)
+    model.eval().requires_grad_(False)
+    ids = torch.tensor(tok(["heart failure noted today", "rash"], padding=True)["input_ids"])
+    mask = (ids != tok.pad_token_id).long()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        saved = fast.frozen_linears_to(model, torch.bfloat16)
+        got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert saved and torch.equal(got, want)
+    sp = fast.Speedups()
+    sp._weights = saved
+    sp.restore()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_speedups_do_not_change_training_without_dropout(tiny_backbone, binary_csv, tmp_path):
+    import shutil
+    from transformers import BertConfig
+
+    bb = tmp_path / "nodrop"
+    shutil.copytree(tiny_backbone, bb)
+    cfg = BertConfig.from_pretrained(bb)
+    cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = 0.0
+    cfg.save_pretrained(bb)
+    runs = [clintune.train(tiny_config(str(bb), binary_csv, method="lora", lora_dropout=0.0, head_dropout=0.0,
+                                       precision="bf16", fast=f, epochs=2)) for f in (True, False)]
+    texts = ["heart cardiac noted", "rash eczema today"]
+    np.testing.assert_array_equal(runs[0].classifier.predict_proba(texts), runs[1].classifier.predict_proba(texts))
+    assert runs[0].record["cost"]["speedups"]["bf16_frozen_linear_tensors"] > 0
+
+
+def test_speedups_with_dropout_learn_as_well(tiny_backbone, binary_csv):
+    acc = [clintune.train(tiny_config(tiny_backbone, binary_csv, method="full", lr=1e-3, epochs=6, patience=0,
+                                      fast=f)).metrics["accuracy"] for f in (True, False)]
+    assert min(acc) > 0.85 and abs(acc[0] - acc[1]) < 0.08, acc
+
+
+def test_gpu_models_are_left_alone():
+    sp = fast.accelerate(torch.nn.Sequential(torch.nn.Dropout(0.1)), Runtime(torch.device("cuda"), "bf16"))
+    assert sp.report == {}
