@@ -283,6 +283,9 @@ def _complete(cfg: TrainConfig, task: Task, runtime, splits: Splits, meter: Cost
     LoRA/IA3 the inference form has the adapter merged into the weights).
     """
     lm = splits.label_map
+    if not runtime.is_main:   # under torchrun, rank 0 alone tests, saves and records
+        return TrainResult(make_record(cfg.to_dict(), "success", training=training, env=environment(runtime)), None,
+                           None)
 
     def finish(directory: Path | None) -> TrainResult:
         if directory is not None:

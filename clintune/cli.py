@@ -106,7 +106,13 @@ def _cmd_train(args) -> int:
     yaml_values = C.read_yaml(args.config) if args.config else None
     cfg = C.build(C.TrainConfig, yaml_values=yaml_values, yaml_source=str(args.config), overrides=given)
     res = train(cfg)
-    print_train_summary(res.record, cfg.out)
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    if res.out is not None or not cfg.out:     # rank 0 (or a single process) reports
+        if res.record.get("metrics"):
+            print_train_summary(res.record, cfg.out)
     return 0
 
 

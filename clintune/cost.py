@@ -9,7 +9,11 @@ Every run (any backbone, method or head, and TF-IDF) reports the same keys in ``
 * ``peak_rss_mb``: the process's peak resident memory (``getrusage``); ``peak_gpu_mb``: the peak
   memory PyTorch allocated on the GPU (``None`` on CPU);
 * ``trainable_params`` / ``total_params``; ``time_to_best_s``: training time until the epoch with the
-  best validation score (the time term of Taylor et al.'s composite efficiency metric).
+  best validation score (the time term of Taylor et al.'s composite efficiency metric);
+* ``train_flops`` (model FLOPs of all training steps, counted by PyTorch's FLOP counter, padding
+  excluded), ``train_tflops_per_s``, ``matmul_peak_tflops`` (this machine's measured matrix-product
+  peak in the run's precision, measured in the same process) and ``mfu`` = achieved / peak (model FLOP
+  utilisation).
 """
 from __future__ import annotations
 
@@ -78,5 +82,99 @@ class CostMeter:
         }
         if "validate" in self.seconds:
             out["validate_seconds"] = round(self.seconds["validate"], 3)
+        flops = self.extra.get("train_flops")
+        if flops and self.seconds.get(steps):
+            achieved = flops / self.seconds[steps]
+            out["train_tflops_per_s"] = round(achieved / 1e12, 4)
+            peak = self.extra.get("matmul_peak_tflops")
+            if peak:
+                out["mfu"] = round(achieved / (peak * 1e12), 4)
         out.update(self.extra)
         return out
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs and model FLOP utilisation (MFU)
+# ----------------------------------------------------------------------------------------------
+
+_PEAKS: dict = {}
+
+
+def matmul_peak_flops(dtype: torch.dtype = torch.bfloat16, device: torch.device | None = None,
+                      sizes: tuple[int, ...] = (1024, 2048), seconds: float = 0.25) -> float:
+    """This machine's measured peak: the best FLOP/s of square ``dtype`` matrix products (2 n^3 each).
+
+    Measured once per process (about half a second), under the same load as the run it is compared with.
+    """
+    device = device or torch.device("cpu")
+    key = (str(dtype), str(device), torch.get_num_threads())
+    if key in _PEAKS:
+        return _PEAKS[key]
+    best = 0.0
+    gen = torch.Generator().manual_seed(0)      # never touch the global RNG: it drives the run's dropout
+    for n in sizes:
+        a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+        b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+        a @ b
+        reps, t0 = 0, time.perf_counter()
+        while True:
+            a @ b
+            reps += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            if dt >= seconds:
+                break
+        best = max(best, 2 * n ** 3 * reps / dt)
+    _PEAKS[key] = best
+    return best
+
+
+@dataclass
+class FlopModel:
+    """Model FLOPs of one training example of n tokens: a + b n + c n^2 (forward and backward, matmuls).
+
+    Fitted from three probes counted by ``torch.utils.flop_counter.FlopCounterMode`` (which counts the
+    matrix products and attention, the FLOPs that matter), so it follows whatever trains: LoRA's extra
+    products, a frozen encoder's forward-only pass, a head on cached features. Padding is not counted.
+    """
+
+    a: float
+    b: float
+    c: float
+
+    def __call__(self, lengths) -> float:
+        import numpy as np
+
+        n = np.asarray(lengths, dtype=np.float64)
+        return float((self.a + self.b * n + self.c * n * n).sum())
+
+
+def calibrate_flops(model: torch.nn.Module, probe, runtime, lengths: tuple[int, ...]) -> FlopModel | None:
+    """Count one forward+backward pass of a single example at three lengths; fit a + b n + c n^2.
+
+    ``probe(n)`` returns model inputs for one example of n tokens. Runs in eval mode (no dropout, no
+    random numbers drawn) and leaves no gradients behind.
+    """
+    import numpy as np
+    from torch.utils.flop_counter import FlopCounterMode
+
+    lengths = sorted(set(int(x) for x in lengths))
+    if len(lengths) < 3:
+        return None
+    was = model.training
+    model.eval()
+    counts = []
+    try:
+        for n in lengths:
+            with FlopCounterMode(display=False) as fc:
+                with runtime.autocast():
+                    out = model(**{k: v.to(runtime.device) for k, v in probe(n).items()})
+                out.float().sum().backward()
+            counts.append(fc.get_total_flops())
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was)
+    x = np.asarray(lengths, dtype=np.float64)
+    a, b, c = np.linalg.lstsq(np.stack([np.ones_like(x), x, x * x], 1), np.asarray(counts, np.float64), rcond=None)[0]
+    return FlopModel(float(a), float(b), float(c))

@@ -11,7 +11,7 @@ PyTorch's fused attention (SDPA) falls back to an unfused path whenever attentio
   ``torch.manual_seed``.
 * :class:`FastDropout` is ``nn.Dropout`` with that mask: y = x * m / (1 - p).
 * :func:`attention` is an attention function for transformers' ``AttentionInterface``: without
-  dropout (inference, or p = 0) it is SDPA (fused); with dropout it computes
+  gradients (inference) it is SDPA (fused); when training it computes
   softmax(Q K^T * scale + mask) in bf16/fp32 as autocast gives it, applies the fast keep-mask to the
   probabilities, multiplies by V and rescales the (much smaller) output by 1 / (1 - p).
 * :func:`frozen_linears_to` stores frozen ``nn.Linear`` weights in bf16, exactly what autocast would
@@ -57,15 +57,24 @@ class FastDropout(nn.Module):
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """(B, h, T, d) query/key/value -> ((B, T, h, d) output, None); mask: bool (B, 1, T, T), True = attend."""
-    if dropout == 0.0 or not module.training:
+    """(B, h, T, d) query/key/value -> ((B, T, h, d) output, None); mask: bool (B, 1, T, T), True = attend.
+
+    Without gradients: PyTorch's fused SDPA. With gradients: the unfused form (on CPU the fused kernel's
+    backward is slower than two matrix products, softmax and their gradients), plus dropout if training.
+    """
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    if not needs_grad:
         out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling)
         return out.transpose(1, 2).contiguous(), None
+    if not module.training:
+        dropout = 0.0
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     scores = torch.matmul(query * scale, key.transpose(-1, -2))                    # (B, h, T, T)
     if attention_mask is not None:
         scores = scores.masked_fill(~attention_mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
+    if dropout == 0.0:
+        return torch.matmul(probs.to(value.dtype), value).transpose(1, 2).contiguous(), None
     probs = torch.where(keep_mask(probs.shape, dropout, probs.device), probs, 0)
     out = torch.matmul(probs.to(value.dtype), value) * (1.0 / (1.0 - dropout))    # (B, h, T, d)
     return out.transpose(1, 2).contiguous(), None

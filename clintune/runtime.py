@@ -54,6 +54,12 @@ def cpu_name() -> str:
 class Runtime:
     device: torch.device
     precision: str  # resolved: fp32 | bf16 | fp16
+    rank: int = 0   # this process among ``world`` (torchrun / accelerate launch); 0 and 1 otherwise
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
     @property
     def dtype(self) -> torch.dtype:
@@ -71,11 +77,32 @@ class Runtime:
         return cpu_name()
 
 
-def resolve_runtime(device: str = "auto", precision: str = "auto", threads: int | None = None) -> Runtime:
+def distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the launcher's environment (torchrun, accelerate launch)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def resolve_runtime(device: str = "auto", precision: str = "auto", threads: int | None = None,
+                    allow_distributed: bool = True) -> Runtime:
+    """Device, precision and, under ``torchrun``/``accelerate launch``, the process group (one per run).
+
+    Several processes train one model with DistributedDataParallel: NCCL between GPUs (each process
+    takes the GPU of its LOCAL_RANK), gloo between CPU processes.
+    """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA GPU is available to PyTorch on this machine")
+    rank, world, local = distributed() if allow_distributed else (0, 1, 0)
+    if world > 1:
+        import torch.distributed as dist
+
+        if device == "cuda":
+            torch.cuda.set_device(local)
+            device = f"cuda:{local}"
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     dev = torch.device(device)
     if precision == "auto":
         if dev.type == "cuda":
@@ -86,7 +113,7 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", threads: int 
         raise ConfigError("--precision fp16: not supported for training on CPU; use bf16 or fp32")
     if threads:
         torch.set_num_threads(threads)
-    return Runtime(dev, precision)
+    return Runtime(dev, precision, rank, world)
 
 
 def seed_everything(seed: int) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -27,90 +27,99 @@ from .methods import trainable_state
 from .runtime import Runtime
 
 
-class Feed(Protocol):
-    """Where batches come from: ``inputs`` are keyword arguments of the model's forward."""
+class Feed:
+    """Where batches come from. ``make(idx)`` gives the model's keyword inputs for examples ``idx``;
+    batches are chosen by ``lengths`` (bucketed and shuffled for training, sorted for evaluation)."""
 
-    def __len__(self) -> int: ...
-    def train_batches(self, batch_size: int, rng: np.random.Generator) -> Iterator[tuple[dict, np.ndarray]]: ...
-    def eval_batches(self, batch_size: int) -> Iterator[tuple[dict, np.ndarray]]: ...
-
-
-@dataclass
-class TokenFeed:
-    """Token ids -> padded (input_ids, attention_mask) batches."""
-
-    enc: Encoded
     bucket: bool = True
 
     def __len__(self) -> int:
-        return len(self.enc)
+        return len(self.lengths)
 
-    def _batch(self, idx: np.ndarray) -> dict:
+    @property
+    def lengths(self) -> np.ndarray:  # pragma: no cover - every feed defines it
+        raise NotImplementedError
+
+    def make(self, idx: np.ndarray) -> dict:  # pragma: no cover
+        raise NotImplementedError
+
+    def index_batches(self, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+        return train_batches(self.lengths, batch_size, rng, self.bucket)
+
+    def train_batches(self, batch_size: int, rng: np.random.Generator) -> Iterator[tuple[dict, np.ndarray]]:
+        for idx in self.index_batches(batch_size, rng):
+            yield self.make(idx), idx
+
+    def eval_batches(self, batch_size: int) -> Iterator[tuple[dict, np.ndarray]]:
+        for idx in eval_batches(self.lengths, batch_size):
+            yield self.make(idx), idx
+
+
+class TokenFeed(Feed):
+    """Token ids -> padded (input_ids, attention_mask) batches."""
+
+    def __init__(self, enc: Encoded, bucket: bool = True) -> None:
+        self.enc, self.bucket = enc, bucket
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.enc.lengths
+
+    def make(self, idx: np.ndarray) -> dict:
         ids, mask = collate([self.enc.ids[i] for i in idx], self.enc.pad_id)
         return {"input_ids": ids, "attention_mask": mask}
 
-    def train_batches(self, batch_size, rng):
-        for idx in train_batches(self.enc.lengths, batch_size, rng, self.bucket):
-            yield self._batch(idx), idx
-
-    def eval_batches(self, batch_size):
-        for idx in eval_batches(self.enc.lengths, batch_size):
-            yield self._batch(idx), idx
+    def probe(self, n: int) -> dict:
+        """Inputs of one n-token example (for counting FLOPs)."""
+        ids = np.resize(self.enc.ids[int(np.argmax(self.enc.lengths))], n)
+        return {"input_ids": torch.from_numpy(ids)[None], "attention_mask": torch.ones(1, n, dtype=torch.long)}
 
 
-@dataclass
-class FeatureFeed:
+def _shard(batches: list, runtime) -> list:
+    """This process's share of an epoch's batches under DDP: every world-th, the same count on every rank."""
+    if runtime.world == 1:
+        return batches
+    usable = len(batches) - len(batches) % runtime.world
+    return batches[runtime.rank:usable:runtime.world]
+
+
+class FeatureFeed(Feed):
     """Cached encoder states (a subset ``index`` of a :class:`~clintune.cache.Features`) -> head batches."""
 
-    features: object
-    index: np.ndarray
-    bucket: bool = True
-
-    def __len__(self) -> int:
-        return len(self.index)
+    def __init__(self, features, index: np.ndarray, bucket: bool = True) -> None:
+        self.features, self.index, self.bucket = features, np.asarray(index), bucket
 
     @property
     def lengths(self) -> np.ndarray:
         return self.features.lengths[self.index]
 
-    def _batch(self, idx: np.ndarray) -> dict:
+    def make(self, idx: np.ndarray) -> dict:
         states, mask = self.features.batch(self.index[idx])
         return {"states": states, "attention_mask": mask}
 
-    def train_batches(self, batch_size, rng):
-        for idx in train_batches(self.lengths, batch_size, rng, self.bucket):
-            yield self._batch(idx), idx
-
-    def eval_batches(self, batch_size):
-        for idx in eval_batches(self.lengths, batch_size):
-            yield self._batch(idx), idx
+    def probe(self, n: int) -> dict:
+        states, _ = self.features.batch(self.index[:1])
+        return {"states": torch.zeros((1, n, states.shape[-1]), dtype=states.dtype),
+                "attention_mask": torch.ones(1, n, dtype=torch.long)}
 
 
-@dataclass
-class ChunkFeed:
+class ChunkFeed(Feed):
     """Long notes as windows (--long chunk): a batch of notes -> all their windows + each window's note."""
 
-    enc: object
-    bucket: bool = True
+    def __init__(self, enc, bucket: bool = True) -> None:
+        self.enc, self.bucket = enc, bucket
 
-    def __len__(self) -> int:
-        return len(self.enc)
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.enc.lengths
 
-    def _batch(self, idx: np.ndarray) -> dict:
+    def make(self, idx: np.ndarray) -> dict:
         seqs, owner = self.enc.windows(idx)
         ids, mask = collate(seqs, self.enc.pad_id)
         return {"input_ids": ids, "attention_mask": mask, "window_owner": torch.from_numpy(owner)}
 
-    def train_batches(self, batch_size, rng):
-        for idx in train_batches(self.enc.lengths, batch_size, rng, self.bucket):
-            yield self._batch(idx), idx
 
-    def eval_batches(self, batch_size):
-        for idx in eval_batches(self.enc.lengths, batch_size):
-            yield self._batch(idx), idx
-
-
-def make_feed(enc):
+def make_feed(enc) -> Feed:
     from .batching import ChunkEncoded
 
     return ChunkFeed(enc) if isinstance(enc, ChunkEncoded) else TokenFeed(enc)
@@ -175,17 +184,34 @@ def fit(model: nn.Module, train_feed: Feed, targets, cfg, runtime: Runtime, mete
 
     device = runtime.device
     model.to(device).train()
+    net = model
+    if runtime.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        torch.manual_seed(cfg.seed + 1000 * runtime.rank)   # same weights everywhere, own dropout noise per rank
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("nothing to train: the model has no trainable parameters")
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
                             fused=device.type == "cuda" or None)
     steps_per_epoch = math.ceil(len(train_feed) / cfg.batch_size)
+    if runtime.world > 1:
+        steps_per_epoch = steps_per_epoch // runtime.world
     total = steps_per_epoch * cfg.epochs
     sched = get_linear_schedule_with_warmup(opt, int(round(cfg.warmup_ratio * total)), total)
     scaler = torch.amp.GradScaler("cuda") if runtime.precision == "fp16" else None
     rng = np.random.default_rng(cfg.seed)
     res = FitResult()
+    flop_model = None
+    if getattr(train_feed, "probe", None) is not None and len(train_feed):
+        from .cost import calibrate_flops, matmul_peak_flops
+
+        top = int(train_feed.lengths.max())
+        flop_model = calibrate_flops(model, train_feed.probe, runtime, (max(top // 4, 1), max(top // 2, 2), max(top, 3)))
+        meter.extra["train_flops"] = 0.0
+        meter.extra["matmul_peak_tflops"] = round(matmul_peak_flops(
+            runtime.dtype if runtime.precision != "fp32" else torch.float32, device) / 1e12, 4)
     best_state = None
     train_time = 0.0
     bar = tqdm(total=total, disable=None if cfg.progress else True, unit="step", dynamic_ncols=True,
@@ -194,10 +220,11 @@ def fit(model: nn.Module, train_feed: Feed, targets, cfg, runtime: Runtime, mete
     try:
         for epoch in range(1, cfg.epochs + 1):
             t_epoch, seen, loss_sum = time.perf_counter(), 0, 0.0
-            for inputs, idx in train_feed.train_batches(cfg.batch_size, rng):
+            for idx in _shard(train_feed.index_batches(cfg.batch_size, rng), runtime):
+                inputs = train_feed.make(idx)
                 y = targets.batch(idx, inputs).to(device)
                 with runtime.autocast():
-                    logits = model(**_to(inputs, device))
+                    logits = net(**_to(inputs, device))
                 loss = loss_fn(logits.float(), y)
                 if scaler is not None:
                     scaler.scale(loss).backward()
@@ -224,7 +251,9 @@ def fit(model: nn.Module, train_feed: Feed, targets, cfg, runtime: Runtime, mete
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             epoch_s = time.perf_counter() - t_epoch
-            meter.add("train_steps", epoch_s, seen)
+            meter.add("train_steps", epoch_s, seen * runtime.world)
+            if flop_model is not None:   # every example once per epoch, on one of the ranks
+                meter.extra["train_flops"] += flop_model(train_feed.lengths) / runtime.world
             train_time += epoch_s
             entry = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1)}
             res.epochs_run = epoch

@@ -84,7 +84,7 @@ def test_bf16_frozen_weights_give_the_same_bits_as_autocast(tiny_backbone):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
-def test_speedups_do_not_change_training_without_dropout(tiny_backbone, binary_csv, tmp_path):
+def test_speedups_change_training_only_by_bf16_noise_without_dropout(tiny_backbone, binary_csv, tmp_path):
     import shutil
     from transformers import BertConfig
 
@@ -96,7 +96,11 @@ def test_speedups_do_not_change_training_without_dropout(tiny_backbone, binary_c
     runs = [clintune.train(tiny_config(str(bb), binary_csv, method="lora", lora_dropout=0.0, head_dropout=0.0,
                                        precision="bf16", fast=f, epochs=2)) for f in (True, False)]
     texts = ["heart cardiac noted", "rash eczema today"]
-    np.testing.assert_array_equal(runs[0].classifier.predict_proba(texts), runs[1].classifier.predict_proba(texts))
+    a, b = (r.classifier.predict_proba(texts) for r in runs)
+    # the fast path computes training attention unfused (fused SDPA's CPU backward is slower): same maths,
+    # bf16 rounding in another order, so equal up to bf16 noise
+    np.testing.assert_allclose(a, b, atol=5e-3)
+    assert (a.argmax(1) == b.argmax(1)).all()
     assert runs[0].record["cost"]["speedups"]["bf16_frozen_linear_tensors"] > 0
 
 
@@ -109,3 +113,14 @@ def test_speedups_with_dropout_learn_as_well(tiny_backbone, binary_csv):
 def test_gpu_models_are_left_alone():
     sp = fast.accelerate(torch.nn.Sequential(torch.nn.Dropout(0.1)), Runtime(torch.device("cuda"), "bf16"))
     assert sp.report == {}
+
+
+def test_measuring_cost_leaves_the_random_stream_alone():
+    from clintune.cost import _PEAKS, matmul_peak_flops
+
+    _PEAKS.clear()
+    torch.manual_seed(5)
+    matmul_peak_flops(torch.float32, sizes=(64,), seconds=0.01)
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(torch.rand(3), after)

@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""clintune vs Hugging Face Trainer + PEFT, side by side, in one invocation (issue 7).
+
+Same backbone (the embedded MiniLM), same data (medical-abstracts cardiovascular-vs-rest split), same
+hyperparameters: LoRA r=8, alpha=8, dropout 0.1 on query/key/value (the peer's), AdamW lr 3e-4, no
+weight decay, no warm-up, linear decay, gradient clipping 1.0, batch 16, max length 256, 3 epochs,
+seed 42, every dropout of the checkpoint left on. The peer runs in fp32 and in bf16 (its best
+setting on this CPU); clintune in bf16. Each system trains in its own process.
+
+    python benchmarks/speed.py [--epochs 3] [--limit N] [--no-peer-fp32] [--work /tmp/clintune-bench]
+
+Prints one table (train and predict samples/s, peak RSS, F1, MFU) and the ratios against the peer's
+best setting, and writes WORK/speed.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import datasets  # noqa: E402
+
+
+def peer(train: Path, test: Path, a, bf16: bool) -> dict:
+    cmd = [sys.executable, str(datasets.need_shared() / "bench" / "peer_hf_trainer.py"), "--train", str(train),
+           "--test", str(test), "--method", "lora", "--epochs", str(a.epochs), "--batch-size", "16",
+           "--max-length", "256", "--lr", "3e-4", "--rank", "8", "--seed", "42"] + (["--bf16"] if bf16 else [])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    line = [l for l in out.stdout.splitlines() if l.startswith("{")][-1]
+    return json.loads(line)
+
+
+def clintune(train: Path, test: Path, a, work: Path) -> dict:
+    out = work / "runs" / "speed-clintune"
+    cmd = [sys.executable, "-m", "clintune", "-q", "train", "--data", str(train), "--test-data", str(test),
+           "--backbone", "minilm", "--method", "lora", "--lora-r", "8", "--lora-alpha", "8", "--lora-dropout", "0.1",
+           "--target-modules", "query,key,value", "--epochs", str(a.epochs), "--batch-size", "16",
+           "--eval-batch-size", "64", "--max-length", "256", "--lr", "3e-4", "--weight-decay", "0",
+           "--warmup-ratio", "0", "--max-grad-norm", "1", "--val-size", "0", "--patience", "0", "--seed", "42",
+           "--precision", "bf16", "--no-progress", "--out", str(out), "--overwrite"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    rec = json.loads((out / "record.json").read_text())
+    c, m = rec["cost"], rec["metrics"]
+    return {"system": "clintune", "method": "lora", "bf16": True, "n_train": rec["data"]["n_train"], "epochs": a.epochs,
+            "train_seconds": c["train_seconds"], "train_samples_per_s": c["train_samples_per_s"],
+            "predict_samples_per_s": c["predict_samples_per_s"], "peak_rss_mb": c["peak_rss_mb"],
+            "trainable_params": c["trainable_params"], "accuracy": m["accuracy"], "f1": m["f1"],
+            "mfu": c.get("mfu"), "train_tflops_per_s": c.get("train_tflops_per_s"),
+            "matmul_peak_tflops": c.get("matmul_peak_tflops"), "train_flops": c.get("train_flops")}
+
+
+def subsample(train: Path, test: Path, n: int, work: Path) -> tuple[Path, Path]:
+    import pandas as pd
+
+    d = work / f"medabs-{n}"
+    d.mkdir(parents=True, exist_ok=True)
+    pd.read_csv(train).sample(n=min(n, 10 ** 9), random_state=0).to_csv(d / "train.csv", index=False)
+    pd.read_csv(test).sample(n=min(n // 2, 10 ** 9), random_state=0).to_csv(d / "test.csv", index=False)
+    return d / "train.csv", d / "test.csv"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--limit", type=int, default=None, help="train on N examples (quick checks)")
+    ap.add_argument("--no-peer-fp32", action="store_true")
+    ap.add_argument("--work", default="/tmp/clintune-bench")
+    a = ap.parse_args()
+    work = Path(a.work)
+    train, test = datasets.medabs(work / "medabs")
+    if a.limit:
+        train, test = subsample(train, test, a.limit, work)
+    from clintune.cost import matmul_peak_flops
+
+    peak = matmul_peak_flops(torch.bfloat16) / 1e12
+    rows = []
+    t0 = time.time()
+    if not a.no_peer_fp32:
+        rows.append({**peer(train, test, a, False), "setting": "peer fp32"})
+    rows.append({**peer(train, test, a, True), "setting": "peer bf16"})
+    rows.append({**clintune(train, test, a, work), "setting": "clintune bf16"})
+    best = max((r for r in rows if r["system"] != "clintune"), key=lambda r: r["train_samples_per_s"])
+    ours = rows[-1]
+    flops_per_sample = ours["train_flops"] / (ours["n_train"] * a.epochs) if ours.get("train_flops") else None
+    for r in rows:  # the same model-FLOP count per sample for everyone (same encoder, same LoRA)
+        if flops_per_sample:
+            r["mfu"] = round(r["train_samples_per_s"] * flops_per_sample / (peak * 1e12), 4)
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"bf16 matmul peak {peak:.2f} TFLOP/s; {ours['n_train']} training notes x {a.epochs} epochs")
+    print(f"{'setting':<15} {'train samp/s':>12} {'predict samp/s':>14} {'peak RSS MB':>11} {'F1':>6} {'acc':>6} {'MFU':>6}")
+    for r in rows:
+        print(f"{r['setting']:<15} {r['train_samples_per_s']:12.2f} {r['predict_samples_per_s']:14.2f} "
+              f"{r['peak_rss_mb']:11.0f} {r['f1']:6.3f} {r['accuracy']:6.3f} {r['mfu'] or 0:6.1%}")
+    ratios = {"train_speed": ours["train_samples_per_s"] / best["train_samples_per_s"],
+              "predict_speed": ours["predict_samples_per_s"] / best["predict_samples_per_s"],
+              "peak_rss": ours["peak_rss_mb"] / best["peak_rss_mb"], "f1_delta": ours["f1"] - best["f1"]}
+    print(f"vs the peer's best ({best['setting']}): train {ratios['train_speed']:.2f}x, predict "
+          f"{ratios['predict_speed']:.2f}x, peak RSS {ratios['peak_rss']:.2f}x, F1 {ratios['f1_delta']:+.3f}; "
+          f"clintune MFU {ours['mfu']:.1%} of the measured bf16 peak; total {time.time() - t0:.0f} s")
+    (work / "speed.json").write_text(json.dumps({"rows": rows, "ratios": ratios, "peak_tflops": peak}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
