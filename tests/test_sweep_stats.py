@@ -119,11 +119,33 @@ def test_paired_bootstrap_stratified_over_seeds():
 
 
 def test_macro_f1_for_multiclass():
+    from sklearn.metrics import f1_score
+
     y = np.array([0, 1, 2, 0, 1, 2])
     p = np.array([0, 1, 1, 0, 2, 2])
-    got = stats._metric_rows(y[None], p[None], 3, "f1", None)[0]
-    from sklearn.metrics import f1_score
-    assert got == pytest.approx(f1_score(y, p, average="macro"))
+    r = stats.paired_bootstrap([(y, p, p)], 3, metric="f1", n_boot=100)
+    assert r["a"] == pytest.approx(f1_score(y, p, average="macro"))        # clintune's multi-class F1: macro
+    r = stats.paired_bootstrap([(y, p, y)], 3, metric="f1_micro", n_boot=100)
+    assert (r["a"], r["b"]) == pytest.approx((4 / 6, 1.0))                  # single-label micro F1 = accuracy
+
+
+def test_set_counts_multilabel_and_entities_hand_computed():
+    # multi-label: gold {a,b} {b} {} ; predicted {a} {b,c} {c}
+    gold = [frozenset("ab"), frozenset("b"), frozenset()]
+    pred = [frozenset("a"), frozenset("bc"), frozenset("c")]
+    c = stats.counts_sets(gold, pred, ["a", "b", "c"])
+    assert c.tp.sum() == 2 and c.fp.sum() == 2 and c.fn.sum() == 1 and c.correct.tolist() == [0, 0, 0]
+    sums = c.matrix().sum(0, keepdims=True)
+    assert stats.metric_of_sums(sums, 3, 3, "micro")[0] == pytest.approx(2 * 2 / (2 * 2 + 2 + 1))
+    # per label F1: a = 2/(2+0+0)... a: tp1 fn0 fp0 -> 1; b: tp1 fn1 -> 2/3; c: fp2 -> 0
+    assert stats.metric_of_sums(sums, 3, 3, "macro")[0] == pytest.approx((1 + 2 / 3 + 0) / 3)
+    # NER: an entity counts only with the right span and type
+    g = [frozenset({(0, 5, "DRUG"), (10, 14, "DOSE")}), frozenset({(3, 8, "DRUG")})]
+    p = [frozenset({(0, 5, "DRUG"), (10, 13, "DOSE")}), frozenset({(3, 8, "DRUG")})]
+    c = stats.counts_sets(g, p, ["DOSE", "DRUG"])
+    assert (c.tp.sum(), c.fp.sum(), c.fn.sum()) == (2, 1, 1) and c.correct.tolist() == [0, 1]
+    r = stats.paired_bootstrap_counts([(c, c)], "micro", n_boot=100)
+    assert r["a"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1)) and r["p"] == 1.0
 
 
 def test_holm_and_mean_sd():

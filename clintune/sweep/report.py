@@ -152,7 +152,7 @@ def _frame(runs: list[Run], metric: str, run_keys: list[str], group_keys: list[s
             "total": c.get("total_params", np.nan), "n_train": d.get("n_train", np.nan),
             "n_test": d.get("n_test", np.nan), "test_sha": r.test_split_sha256,
             "labels": (m.get("labels") or d.get("labels")),
-            "positive": cfg.get("positive_label"),
+            "positive": cfg.get("positive_label"), "task": cfg.get("task"), "label_sep": cfg.get("label_sep"),
         })
     df = pd.DataFrame(rows)
     if len(df):
@@ -205,24 +205,43 @@ def _resolve_baseline(groups: pd.DataFrame, df: pd.DataFrame, baseline: str | No
     raise ConfigError(f"--baseline '{baseline}' {what} (give a run id, a C number or a label: {choices})")
 
 
-def _aligned(store: RunStore, cache: dict, ra: pd.Series, rb: pd.Series):
-    """(gold, pred_a, pred_b) class indices on the test rows both runs predicted, or None."""
+def _pair_counts(store: RunStore, cache: dict, ra: pd.Series, rb: pd.Series, metric: str):
+    """(counts A, counts B, kind) of two runs on the test examples both predicted, or (None, reason)."""
     for rid in (ra["id"], rb["id"]):
         if rid not in cache:
             cache[rid] = store.predictions(rid)
     pa, pb = cache[ra["id"]], cache[rb["id"]]
-    need = {"row", "gold", "predicted_label"}
-    if pa is None or pb is None or not need <= set(pa.columns) or not need <= set(pb.columns):
-        return None
-    m = pa[["row", "gold", "predicted_label"]].merge(pb[["row", "gold", "predicted_label"]], on="row",
-                                                    suffixes=("_a", "_b"))
-    if len(m) == 0 or len(m) != len(pa) or len(m) != len(pb):
-        return None
-    if (m["gold_a"].astype(str) != m["gold_b"].astype(str)).any():
-        return None
-    (y, a, b), names = stats.encode_labels(m["gold_a"], m["predicted_label_a"], m["predicted_label_b"],
-                                           labels=ra["labels"] if isinstance(ra["labels"], list) else None)
-    return y, a, b, names
+    task = ra["task"] or "classification"
+    if task != (rb["task"] or "classification"):
+        return None, "different tasks"
+    col = {"classification": "predicted_label", "multilabel": "predicted_labels", "ner": "entities"}.get(task)
+    if col is None or pa is None or pb is None or not {"row", "gold", col} <= set(pa.columns) & set(pb.columns):
+        return None, "no comparable per-example predictions"
+    m = pa[["row", "gold", col]].merge(pb[["row", "gold", col]], on="row", suffixes=("_a", "_b"))
+    if len(m) == 0 or len(m) != len(pa) or len(m) != len(pb) or \
+            (m["gold_a"].astype(str) != m["gold_b"].astype(str)).any():
+        return None, "different test examples"
+    if task == "classification":
+        labels = ra["labels"] if isinstance(ra["labels"], list) else None
+        (y, a, b), names = stats.encode_labels(m["gold_a"], m[f"{col}_a"], m[f"{col}_b"], labels=labels)
+        k = max(len(names), 2)
+        kind = stats.single_label_kind(metric, k, _positive_index(names, rb["positive"]))
+        return (stats.counts_single_label(y, a, k), stats.counts_single_label(y, b, k), kind), ""
+    if task == "multilabel":
+        sep = ra["label_sep"] or "|"
+
+        def sets(col_):
+            return [frozenset(x for x in str(v).split(sep) if x) if isinstance(v, str) else frozenset() for v in col_]
+    else:  # ner: entities as (start, end, type); right only if span and type both match
+        def sets(col_):
+            return [frozenset((int(e["start"]), int(e["end"]), str(e["label"])) for e in json.loads(v or "[]"))
+                    for v in col_]
+    gold, pa_, pb_ = sets(m["gold_a"]), sets(m[f"{col}_a"]), sets(m[f"{col}_b"])
+    classes = sorted({(i[-1] if isinstance(i, tuple) else i) for col_ in (gold, pa_, pb_) for s_ in col_ for i in s_})
+    if not classes:
+        return None, "no labels in the test examples"
+    kind = {"f1": "micro", "f1_micro": "micro", "f1_macro": "macro", "accuracy": "accuracy"}[metric]
+    return (stats.counts_sets(gold, pa_, classes), stats.counts_sets(gold, pb_, classes), kind), ""
 
 
 def _positive_index(names: list[str], positive) -> int | None:
@@ -235,43 +254,41 @@ def _positive_index(names: list[str], positive) -> int | None:
 
 def _compare(store: RunStore, df: pd.DataFrame, groups: pd.DataFrame, base: str, metric: str,
              n_boot: int) -> tuple[list[dict], list[dict], list[str]]:
-    notes = []
     cache: dict = {}
     base_runs = df[df["group"] == base]
-    comps, details = [], []
+    comps, details, reasons = [], [], {}
     for _, g in groups.iterrows():
         if g["group"] == base:
             continue
-        strata, pairs = [], []
+        strata, kinds, pairs = [], set(), []
         for _, rb in df[df["group"] == g["group"]].sort_values("seq").iterrows():
             cands = base_runs[base_runs["test_sha"] == rb["test_sha"]] if rb["test_sha"] else base_runs.iloc[0:0]
             if not len(cands):
+                reasons["no baseline run on the same test split (another seed without a given test file, or "
+                        "other data)"] = 1
                 continue
             same_seed = cands[cands["seed"] == rb["seed"]]
             ra = (same_seed if len(same_seed) else cands).iloc[0]
-            al = _aligned(store, cache, ra, rb)
-            if al is None:
+            got, why = _pair_counts(store, cache, ra, rb, metric)
+            if got is None:
+                reasons[why] = 1
                 continue
-            y, a, b, names = al
-            pos = _positive_index(names, rb["positive"])
-            k = max(len(names), 2)
-            strata.append((y, a, b))
-            one = stats.paired_bootstrap([(y, a, b)], k, metric=metric, positive=pos, n_boot=n_boot, seed=0)
-            mc = stats.mcnemar([(y, a, b)])
-            pairs.append({"a": ra, "b": rb, "boot": one, "mcnemar": mc})
-        if not strata:
+            ca, cb, kind = got
+            strata.append((ca, cb))
+            kinds.add(kind)
+            pairs.append({"a": ra, "b": rb, "boot": stats.paired_bootstrap_counts([(ca, cb)], kind, n_boot=n_boot),
+                          "mcnemar": stats.mcnemar_correct([(ca.correct, cb.correct)])})
+        if not strata or len(kinds) != 1:
             comps.append({"group": g, "pairs": 0})
             continue
-        boot = stats.paired_bootstrap(strata, k, metric=metric, positive=pos, n_boot=n_boot, seed=0)
-        mc = stats.mcnemar(strata)
+        boot = stats.paired_bootstrap_counts(strata, kinds.pop(), n_boot=n_boot)
+        mc = stats.mcnemar_correct([(ca.correct, cb.correct) for ca, cb in strata])
         comps.append({"group": g, "pairs": len(strata), "boot": boot, "mcnemar": mc})
         details.extend(pairs)
     ps = [c["boot"]["p"] if c.get("pairs") else None for c in comps]
     for c, adj in zip(comps, stats.holm(ps)):
         c["p_holm"] = adj
-    if any(not c.get("pairs") for c in comps):
-        notes.append("Configurations without a run on the same test examples as the baseline (another seed "
-                     "without a given test file, or another dataset) are not compared.")
+    notes = [f"Not compared where runs could not be paired: {'; '.join(reasons)}."] if reasons else []
     return comps, details, notes
 
 

@@ -11,12 +11,16 @@
 * **McNemar's exact test** on the discordant errors: b = examples A gets right and B wrong, c = the
   reverse; under H0 each discordant example is B's win with probability 1/2, so p is the two-sided
   exact binomial p-value of b in b + c trials (summed over seeds: still Binomial(b + c, 1/2) under H0).
+  "Right" is the label for single-label tasks, the whole label set for multi-label, all entities for NER.
+* Every task's F1 (positive-class, macro, micro; entity-level for NER) and accuracy is a function of
+  per-example true/false positive and false negative counts, so one bootstrap serves them all.
 * **Holm's step-down adjustment** of the p-values of several comparisons against one baseline.
 * **Composite efficiency** of Taylor et al. (arXiv 2402.10597; code nlpie-research/efficient-ml).
 * **Pareto front** of quality (higher is better) against a cost (lower is better).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -103,83 +107,147 @@ def holm(pvalues: Sequence[float | None]) -> list[float | None]:
 # paired tests
 # ----------------------------------------------------------------------------------------------
 
-def _metric_rows(y: np.ndarray, p: np.ndarray, k: int, metric: str, positive: int | None) -> np.ndarray:
-    """``metric`` of each row of (B, N) gold ``y`` and predicted ``p`` class indices; shape (B,).
+@dataclass
+class Counts:
+    """Per-example statistics of one system on one test set, from which every F1 and accuracy follow.
 
-    ``f1``: the positive class's F1 for binary tasks (``positive``), macro F1 otherwise (as in
-    :mod:`clintune.metrics`); ``f1_macro``; ``f1_micro`` (= accuracy for single-label); ``accuracy``.
+    ``tp``/``fp``/``fn``: (N, C) true positives, false positives and false negatives of example i for
+    class (label, entity type) c; ``correct``: (N,) whether example i is entirely right (its label; its
+    label set; all its entities). A metric of any resample of the examples is a function of the summed
+    rows, so resampling is one (B, N) x (N, 3C + 1) product.
     """
-    if metric in ("accuracy", "f1_micro"):
-        return (y == p).mean(1)
 
-    def f1_of(c: int) -> np.ndarray:
-        tp = ((p == c) & (y == c)).sum(1).astype(np.float64)
-        fp = ((p == c) & (y != c)).sum(1)
-        fn = ((p != c) & (y == c)).sum(1)
-        denom = 2 * tp + fp + fn
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+    tp: np.ndarray
+    fp: np.ndarray
+    fn: np.ndarray
+    correct: np.ndarray
 
-    if metric == "f1" and k == 2:
-        return f1_of(1 if positive is None else positive)
-    if metric in ("f1", "f1_macro"):
-        return np.mean([f1_of(c) for c in range(k)], axis=0)
-    raise ValueError(f"paired tests compare {', '.join(PAIRED_METRICS)}; not '{metric}'")
+    def __len__(self) -> int:
+        return len(self.correct)
+
+    def matrix(self) -> np.ndarray:
+        return np.hstack([self.tp, self.fp, self.fn, self.correct[:, None]]).astype(np.float64)
 
 
 def encode_labels(*columns: Sequence, labels: Sequence | None = None) -> tuple[list[np.ndarray], list[str]]:
     """Map label columns (ints or strings) to shared class indices; returns (arrays, class names)."""
     names = [str(x) for x in labels] if labels is not None else sorted({str(v) for col in columns for v in col})
-    extra = sorted({str(v) for col in columns for v in col} - set(names))
-    names = names + extra
+    names = names + sorted({str(v) for col in columns for v in col} - set(names))
     index = {n: i for i, n in enumerate(names)}
     return [np.array([index[str(v)] for v in col], dtype=np.int64) for col in columns], names
 
 
-def paired_bootstrap(strata: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], k: int, *, metric: str = "f1",
-                     positive: int | None = None, n_boot: int = 5000, seed: int = 0, alpha: float = 0.05,
-                     chunk: int = 500) -> dict:
+def counts_single_label(y: Sequence[int], pred: Sequence[int], k: int) -> Counts:
+    """Counts of single-label predictions (class indices 0..k-1)."""
+    y, p = np.asarray(y, dtype=np.int64), np.asarray(pred, dtype=np.int64)
+    gold, hit = np.eye(k, dtype=np.int64)[y], np.eye(k, dtype=np.int64)[p]       # (N, k) one-hot
+    return Counts(gold * hit, (1 - gold) * hit, gold * (1 - hit), (y == p).astype(np.int64))
+
+
+def counts_sets(gold: Sequence[set], pred: Sequence[set], classes: Sequence) -> Counts:
+    """Counts of set predictions: label sets (multi-label; class = label) or entity sets (NER; each item a
+    (start, end, type) tuple, class = type; an entity counts only if its span and type are both right)."""
+    index = {c: j for j, c in enumerate(classes)}
+    n, k = len(gold), len(classes)
+    tp, fp, fn = (np.zeros((n, k), dtype=np.int64) for _ in range(3))
+
+    def cls(item):
+        return index[item[-1] if isinstance(item, tuple) else item]
+
+    for i, (g, p) in enumerate(zip(gold, pred)):
+        for item in g & p:
+            tp[i, cls(item)] += 1
+        for item in p - g:
+            fp[i, cls(item)] += 1
+        for item in g - p:
+            fn[i, cls(item)] += 1
+    correct = np.array([g == p for g, p in zip(gold, pred)], dtype=np.int64)
+    return Counts(tp, fp, fn, correct)
+
+
+def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+    denom = 2 * tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), 0.0)
+
+
+def metric_of_sums(sums: np.ndarray, k: int, n: int, kind) -> np.ndarray:
+    """Metric of summed count rows (B, 3k + 1): ``kind`` is ``"micro"`` (F1 of the pooled counts),
+    ``"macro"`` (mean of the per-class F1), ``"accuracy"`` (share of examples entirely right) or a class
+    index (that class's F1, e.g. the positive class of a binary task)."""
+    tp, fp, fn, correct = sums[:, :k], sums[:, k:2 * k], sums[:, 2 * k:3 * k], sums[:, 3 * k]
+    if kind == "accuracy":
+        return correct / max(n, 1)
+    if kind == "micro":
+        return _f1(tp.sum(1), fp.sum(1), fn.sum(1))
+    if kind == "macro":
+        return _f1(tp, fp, fn).mean(1)
+    return _f1(tp[:, kind], fp[:, kind], fn[:, kind])
+
+
+def paired_bootstrap_counts(strata: Sequence[tuple[Counts, Counts]], kind, *, n_boot: int = 5000, seed: int = 0,
+                            alpha: float = 0.05, chunk: int = 500) -> dict:
     """Paired bootstrap of delta = metric(B) - metric(A) over one or more test sets (strata).
 
-    ``strata``: (gold, pred_a, pred_b) class-index arrays, aligned example by example. Returns
-    ``{"delta", "ci": [lo, hi], "p", "a", "b", "n", "n_boot"}`` where ``a``/``b`` are the mean metrics.
+    Returns ``{"delta", "ci": [lo, hi], "p", "a", "b", "n", "n_boot"}`` (``a``/``b``: mean metrics).
     """
     rng = np.random.default_rng(seed)
-    deltas_obs, a_obs, b_obs = [], [], []
     boot = np.zeros(n_boot)
-    for y, pa, pb in strata:
-        y, pa, pb = (np.asarray(v, dtype=np.int64) for v in (y, pa, pb))
-        ma = float(_metric_rows(y[None], pa[None], k, metric, positive)[0])
-        mb = float(_metric_rows(y[None], pb[None], k, metric, positive)[0])
-        a_obs.append(ma), b_obs.append(mb), deltas_obs.append(mb - ma)
-        n = len(y)
+    deltas, a_obs, b_obs = [], [], []
+    for ca, cb in strata:
+        n, k = len(ca), ca.tp.shape[1]
+        xa, xb = ca.matrix(), cb.matrix()                                        # (N, 3k + 1)
+        ma = float(metric_of_sums(xa.sum(0, keepdims=True), k, n, kind)[0])
+        mb = float(metric_of_sums(xb.sum(0, keepdims=True), k, n, kind)[0])
+        a_obs.append(ma), b_obs.append(mb), deltas.append(mb - ma)
         for s in range(0, n_boot, chunk):
             e = min(n_boot, s + chunk)
-            idx = rng.integers(0, n, size=(e - s, n), dtype=np.int64)          # (b, N)
-            yb = y[idx]
-            boot[s:e] += (_metric_rows(yb, pb[idx], k, metric, positive)
-                          - _metric_rows(yb, pa[idx], k, metric, positive))
-    m = len(strata)
-    boot /= m
-    delta = float(np.mean(deltas_obs))
+            w = rng.multinomial(n, np.full(n, 1.0 / n), size=e - s).astype(np.float64)   # (b, N) resample counts
+            boot[s:e] += metric_of_sums(w @ xb, k, n, kind) - metric_of_sums(w @ xa, k, n, kind)
+    boot /= len(strata)
+    delta = float(np.mean(deltas))
     lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
     extreme = np.abs(boot - delta) >= abs(delta) - 1e-12
     p = (1 + int(extreme.sum())) / (n_boot + 1)
     return {"delta": delta, "ci": [float(lo), float(hi)], "p": float(min(1.0, p)), "a": float(np.mean(a_obs)),
-            "b": float(np.mean(b_obs)), "n": int(sum(len(s[0]) for s in strata)), "n_boot": n_boot}
+            "b": float(np.mean(b_obs)), "n": int(sum(len(ca) for ca, _ in strata)), "n_boot": n_boot}
 
 
-def mcnemar(strata: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict:
-    """McNemar's exact test on discordant errors, summed over strata: ``{"b", "c", "p"}``.
+def single_label_kind(metric: str, k: int, positive: int | None):
+    """How clintune defines ``metric`` for single-label predictions (see :mod:`clintune.metrics`)."""
+    if metric in ("accuracy", "f1_micro"):
+        return "accuracy"          # single-label micro F1 equals accuracy
+    if metric == "f1_macro" or (metric == "f1" and k > 2):
+        return "macro"
+    if metric == "f1":
+        return 1 if positive is None else positive
+    raise ValueError(f"paired tests compare {', '.join(PAIRED_METRICS)}; not '{metric}'")
+
+
+def paired_bootstrap(strata: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], k: int, *, metric: str = "f1",
+                     positive: int | None = None, **kw) -> dict:
+    """Paired bootstrap for single-label predictions: ``strata`` of (gold, pred_a, pred_b) class indices."""
+    kind = single_label_kind(metric, k, positive)
+    return paired_bootstrap_counts([(counts_single_label(y, a, k), counts_single_label(y, b, k))
+                                    for y, a, b in strata], kind, **kw)
+
+
+def mcnemar_correct(strata: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict:
+    """McNemar's exact test on which examples each system gets entirely right: ``{"b", "c", "p"}``.
 
     b: A right and B wrong; c: A wrong and B right. p: two-sided exact binomial test of b ~ Bin(b + c, 1/2).
     """
     from scipy.stats import binomtest
 
     b = c = 0
-    for y, pa, pb in strata:
-        ra, rb = np.asarray(pa) == np.asarray(y), np.asarray(pb) == np.asarray(y)
+    for ra, rb in strata:
+        ra, rb = np.asarray(ra, dtype=bool), np.asarray(rb, dtype=bool)
         b += int((ra & ~rb).sum())
         c += int((~ra & rb).sum())
     p = 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5, alternative="two-sided").pvalue)
     return {"b": b, "c": c, "p": p}
+
+
+def mcnemar(strata: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict:
+    """McNemar's exact test for single-label predictions: ``strata`` of (gold, pred_a, pred_b)."""
+    return mcnemar_correct([(np.asarray(a) == np.asarray(y), np.asarray(b) == np.asarray(y)) for y, a, b in strata])
