@@ -127,3 +127,38 @@ def test_report_baseline_choice(sweep):
     a2, store = analyse(sweep, baseline=a.frame.sort_values("seq")["id"].iloc[2][:8], n_boot=200)
     store.close()
     assert a2.baseline == a.baseline                    # a run id prefix selects its configuration
+
+
+@pytest.mark.parametrize("task", ["multilabel", "ner"])
+def test_label_set_and_entity_predictions_are_paired_too(tmp_path, task):
+    """Multi-label runs (label sets) and NER runs (entity spans) are compared on micro F1 like the records."""
+    import json
+
+    if task == "multilabel":
+        gold = ["a|b", "b", "c", "a"] * 25
+        preds = {"x": ["a", "b", "c", "a|c"] * 25, "y": ["a|b", "b", "c", "a"] * 25}
+        col = "predicted_labels"
+    else:
+        e = lambda *spans: json.dumps([{"start": s, "end": t, "label": lab} for s, t, lab in spans])  # noqa: E731
+        gold = [e((0, 4, "DRUG"), (6, 9, "DOSE")), e((2, 5, "DRUG"))] * 50
+        preds = {"x": [e((0, 4, "DRUG")), e((2, 6, "DRUG"))] * 50, "y": gold}
+        col = "entities"
+    out = tmp_path / "s"
+    with RunStore(out / "runs.db") as s:
+        for name, seed in (("x", 1), ("y", 2)):
+            cfg = {"data": "d", "task": task, "method": "frozen" if name == "x" else "lora", "seed": 1}
+            p = Point(run_id(cfg), cfg, "")
+            s.register([p])
+            s.start(p.id, "w")
+            df = pd.DataFrame({"row": np.arange(1, 101), "gold": gold, col: preds[name]})
+            s.finish(p.id, {"config": cfg, "status": "success", "metrics": {"f1": 0.5}, "cost": {},
+                            "data": {"test_split_sha256": "same"}}, predictions_to_bytes(df), 100)
+    a, store = analyse(out, n_boot=1000)
+    store.close()
+    (c,) = a.comparisons
+    # by hand: multilabel x: tp 1+1+1+1, fp 0+0+0+1, fn 1+0+0+0 per 4 rows -> micro F1 = 8/10; y perfect
+    # NER x: per 2 rows tp 1, fp 1 (wrong span), fn 2 -> micro F1 = 2/5; y perfect
+    f1_x = 8 / 10 if task == "multilabel" else 2 / 5
+    assert c["boot"]["a"] == pytest.approx(f1_x) and c["boot"]["b"] == pytest.approx(1.0)
+    assert c["boot"]["delta"] == pytest.approx(1 - f1_x) and c["boot"]["p"] < 0.01
+    assert (c["mcnemar"]["b"], c["mcnemar"]["c"]) == ((0, 50) if task == "multilabel" else (0, 100))
