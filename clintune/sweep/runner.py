@@ -265,6 +265,6 @@ def bench(spec: Spec, out: str | Path, *, executor: str = "local", jobs: int = 1
         counts = store.counts()
     summary = SweepSummary(len(points), trained, recovered, counts)
     echo(f"{spec.name}: {counts['success']} success, {counts['failed']} failed, "
-         f"{counts['pending'] + counts['running']} not finished ({trained} trained now). "
+         f"{counts['pending'] + counts['running']} not finished ({trained} grid run(s) trained now). "
          f"Next: clintune report {out}")
     return summary
