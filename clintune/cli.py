@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", metavar="DIR", help="model directory (replaced; default runs/demo)")
     d.add_argument("--epochs", type=int, default=None)
     d.set_defaults(func=_cmd_demo)
+
+    from .sweep.cli import add_commands  # bench, runs, report, tune
+    add_commands(sub)
     return p
 
 
