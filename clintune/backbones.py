@@ -150,5 +150,5 @@ def fingerprint(model: torch.nn.Module) -> str:
     for n, t in sorted(model.state_dict().items()):
         h.update(n.encode())
         h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
-        h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy())   # hashed in place, no copy
     return h.hexdigest()

@@ -289,6 +289,10 @@ class TrainConfig:
     # --- training -----------------------------------------------------------------------------
     epochs: int = option(3, "training epochs (maximum, with early stopping)", group="training")
     batch_size: int = option(16, "training batch size", group="training")
+    micro_batch_tokens: int | None = option(None, "split each batch into micro-batches of at most this many "
+                                            "tokens and accumulate their gradients: the same update, a fraction "
+                                            "of the memory (default: 2048 when an encoder trains on CPU; 0: off)",
+                                            group="training")
     eval_batch_size: int = option(64, "batch size for validation, test and predict", group="training")
     lr: float | None = option(None, "peak learning rate (default per method: full 5e-5, lora 3e-4, "
                               "ia3 3e-3, frozen 1e-3; scratch-* backbones 1e-3)", group="training")
@@ -358,6 +362,7 @@ class TrainConfig:
         check_range(self, "head_heads", 1, 1024)
         check_range(self, "epochs", 1, 10_000)
         check_range(self, "batch_size", 1)
+        check_range(self, "micro_batch_tokens", 0)
         check_range(self, "eval_batch_size", 1)
         check_range(self, "lr", 0, 1, lo_open=True)
         check_range(self, "weight_decay", 0)

@@ -150,8 +150,8 @@ class Classifier:
         self.config = config
         self.task = get_task(config.task)
         self.state = state or {}
-        self.runtime = runtime or resolve_runtime(config.device, config.precision)
-        self.model.to(self.runtime.device)
+        self.runtime = runtime or resolve_runtime(config.device, config.precision, allow_distributed=False)
+        self.model.requires_grad_(False).to(self.runtime.device)
 
     @property
     def labels(self) -> list:

@@ -82,8 +82,7 @@ class Task:
 
     def output_loss(self, outputs, ex, lm, enc) -> float:
         t = self.targets(ex, lm, enc)
-        logits = torch.as_tensor(outputs) if not isinstance(outputs, list) else None
-        return float(self.loss(lm, t, False)(logits, t.all()))
+        return float(self.loss(lm, t, False).mean(torch.as_tensor(outputs), t.all()))
 
     def fit_state(self, outputs, ex: Examples | None, lm: LabelMap, enc=None) -> dict:
         """Post-training state learned on validation outputs (multilabel thresholds); saved with the model."""
@@ -95,6 +94,26 @@ class Task:
 
     def prediction_columns(self, outputs, lm: LabelMap, enc=None, state: dict | None = None, texts=None) -> dict:
         raise NotImplementedError
+
+
+class Loss:
+    """A batch's loss as a sum, and the denominator of its mean: mean = loss(logits, y) / norm(y).
+
+    Splitting a batch into micro-batches and dividing each micro-batch's sum by the whole batch's
+    denominator gives exactly the gradient of the batch mean (see ``training.fit``).
+    """
+
+    def __init__(self, fn, norm) -> None:
+        self._fn, self._norm = fn, norm
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._fn(logits, y)
+
+    def norm(self, y: torch.Tensor) -> float:
+        return float(self._norm(y))
+
+    def mean(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self(logits, y) / max(self.norm(y), 1e-12)
 
 
 class Targets:
@@ -128,8 +147,9 @@ class Classification(Task):
             w = torch.tensor(len(y) / (len(lm) * np.maximum(counts, 1)), dtype=torch.float32)
 
         def f(logits, y):
-            return nn.functional.cross_entropy(logits, y, weight=None if w is None else w.to(logits.device))
-        return f
+            return nn.functional.cross_entropy(logits, y, weight=None if w is None else w.to(logits.device),
+                                               reduction="sum")
+        return Loss(f, lambda y: y.numel() if w is None else w[y.cpu()].sum())
 
     def metrics(self, outputs, ex, lm, enc=None, state=None, ci=True):
         from .modeling import softmax
@@ -188,8 +208,8 @@ class MultiLabel(Task):
 
         def f(logits, y):
             return nn.functional.binary_cross_entropy_with_logits(
-                logits, y.to(logits.dtype), pos_weight=None if pw is None else pw.to(logits.device))
-        return f
+                logits, y.to(logits.dtype), pos_weight=None if pw is None else pw.to(logits.device), reduction="sum")
+        return Loss(f, lambda y: y.numel())
 
     def fit_state(self, outputs, ex, lm, enc=None):
         k = len(lm)
@@ -314,8 +334,12 @@ class NER(Task):
 
         def f(logits, y):
             return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE,
-                                               weight=None if w is None else w.to(logits.device))
-        return f
+                                               weight=None if w is None else w.to(logits.device), reduction="sum")
+
+        def norm(y):
+            valid = y[y != IGNORE].cpu()
+            return valid.numel() if w is None else w[valid].sum()
+        return Loss(f, norm)
 
     def output_loss(self, outputs, ex, lm, enc) -> float:
         t = self.targets(ex, lm, enc)

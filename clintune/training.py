@@ -12,6 +12,7 @@ loop trains every configuration.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -42,6 +43,15 @@ class Feed:
 
     def make(self, idx: np.ndarray) -> dict:  # pragma: no cover
         raise NotImplementedError
+
+    def split(self, idx: np.ndarray, max_tokens: int | None) -> list[np.ndarray]:
+        """``idx`` in consecutive micro-batches of at most ``max_tokens`` padded tokens (one example at least)."""
+        if not max_tokens:
+            return [idx]
+        t = int(self.lengths[idx].max())
+        t = -(-t // 8) * 8
+        per = max(1, max_tokens // max(t, 1))
+        return [idx[i: i + per] for i in range(0, len(idx), per)]
 
     def index_batches(self, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
         return train_batches(self.lengths, batch_size, rng, self.bucket)
@@ -203,6 +213,10 @@ def fit(model: nn.Module, train_feed: Feed, targets, cfg, runtime: Runtime, mete
     scaler = torch.amp.GradScaler("cuda") if runtime.precision == "fp16" else None
     rng = np.random.default_rng(cfg.seed)
     res = FitResult()
+    micro_tokens = cfg.micro_batch_tokens
+    if micro_tokens is None:   # auto: bound activation memory where the encoder trains on CPU
+        micro_tokens = 2048 if device.type == "cpu" and getattr(model, "backbone_trains", True) else 0
+    meter.extra["micro_batch_tokens"] = micro_tokens
     flop_model = None
     if getattr(train_feed, "probe", None) is not None and len(train_feed):
         from .cost import calibrate_flops, matmul_peak_flops
@@ -221,16 +235,22 @@ def fit(model: nn.Module, train_feed: Feed, targets, cfg, runtime: Runtime, mete
         for epoch in range(1, cfg.epochs + 1):
             t_epoch, seen, loss_sum = time.perf_counter(), 0, 0.0
             for idx in _shard(train_feed.index_batches(cfg.batch_size, rng), runtime):
-                inputs = train_feed.make(idx)
-                y = targets.batch(idx, inputs).to(device)
-                with runtime.autocast():
-                    logits = net(**_to(inputs, device))
-                loss = loss_fn(logits.float(), y)
+                parts = []
+                for part in train_feed.split(idx, micro_tokens):
+                    inputs = train_feed.make(part)
+                    parts.append((inputs, targets.batch(part, inputs)))
+                total = sum(loss_fn.norm(y) for _, y in parts)      # the whole batch's mean denominator
+                loss = 0.0
+                for k, (inputs, y) in enumerate(parts):
+                    sync = net.no_sync() if runtime.world > 1 and k < len(parts) - 1 else contextlib.nullcontext()
+                    with sync:
+                        with runtime.autocast():
+                            logits = net(**_to(inputs, device))
+                        part_loss = loss_fn(logits.float(), y.to(device)) / max(total, 1e-12)
+                        (scaler.scale(part_loss) if scaler is not None else part_loss).backward()
+                    loss += float(part_loss.detach())
                 if scaler is not None:
-                    scaler.scale(loss).backward()
                     scaler.unscale_(opt)
-                else:
-                    loss.backward()
                 if cfg.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 if scaler is not None:
@@ -240,7 +260,7 @@ def fit(model: nn.Module, train_feed: Feed, targets, cfg, runtime: Runtime, mete
                     opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-                lv = float(loss.detach())
+                lv = loss
                 loss_sum += lv * len(idx)
                 seen += len(idx)
                 ema = lv if ema is None else 0.95 * ema + 0.05 * lv

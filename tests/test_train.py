@@ -120,3 +120,48 @@ def test_backbone_fingerprint_guards_reload(tiny_backbone, binary_csv, tmp_path)
     m.save_pretrained(bb)
     with pytest.raises(ModelDirError, match="fingerprint mismatch"):
         clintune.load(out)
+
+
+def test_micro_batches_give_the_same_training(tiny_backbone, binary_csv, tmp_path):
+    import shutil
+    from transformers import BertConfig
+
+    bb = tmp_path / "nodrop"                                   # no dropout: the two runs see the same maths
+    shutil.copytree(tiny_backbone, bb)
+    cfg = BertConfig.from_pretrained(bb)
+    cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = 0.0
+    cfg.save_pretrained(bb)
+    runs = [clintune.train(tiny_config(str(bb), binary_csv, method="full", lr=1e-3, head_dropout=0.0, epochs=2,
+                                       micro_batch_tokens=m)) for m in (0, 40)]
+    assert [r.record["cost"]["micro_batch_tokens"] for r in runs] == [0, 40]
+    texts = ["heart cardiac noted", "rash eczema today"]
+    np.testing.assert_allclose(runs[0].classifier.predict_proba(texts), runs[1].classifier.predict_proba(texts),
+                               atol=2e-5)
+
+
+@pytest.mark.parametrize("task", ["classification", "multilabel", "ner"])
+def test_loss_sums_split_into_micro_batches_add_up_to_the_mean(task):
+    import torch
+    from clintune.tasks import IGNORE, Targets, TokenTargets, get_task
+
+    g = torch.Generator().manual_seed(0)
+    lm = clintune.data.LabelMap(["O", "B-X", "I-X"] if task == "ner" else ["a", "b", "c"])
+    if task == "classification":
+        y, logits = torch.tensor([0, 2, 1, 2, 0]), torch.randn(5, 3, generator=g)
+        t = Targets(y.numpy())
+    elif task == "multilabel":
+        y, logits = (torch.rand(5, 3, generator=g) > 0.5).float(), torch.randn(5, 3, generator=g)
+        t = Targets(y.numpy())
+    else:
+        y = torch.tensor([[0, 1, 2, IGNORE], [IGNORE, 0, 0, 1], [1, 2, IGNORE, IGNORE], [0, 0, 0, 0], [2, 1, 0, 0]])
+        logits = torch.randn(5, 4, 3, generator=g)
+        t = TokenTargets([r.numpy() for r in y])
+    for weighted in (False, True):
+        loss = get_task(task).loss(lm, t, weighted)
+        whole = loss.mean(logits, y)
+        total = loss.norm(y[:2]) + loss.norm(y[2:])
+        parts = (loss(logits[:2], y[:2]) + loss(logits[2:], y[2:])) / total
+        torch.testing.assert_close(parts, whole)
+    if task == "classification":
+        torch.testing.assert_close(get_task(task).loss(lm, t, False).mean(logits, y),
+                                   torch.nn.functional.cross_entropy(logits, y))
