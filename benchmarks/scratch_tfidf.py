@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import datasets  # noqa: E402
+import bench_data as datasets  # noqa: E402
 
 
 def train(work: Path, name: str, args: list[str]) -> dict:

@@ -27,7 +27,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import datasets  # noqa: E402
+import bench_data as datasets  # noqa: E402
 
 
 def peer(train: Path, test: Path, a, bf16: bool) -> dict:

@@ -144,6 +144,15 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _cmd_cache_clear(args) -> int:
+    from .cache import clear, default_cache_dir
+
+    root = args.cache_dir or default_cache_dir()
+    n, size = clear(root)
+    print(f"removed {n} feature-cache entr{'y' if n == 1 else 'ies'} ({size / 2 ** 20:.1f} MB) from {root}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -182,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--text-col", default=None, help="(default: the model's)")
     pr.add_argument("--batch-size", type=int, default=None)
     pr.set_defaults(func=_cmd_predict)
+
+    c = sub.add_parser("cache-clear", help="delete the frozen-backbone feature cache (it holds note-derived states)")
+    c.add_argument("--cache-dir", default=None, help="(default: $CLINTUNE_CACHE_DIR or ~/.cache/clintune/features)")
+    c.set_defaults(func=_cmd_cache_clear)
 
     d = sub.add_parser("demo", help="train LoRA on MiniLM for the built-in ICD-10-CM circulatory task (~2 min on CPU)")
     d.add_argument("--out", default="runs/demo", metavar="DIR", help="model directory (replaced; default runs/demo)")

@@ -86,3 +86,13 @@ def test_bf16_features_are_stored_as_computed_and_reload_exactly(tiny_backbone, 
     texts = pd.read_csv(binary_csv)["text"].tolist()
     again = clintune.load(out).predict_proba([texts[r - 1] for r in preds["row"]])
     np.testing.assert_array_equal(again[:, 1].astype(np.float32), preds["prob_1"].to_numpy(np.float32))
+
+
+def test_cache_clear_command_empties_the_cache(tiny_backbone, binary_csv, cache_dir, capsys):
+    from clintune.cli import main
+
+    clintune.train(tiny_config(tiny_backbone, binary_csv, method="frozen", epochs=1))
+    assert any(cache_dir.iterdir())
+    assert main(["cache-clear"]) == 0
+    assert "removed 2 feature-cache entries" in capsys.readouterr().out
+    assert not any(cache_dir.iterdir())
