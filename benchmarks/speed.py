@@ -4,8 +4,10 @@
 Same backbone (the embedded MiniLM), same data (medical-abstracts cardiovascular-vs-rest split), same
 hyperparameters: LoRA r=8, alpha=8, dropout 0.1 on query/key/value (the peer's), AdamW lr 3e-4, no
 weight decay, no warm-up, linear decay, gradient clipping 1.0, batch 16, max length 256, 3 epochs,
-seed 42, every dropout of the checkpoint left on. The peer runs in fp32 and in bf16 (its best
-setting on this CPU); clintune in bf16. Each system trains in its own process.
+seed 42, every dropout of the checkpoint left on, and the peer's head: a dense + tanh layer on [CLS]
+and a linear classifier, both trained (``--head mlp --pooling cls``; the checkpoint has no pooler
+weights). The peer runs in fp32 and in bf16 (its best setting on this CPU); clintune in bf16.
+Each system trains in its own process.
 
     python benchmarks/speed.py [--epochs 3] [--limit N] [--no-peer-fp32] [--work /tmp/clintune-bench]
 
@@ -42,7 +44,8 @@ def peer(train: Path, test: Path, a, bf16: bool) -> dict:
 def clintune(train: Path, test: Path, a, work: Path) -> dict:
     out = work / "runs" / "speed-clintune"
     cmd = [sys.executable, "-m", "clintune", "-q", "train", "--data", str(train), "--test-data", str(test),
-           "--backbone", "minilm", "--method", "lora", "--lora-r", "8", "--lora-alpha", "8", "--lora-dropout", "0.1",
+           "--backbone", "minilm", "--method", "lora", "--head", "mlp", "--pooling", "cls", "--lora-r", "8",
+           "--lora-alpha", "8", "--lora-dropout", "0.1",
            "--target-modules", "query,key,value", "--epochs", str(a.epochs), "--batch-size", "16",
            "--eval-batch-size", "64", "--max-length", "256", "--lr", "3e-4", "--weight-decay", "0",
            "--warmup-ratio", "0", "--max-grad-norm", "1", "--val-size", "0", "--patience", "0", "--seed", "42",

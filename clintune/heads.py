@@ -116,6 +116,27 @@ class LinearHead(Head):
         return self.out(self.dropout(x))
 
 
+@register_head("mlp")
+class MLPHead(Head):
+    """The classification head of BERT-style sequence classifiers (BERT's pooler + classifier; RoBERTa's
+    ``ClassificationHead``), on the pooled vector x:
+
+        logits = W2 dropout(tanh(W1 dropout(x) + b1)) + b2,   W1 in R^{H x H}, W2 in R^{K x H}
+
+    H^2 + H + H K + K parameters. It is what Hugging Face Trainer users train on a checkpoint without
+    pooler weights (a sentence-embedding MiniLM), so ``--head mlp --pooling cls`` reproduces that recipe.
+    """
+
+    def __init__(self, hidden_size, num_labels, cfg):
+        super().__init__(hidden_size, num_labels, cfg)
+        self.dropout = nn.Dropout(cfg.head_dropout)
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.out = nn.Linear(hidden_size, num_labels)
+
+    def vector(self, x):
+        return self.out(self.dropout(torch.tanh(self.dense(self.dropout(x)))))
+
+
 @register_head("adapter")
 class AdapterHead(Head):
     """Bottleneck adapter (Houlsby et al., arXiv 1902.00751; AdaptFormer, arXiv 2205.13535) on every token.

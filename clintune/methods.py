@@ -70,7 +70,10 @@ class Full(Method):
         return encoder
 
     def save(self, encoder, directory):
-        encoder.save_pretrained(directory / "backbone", safe_serialization=True)
+        from .backbones import quiet_transformers
+
+        with quiet_transformers():  # no "Writing model shards" progress bar
+            encoder.save_pretrained(directory / "backbone", safe_serialization=True)
 
     def load(self, base, directory):
         from .backbones import load_encoder

@@ -17,6 +17,7 @@ H, K, R = 32, 3, 8
 def head_params(name: str) -> int:
     return {
         "linear": H * K + K,
+        "mlp": (H * H + H) + (H * K + K),
         "adapter": (H * R + R) + (R * H + H) + (H * K + K),
         "lightweight": (H * R + R) + (R * R + R) + 2 * R + (R * K + K),
         "tinyattention": 3 * (H * R + R) + (R * H + H) + (H * K + K),
