@@ -13,7 +13,7 @@ from .config import TrainConfig
 
 log = logging.getLogger("clintune")
 
-DEMO = dict(data="builtin:icd10-circulatory", backbone="minilm", method="lora", head="linear",
+DEMO = dict(data="builtin:icd10-circulatory", backbone="minilm", method="lora", head="mlp",
             max_length=64, epochs=3, batch_size=32, lr=1e-3, lora_r=8, lora_alpha=16.0, seed=42)
 
 

@@ -10,7 +10,7 @@ from clintune.modeling import assemble
 from conftest import TINY
 
 H, L, FF, K = TINY["hidden_size"], TINY["num_hidden_layers"], TINY["intermediate_size"], 2
-HEAD = H * K + K                       # linear head: weight (K x H) + bias (K)
+HEAD = (H * H + H) + (H * K + K)       # default mlp head: dense (H x H) + bias, out (K x H) + bias
 
 
 def encoder_params(vocab: int) -> int:
@@ -63,9 +63,9 @@ def test_gradients_reach_exactly_the_trainable_parameters(method, tiny_backbone)
             assert p.grad is None, n
     got_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     if method == "frozen":
-        assert got_grad == {"head.out.weight", "head.out.bias"}
+        assert got_grad == {"head.dense.weight", "head.dense.bias", "head.out.weight", "head.out.bias"}
     if method == "lora":  # B starts at zero, so only B (and the head) get a non-zero gradient at step 0
-        assert all("lora_B" in n or n.startswith("head.") for n in got_grad) and len(got_grad) == 2 + L * 3
+        assert all("lora_B" in n or n.startswith("head.") for n in got_grad) and len(got_grad) == 4 + L * 3
     opt.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed <= {n for n, p in model.named_parameters() if p.requires_grad}

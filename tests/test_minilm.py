@@ -25,7 +25,7 @@ def test_minilm_lora_learns_the_builtin_task(tmp_path):
                          epochs=2, batch_size=32, lr=1e-3, train_fraction=0.5, progress=False, out=str(tmp_path / "m"))
     m, c = res.metrics, res.cost
     assert m["f1"] > 0.85 and m["auroc"] > 0.95, m
-    assert c["trainable_params"] == 6 * 3 * 2 * 8 * 384 + 384 * 2 + 2      # LoRA r=8 on q,k,v of 6 layers + head
+    assert c["trainable_params"] == 6 * 3 * 2 * 8 * 384 + (384 * 384 + 384) + (384 * 2 + 2)  # LoRA r=8 q,k,v; mlp head
     assert c["total_params"] == 22_713_216 - (384 * 384 + 384) + c["trainable_params"]  # MiniLM minus its pooler
     again = clintune.load(tmp_path / "m")
     texts = ["Acute myocardial infarction", "Fracture of left femur"]

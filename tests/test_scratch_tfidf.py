@@ -27,7 +27,7 @@ def test_scratch_model_trains_saves_and_reloads(binary_csv, tmp_path):
     assert rec["config"]["backbone"] == "scratch-small" and rec["config"]["lr"] == 1e-3
     assert rec["metrics"]["accuracy"] > 0.8                       # marker words are easy for a fresh model
     vocab = len(res.classifier.tokenizer)
-    expect = scratch.param_count(scratch.ScratchSpec(2, 32, 2), vocab, 32) + 32 * 2 + 2
+    expect = scratch.param_count(scratch.ScratchSpec(2, 32, 2), vocab, 32) + (32 * 32 + 32) + (32 * 2 + 2)  # mlp head
     assert rec["cost"]["trainable_params"] == rec["cost"]["total_params"] == expect
     assert (out / "tokenizer" / "tokenizer.json").exists() and (out / "backbone" / "config.json").exists()
     texts = pd.read_csv(binary_csv)["text"].tolist()[:30]

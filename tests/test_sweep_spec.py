@@ -114,7 +114,7 @@ def test_data_given_as_a_file_name(tmp_path):
     spec = spec_of(tmp_path, "data: builtin:icd10-circulatory\n")
     (p,) = spec.points()
     assert p.config["data"] == "builtin:icd10-circulatory"
-    assert describe(p.config, []) == "minilm / lora / linear"
+    assert describe(p.config, []) == "minilm / lora / mlp"
 
 
 @pytest.mark.parametrize("name", ["quick.yaml", "seed_grid.yaml"])

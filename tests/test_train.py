@@ -22,7 +22,7 @@ def test_each_method_trains_saves_and_reloads_exactly(method, tiny_backbone, bin
     res = clintune.train(tiny_config(tiny_backbone, binary_csv, method=method, out=str(out), lr=lr, epochs=10,
                                      patience=0))
     rec = json.loads((out / "record.json").read_text())
-    assert rec["status"] == "success" and rec["config"]["method"] == method and rec["config"]["head"] == "linear"
+    assert rec["status"] == "success" and rec["config"]["method"] == method and rec["config"]["head"] == "mlp"
     assert {"accuracy", "precision", "recall", "f1", "auroc"} <= set(rec["metrics"])
     assert RECORD_COST_KEYS <= set(rec["cost"])
     assert {"packages", "git_sha", "device", "threads"} <= set(rec["env"])

@@ -112,10 +112,12 @@ def drive(store: RunStore, executor, next_job: Callable[[], Job | None],
             if not executor.active:
                 break
             for oc in executor.poll(0.5):
-                if oc.interrupted:  # its worker got Ctrl-C before we did: not a result
+                if oc.interrupted:
+                    # Its worker got Ctrl-C (or SIGTERM): not a result. Ctrl-C reaches the whole process
+                    # group, so stop the sweep even if our own KeyboardInterrupt has not been raised (yet).
                     store.release(oc.job.id, "interrupted")
                     executor.discard(oc)
-                    continue
+                    raise KeyboardInterrupt
                 record_outcome(store, oc)
                 executor.discard(oc)
                 finished += 1
