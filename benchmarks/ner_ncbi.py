@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Issue 6: NER on NCBI-disease (official train/test) with LoRA on MiniLM, clintune vs the reference run
 (benchmarks/peer_ner.py: Trainer + PEFT, seqeval), same settings: LoRA r=8 alpha=8 on q/k/v, lr 3e-4,
-batch 16, 3 epochs, bf16.
+batch 16, 3 epochs, bf16. clintune uses its default head (mlp: dense + tanh + linear per token); the
+reference, Hugging Face's linear token classifier (`--head linear` is clintune's equivalent).
 
     python benchmarks/ner_ncbi.py [--epochs 3] [--work /tmp/clintune-bench]
 """
