@@ -25,7 +25,7 @@ def need_shared() -> Path:
 
 def medabs(out: Path) -> tuple[Path, Path]:
     shared = need_shared()
-    if not (out / "train.csv").exists():
+    if not ((out / "train.csv").exists() and (out / "test.csv").exists()):
         subprocess.run([sys.executable, str(shared / "bench" / "medabs_binary.py"), str(out)], check=True,
                        stdout=subprocess.DEVNULL)
     return out / "train.csv", out / "test.csv"
@@ -38,32 +38,38 @@ def _morfitt_rows(split: str):
         yield from csv.DictReader(f, delimiter="\t")
 
 
-def morfitt_single(out: Path) -> tuple[Path, Path]:
+def _write_morfitt(out: Path, splits: tuple[str, ...], header: list[str], row) -> list[Path]:
+    """Write each MORFITT split as OUT/SPLIT.csv (``row(r)``: a CSV row or None to skip), atomically: a file
+    that exists is complete, so it is reused."""
     out.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "test"):
+    for split in splits:
         dest = out / f"{split}.csv"
         if dest.exists():
             continue
-        with open(dest, "w", newline="", encoding="utf-8") as f:
+        tmp = dest.with_suffix(".csv.partial")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
-            w.writerow(["text", "label"])
-            for r in _morfitt_rows(split):
-                labels = [l for l in r["specialities"].split("|") if l]
-                if len(labels) == 1:
-                    w.writerow([r["abstract"].strip(), labels[0]])
-    return out / "train.csv", out / "test.csv"
+            w.writerow(header)
+            w.writerows(x for x in map(row, _morfitt_rows(split)) if x is not None)
+        tmp.replace(dest)
+    return [out / f"{split}.csv" for split in splits]
+
+
+def _specialities(r: dict) -> list[str]:
+    return [l for l in r["specialities"].split("|") if l]
+
+
+def morfitt_single(out: Path) -> tuple[Path, Path]:
+    """MORFITT restricted to single-specialty documents: text, label."""
+    def row(r):
+        labels = _specialities(r)
+        return [r["abstract"].strip(), labels[0]] if len(labels) == 1 else None
+    train, test = _write_morfitt(out, ("train", "test"), ["text", "label"], row)
+    return train, test
 
 
 def morfitt_multilabel(out: Path) -> tuple[Path, Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    names = {"train": "train", "dev": "dev", "test": "test"}
-    for split in names:
-        dest = out / f"{split}.csv"
-        if dest.exists():
-            continue
-        with open(dest, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["text", "labels"])
-            for r in _morfitt_rows(split):
-                w.writerow([r["abstract"].strip(), "|".join(l for l in r["specialities"].split("|") if l)])
-    return out / "train.csv", out / "dev.csv", out / "test.csv"
+    """MORFITT as multi-label: text, labels ('A|B'), official train/dev/test."""
+    train, dev, test = _write_morfitt(out, ("train", "dev", "test"), ["text", "labels"],
+                                      lambda r: [r["abstract"].strip(), "|".join(_specialities(r))])
+    return train, dev, test
