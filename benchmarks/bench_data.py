@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +23,13 @@ def need_shared() -> Path:
     if not (SHARED / "data").is_dir():
         sys.exit(f"benchmarks need ../shared/data next to the repository ({SHARED} not found)")
     return SHARED
+
+
+def train(out: Path, args: list[str], env: dict | None = None) -> dict:
+    """Run ``clintune train ARGS --out OUT`` in its own process (offline, quiet) and return its record.json."""
+    cmd = [sys.executable, "-m", "clintune", "-q", "train", *args, "--out", str(out), "--overwrite", "--no-progress"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    return json.loads((out / "record.json").read_text())
 
 
 def medabs(out: Path) -> tuple[Path, Path]:

@@ -6,8 +6,6 @@ head on the frozen MiniLM for comparison; per-label thresholds tuned on the offi
 """
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,11 +25,8 @@ def main():
     for name, extra in [("lora", ["--method", "lora", "--lr", "1e-3", "--pooling", "cls", "--epochs", str(a.epochs)]),
                         ("frozen-grn", ["--method", "frozen", "--head", "grn", "--epochs", "20"])]:
         out = Path(a.work) / "runs" / f"morfitt-ml-{name}"
-        subprocess.run([sys.executable, "-m", "clintune", "-q", "train", "--task", "multilabel", "--data", str(tr),
-                        "--val-data", str(dev), "--test-data", str(te), "--label-col", "labels", "--backbone", "minilm",
-                        *extra, "--no-progress", "--out", str(out), "--overwrite"],
-                       check=True, stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        rec = json.loads((out / "record.json").read_text())
+        rec = bench_data.train(out, ["--task", "multilabel", "--data", str(tr), "--val-data", str(dev), "--test-data",
+                                     str(te), "--label-col", "labels", "--backbone", "minilm", *extra])
         m, c = rec["metrics"], rec["cost"]
         rows.append({"run": name, "f1_micro": m["f1_micro"], "f1_macro": m["f1_macro"], "auroc_macro": m["auroc_macro"],
                      "subset_accuracy": m["subset_accuracy"], "train_seconds": c["train_seconds"],

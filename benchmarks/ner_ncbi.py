@@ -25,14 +25,12 @@ def main():
     conll = bench_data.need_shared() / "data" / "ncbi_disease" / "conll"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = Path(a.work) / "runs" / "ncbi-ner-lora"
-    subprocess.run([sys.executable, "-m", "clintune", "-q", "train", "--task", "ner", "--data", str(conll / "train.tsv"),
-                    "--val-data", str(conll / "devel.tsv"), "--test-data", str(conll / "test.tsv"), "--backbone", "minilm",
-                    "--method", "lora", "--lora-r", "8", "--lora-alpha", "8", "--lr", "3e-4", "--epochs", str(a.epochs),
-                    "--batch-size", "16", "--precision", "bf16", "--no-progress",
-                    # the official split repeats one sentence between train and test: keep the split as published
-                    "--allow-duplicates", "--out", str(out), "--overwrite"],
-                   check=True, stdout=subprocess.DEVNULL, env=env)
-    rec = json.loads((out / "record.json").read_text())
+    rec = bench_data.train(out, ["--task", "ner", "--data", str(conll / "train.tsv"), "--val-data", str(conll / "devel.tsv"),
+                                 "--test-data", str(conll / "test.tsv"), "--backbone", "minilm", "--method", "lora",
+                                 "--lora-r", "8", "--lora-alpha", "8", "--lr", "3e-4", "--epochs", str(a.epochs),
+                                 "--batch-size", "16", "--precision", "bf16",
+                                 # the official split repeats one sentence between train and test: keep it as published
+                                 "--allow-duplicates"])
     peer = subprocess.run([sys.executable, str(Path(__file__).with_name("peer_ner.py")), "--train", str(conll / "train.tsv"),
                            "--test", str(conll / "test.tsv"), "--epochs", str(a.epochs), "--bf16"],
                           check=True, capture_output=True, text=True, env=env)

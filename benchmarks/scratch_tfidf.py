@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,10 +19,7 @@ import bench_data as datasets  # noqa: E402
 
 
 def train(work: Path, name: str, args: list[str]) -> dict:
-    out = work / "runs" / name
-    cmd = [sys.executable, "-m", "clintune", "-q", "train", *args, "--out", str(out), "--overwrite", "--no-progress"]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    return json.loads((out / "record.json").read_text())
+    return datasets.train(work / "runs" / name, args)
 
 
 def main() -> None:

@@ -43,15 +43,13 @@ def peer(train: Path, test: Path, a, bf16: bool) -> dict:
 
 def clintune(train: Path, test: Path, a, work: Path) -> dict:
     out = work / "runs" / "speed-clintune"
-    cmd = [sys.executable, "-m", "clintune", "-q", "train", "--data", str(train), "--test-data", str(test),
-           "--backbone", "minilm", "--method", "lora", "--head", "mlp", "--pooling", "cls", "--lora-r", "8",
-           "--lora-alpha", "8", "--lora-dropout", "0.1",
-           "--target-modules", "query,key,value", "--epochs", str(a.epochs), "--batch-size", "16",
-           "--eval-batch-size", "64", "--max-length", "256", "--lr", "3e-4", "--weight-decay", "0",
-           "--warmup-ratio", "0", "--max-grad-norm", "1", "--val-size", "0", "--patience", "0", "--seed", "42",
-           "--precision", "bf16", "--no-progress", "--out", str(out), "--overwrite"]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    rec = json.loads((out / "record.json").read_text())
+    rec = datasets.train(out, [
+        "--data", str(train), "--test-data", str(test), "--backbone", "minilm", "--method", "lora", "--head", "mlp",
+        "--pooling", "cls", "--lora-r", "8", "--lora-alpha", "8", "--lora-dropout", "0.1",
+        "--target-modules", "query,key,value", "--epochs", str(a.epochs), "--batch-size", "16",
+        "--eval-batch-size", "64", "--max-length", "256", "--lr", "3e-4", "--weight-decay", "0",
+        "--warmup-ratio", "0", "--max-grad-norm", "1", "--val-size", "0", "--patience", "0", "--seed", "42",
+        "--precision", "bf16"])
     c, m = rec["cost"], rec["metrics"]
     return {"system": "clintune", "method": "lora", "bf16": True, "n_train": rec["data"]["n_train"], "epochs": a.epochs,
             "train_seconds": c["train_seconds"], "train_samples_per_s": c["train_samples_per_s"],
