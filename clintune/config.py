@@ -316,8 +316,9 @@ class TrainConfig:
     device: str = option("auto", "where to train", choices=DEVICES, group="runtime")
     threads: int | None = option(None, "CPU threads (default: PyTorch's, one per core)", group="runtime")
     progress: bool = option(True, "show a progress bar with loss and samples/s", group="runtime")
-    fast: bool = option(True, "CPU speed-ups that keep the maths: fast dropout masks, fused attention when no "
-                        "dropout, bf16 storage of frozen weights under bf16 (--no-fast: plain PyTorch)",
+    fast: bool = option(True, "CPU speed-ups that keep the maths: fast dropout masks, cache-sized attention "
+                        "chunks with dropout, fused attention without gradients, bf16 storage of frozen "
+                        "weights under bf16, reuse of freed memory (--no-fast: plain PyTorch)",
                         group="runtime")
     cache: bool = option(True, "with --method frozen, encode each text once and train the head from cached "
                          "features (--no-cache re-encodes every epoch)", group="runtime")

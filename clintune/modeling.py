@@ -152,6 +152,10 @@ class Classifier:
         self.state = state or {}
         self.runtime = runtime or resolve_runtime(config.device, config.precision, allow_distributed=False)
         self.model.requires_grad_(False).to(self.runtime.device)
+        if self.runtime.device.type == "cpu" and config.fast:
+            from .fast import reuse_freed_memory
+
+            reuse_freed_memory()       # batches of activations reuse the heap instead of fresh pages
 
     @property
     def labels(self) -> list:

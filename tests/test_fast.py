@@ -66,6 +66,79 @@ def test_attention_matches_eager_attention_and_respects_the_mask():
     torch.testing.assert_close(mean, want, rtol=0, atol=0.05)                    # unbiased: E[dropout] = identity
 
 
+def test_keep_bits_is_the_keep_mask_draw_as_integers():
+    torch.manual_seed(3)
+    want = fast.keep_mask((64, 333), 0.25)
+    for dtype, bits in ((torch.bfloat16, torch.int16), (torch.float32, torch.int32), (torch.float64, torch.int64)):
+        torch.manual_seed(3)
+        got = fast.keep_bits((64, 333), 0.25, dtype)
+        assert got.dtype == bits and torch.equal(got, want.to(bits))
+
+
+def test_zero_dropped_zeroes_exactly_the_dropped_entries():
+    keep = torch.rand(50, 40, generator=torch.Generator().manual_seed(0)) > 0.3
+    for dtype in (torch.bfloat16, torch.float32, torch.float64):
+        x = torch.randn(50, 40).to(dtype)
+        want = torch.where(keep, x, torch.zeros((), dtype=dtype))
+        assert torch.equal(fast.zero_dropped(x, keep), want)
+        y = x.clone()
+        assert fast.zero_dropped(y, keep.to(fast._BITS[dtype]), inplace=True) is y and torch.equal(y, want)
+
+
+def test_lora_dropout_hands_autocast_the_same_bits_and_gradients():
+    x = torch.randn(4, 7, 16, dtype=torch.float32, requires_grad=True)
+    g = torch.randn(4, 7, 16).bfloat16()
+    outs, grads = [], []
+    for to_autocast in (False, True):
+        d = fast.FastDropout(0.1, to_autocast=to_autocast).train()
+        torch.manual_seed(11)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = d(x)
+        outs.append(y.to(torch.bfloat16))               # what a bf16 linear would read either way
+        (grad,) = torch.autograd.grad(y, x, g.to(y.dtype))
+        grads.append(grad)
+    assert outs[1].dtype == torch.bfloat16 and torch.equal(outs[0], outs[1])
+    assert torch.equal(grads[0], grads[1])
+    assert (outs[1] == 0).float().mean().item() == pytest.approx(0.1, abs=0.03)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_dropout_attention_forward_and_gradients_match_the_formula(padded):
+    """The chunked attention against softmax(Q K^T s + bias) * m / (1 - p) V, in float64, same mask m."""
+    b, h, t, d, p, scale = 5, 3, 9, 4, 0.2, 0.37
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(b, t, h, d, generator=g, dtype=torch.float64).transpose(1, 2).requires_grad_()
+               for _ in range(3))
+    mask = torch.ones(b, 1, t, t, dtype=torch.bool)
+    if padded:
+        mask[1, ..., 6:] = False
+        mask[4, ..., 2:] = False
+    grad_out = torch.randn(b, t, h, d, generator=g, dtype=torch.float64)
+    mod = _Mod().train()
+    old = fast._CHUNK_ELEMENTS
+    fast._CHUNK_ELEMENTS = 2 * h * t * t                                          # several chunks
+    try:
+        torch.manual_seed(7)
+        got, _ = fast.attention(mod, q, k, v, mask, dropout=p, scaling=scale)
+    finally:
+        fast._CHUNK_ELEMENTS = old
+    got_grads = torch.autograd.grad(got, (q, k, v), grad_out)
+    torch.manual_seed(7)
+    keep = fast.keep_mask((b, h, t, t), p)
+    scores = (q @ k.transpose(-1, -2)) * scale + torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, float("-inf"))
+    want = ((torch.softmax(scores, -1) * keep / (1 - p)) @ v).transpose(1, 2)
+    want_grads = torch.autograd.grad(want, (q, k, v), grad_out)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for a, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, w, rtol=1e-9, atol=1e-11)
+    if padded:                                                                   # padded keys get no gradient
+        assert got_grads[1][1, :, 6:].abs().max() == 0 and got_grads[2][4, :, 2:].abs().max() == 0
+
+
+def test_reusing_freed_memory_is_reported():
+    assert isinstance(fast.reuse_freed_memory(), bool)
+
+
 def test_bf16_frozen_weights_give_the_same_bits_as_autocast(tiny_backbone):
     from clintune.backbones import load_backbone
 

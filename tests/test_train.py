@@ -18,7 +18,7 @@ RECORD_COST_KEYS = {"train_seconds", "train_samples_per_s", "predict_samples_per
 @pytest.mark.parametrize("method", ["full", "frozen", "lora", "ia3"])
 def test_each_method_trains_saves_and_reloads_exactly(method, tiny_backbone, binary_csv, tmp_path):
     out = tmp_path / method
-    lr = {"full": 1e-3, "frozen": 5e-2, "lora": 1e-2, "ia3": 1e-1}[method]
+    lr = {"full": 1e-3, "frozen": 2e-2, "lora": 1e-2, "ia3": 1e-1}[method]   # frozen: 5e-2 overshoots with the mlp head on some seeds
     res = clintune.train(tiny_config(tiny_backbone, binary_csv, method=method, out=str(out), lr=lr, epochs=10,
                                      patience=0))
     rec = json.loads((out / "record.json").read_text())
