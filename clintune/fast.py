@@ -200,10 +200,19 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype):
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """(B, h, T, d) query/key/value -> ((B, T, h, d) output, None); mask: bool (B, 1, T, T), True = attend.
 
+    Only for plain bidirectional self-attention (modules that say ``is_causal = False``, as BERT-family
+    encoders do); anything else goes to transformers' SDPA attention unchanged.
     Without gradients: PyTorch's fused SDPA. Training with dropout on CPU: :class:`_DropoutAttention`.
     Otherwise (gradients without dropout) the unfused form: on CPU the fused kernel's backward is slower
     than two matrix products, softmax and their gradients.
     """
+    if (getattr(module, "is_causal", None) is not False or kwargs.get("is_causal")
+            or getattr(module, "num_key_value_groups", 1) != 1 or key.shape[-2] != query.shape[-2]):
+        # not a plain bidirectional self-attention (a decoder, grouped keys, cross-attention): transformers' own
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     if not needs_grad:
         out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling)
@@ -269,10 +278,10 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 def reuse_freed_memory(limit: int = 32 << 20) -> bool:
     """Ask glibc's malloc to keep freed blocks of up to ``limit`` bytes for reuse (``mallopt``).
 
-    By default glibc maps every large block (a layer's activations, attention scores, dropout masks) afresh
-    with ``mmap`` and unmaps it on free, so each training step page-faults and zeroes hundreds of MB again:
-    about a third of a LoRA step of MiniLM on 2 cores (profiled). Served from the heap instead, the blocks
-    are reused; peak RSS stays about the same (the same tensors are alive at the peak). Process-wide, for the
+    By default glibc maps large blocks (a layer's activations, attention scores, dropout masks) afresh with
+    ``mmap`` and unmaps them on free until its adaptive threshold catches up, so steps page-fault and zero
+    hundreds of MB again (15-25% of the early LoRA steps of MiniLM on 2 cores, profiled). Served from the
+    heap instead, the blocks are reused; peak RSS stays about the same (measured). Process-wide, for the
     rest of the process; a no-op (False) where the C library has no ``mallopt``.
     """
     import ctypes

@@ -42,7 +42,7 @@ def _qkv(b=2, h=2, t=6, d=4, seed=0):
 
 
 class _Mod(torch.nn.Module):
-    pass
+    is_causal = False                                                           # as BERT-family encoders say
 
 
 def test_attention_matches_eager_attention_and_respects_the_mask():
@@ -133,6 +133,17 @@ def test_dropout_attention_forward_and_gradients_match_the_formula(padded):
         torch.testing.assert_close(a, w, rtol=1e-9, atol=1e-11)
     if padded:                                                                   # padded keys get no gradient
         assert got_grads[1][1, :, 6:].abs().max() == 0 and got_grads[2][4, :, 2:].abs().max() == 0
+
+
+def test_attention_leaves_causal_and_unknown_modules_to_transformers():
+    q, k, v, _ = _qkv()
+    for causal in (True, None):
+        mod = torch.nn.Module()
+        if causal is not None:
+            mod.is_causal = causal
+        got, _ = fast.attention(mod.train(), q, k, v, None, dropout=0.0, scaling=0.5)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5).transpose(1, 2)
+        torch.testing.assert_close(got, want)
 
 
 def test_reusing_freed_memory_is_reported():
