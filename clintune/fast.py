@@ -25,8 +25,6 @@ only rewrites models that train on CPU.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import nn
@@ -143,6 +141,8 @@ class _DropoutAttention(torch.autograd.Function):
         with torch.autocast("cpu", enabled=False):
             b, h, t, _ = q.shape
             chunk = max(1, _CHUNK_ELEMENTS // (h * t * t))
+            if bias is not None and bias.shape[0] != b:                            # one mask for the batch
+                bias, padded = bias.expand(b, *bias.shape[1:]), padded * b
             q = (q * scale).contiguous()
             k, v = k.contiguous(), v.contiguous()
             out = torch.empty_like(q)

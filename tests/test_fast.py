@@ -135,6 +135,20 @@ def test_dropout_attention_forward_and_gradients_match_the_formula(padded):
         assert got_grads[1][1, :, 6:].abs().max() == 0 and got_grads[2][4, :, 2:].abs().max() == 0
 
 
+
+def test_dropout_attention_broadcasts_one_mask_over_the_batch():
+    b, h, t, d = 3, 2, 5, 4
+    q, k, v = (torch.randn(b, h, t, d, dtype=torch.float64).requires_grad_() for _ in range(3))
+    one = torch.ones(1, 1, t, t, dtype=torch.bool)
+    one[..., 3:] = False
+    mod = _Mod().train()
+    torch.manual_seed(2)
+    got, _ = fast.attention(mod, q, k, v, one, dropout=0.1)
+    torch.manual_seed(2)
+    want, _ = fast.attention(mod, q, k, v, one.expand(b, 1, t, t), dropout=0.1)
+    torch.testing.assert_close(got, want)
+
+
 def test_attention_leaves_causal_and_unknown_modules_to_transformers():
     q, k, v, _ = _qkv()
     for causal in (True, None):
