@@ -6,9 +6,10 @@ draws about 0.2 G numbers/s per core, and BERT drops out every attention probabi
 of them per layer, as well as hidden states and LoRA inputs), the unfused attention that PyTorch's fused
 SDPA falls back to whenever attention dropout is on, and page faults on freshly mapped memory.
 
-* :func:`keep_mask` / :func:`keep_bits` draw the Bernoulli(1 - p) keep-mask from 16-bit uniform integers
-  taken four at a time out of numpy SFC64 64-bit draws: keep iff u >= p * 2^16, so the drop probability is
-  p rounded to a multiple of 2^-16 (0.1 -> 0.100006). Seeded by the usual ``torch.manual_seed``.
+* :func:`keep_mask` / :func:`keep_bits` draw the Bernoulli(1 - p) keep-mask from 16-bit uniform integers,
+  four per 64-bit SplitMix64 output (:mod:`clintune.masks`: a vectorised C loop, numpy's SFC64 without a
+  compiler): keep iff u >= p * 2^16, so the drop probability is p rounded to a multiple of 2^-16
+  (0.1 -> 0.100006). Seeded by the usual ``torch.manual_seed``.
 * :func:`zero_dropped` applies a mask by an integer product on the values' bits (exact, vectorised).
 * :class:`FastDropout` is ``nn.Dropout`` with that mask: y = x * m / (1 - p); LoRA's input dropouts
   hand their result to ``lora_A`` already in the autocast dtype (the same bits, one pass fewer).
@@ -25,25 +26,13 @@ only rewrites models that train on CPU.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
+from . import masks
+
 ATTENTION = "clintune"
 _registered = False
-
-
-def _draw(out: torch.Tensor, threshold: int) -> torch.Tensor:
-    """Fill ``out`` (bool or integer, contiguous) with [u >= threshold] for uniform 16-bit integers u.
-
-    The uniforms are taken four at a time from 64-bit draws of numpy's SFC64 generator (about 2 G/s on
-    one core, several times torch's ``random_``), seeded from one draw of torch's global generator, so
-    ``torch.manual_seed`` still makes a run repeatable.
-    """
-    n = out.numel()
-    seed = int(torch.randint(0, 2 ** 62, (1,)).item())
-    u = np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.int16)[:n]
-    return torch.ge(torch.from_numpy(u).view(out.shape), threshold, out=out)
 
 
 def _threshold(p: float) -> int:
@@ -53,7 +42,7 @@ def _threshold(p: float) -> int:
 
 def keep_mask(shape: tuple[int, ...], p: float, device: torch.device | None = None) -> torch.Tensor:
     """Boolean mask, True with probability 1 - p (p quantised to 2^-16: keep iff u >= p 2^16 - 2^15)."""
-    keep = _draw(torch.empty(shape, dtype=torch.bool), _threshold(p))
+    keep = masks.draw(torch.empty(shape, dtype=torch.bool), _threshold(p))
     return keep if device is None or device.type == "cpu" else keep.to(device)
 
 
@@ -63,7 +52,7 @@ _BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32:
 
 def keep_bits(shape: tuple[int, ...], p: float, dtype: torch.dtype) -> torch.Tensor:
     """The :func:`keep_mask` draw as 0/1 integers as wide as ``dtype`` (for :func:`zero_dropped`)."""
-    return _draw(torch.empty(shape, dtype=_BITS[dtype]), _threshold(p))
+    return masks.draw(torch.empty(shape, dtype=_BITS[dtype]), _threshold(p))
 
 
 def zero_dropped(x: torch.Tensor, keep: torch.Tensor, inplace: bool = False) -> torch.Tensor:
