@@ -317,6 +317,7 @@ def accelerate(model: nn.Module, runtime) -> Speedups:
             cfg._attn_implementation = ATTENTION
     sp.report["attention"] = ATTENTION if sp._configs else "unchanged"
     sp.report["fast_dropout_modules"] = replace_dropout(model)
+    sp.report["dropout_masks"] = "splitmix64-c" if masks.compiled() is not None else "numpy-sfc64"
     sp.report["reuse_freed_memory"] = reuse_freed_memory()
     if runtime.precision == "bf16":
         sp._weights = frozen_linears_to(model, torch.bfloat16)
