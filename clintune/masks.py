@@ -11,8 +11,8 @@ generator on CPU, so this module compiles one with the system C compiler, withou
 
 which is SplitMix64's own output sequence (Steele, Lea & Flood, OOPSLA 2014; it passes BigCrush), split
 into four 16-bit uniforms. Each r_j depends only on (seed, j), so the loop vectorises (AVX-512/AVX2).
-The shared object is cached under ``$CLINTUNE_CACHE_DIR/kernels`` (default ``~/.cache/clintune/kernels``),
-keyed on the source and this CPU's flags, and written atomically. Without a compiler (or with
+The shared object is cached in ``$CLINTUNE_KERNEL_DIR`` (default ``~/.cache/clintune/kernels``), keyed
+on the source and this CPU's flags, and written atomically. Without a compiler (or with
 ``CLINTUNE_NO_KERNELS=1``) :func:`draw` takes the same uniforms from numpy's SFC64 instead: the same
 distribution, other numbers. Either way the seed comes from torch's generator, so ``torch.manual_seed``
 makes a run repeatable on the same machine.
@@ -67,8 +67,11 @@ _LIB: list = []          # [ctypes library or None], once per process
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("CLINTUNE_CACHE_DIR")
-    return (Path(base) if base else Path.home() / ".cache" / "clintune") / "kernels"
+    """$CLINTUNE_KERNEL_DIR, else clintune/kernels in the user's cache (beside, not inside, the feature cache)."""
+    env = os.environ.get("CLINTUNE_KERNEL_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "clintune" / "kernels"
 
 
 def _compile() -> ctypes.CDLL | None:

@@ -41,14 +41,27 @@ def test_masks_have_the_right_rate_and_repeat_with_the_seed(use_kernel, monkeypa
 
 
 def test_a_compiler_that_fails_means_numpy(monkeypatch, tmp_path):
-    monkeypatch.setenv("CLINTUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CLINTUNE_KERNEL_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "false")
     monkeypatch.setattr(masks.shutil, "which", lambda name: "/bin/false" if name == "false" else None)
     monkeypatch.setattr(masks, "_LIB", [])
     assert masks.compiled() is None
-    assert not list((tmp_path / "kernels").glob("*.so"))
+    assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob(".*partial"))     # nothing left behind
     out = masks.draw(torch.empty(1000, dtype=torch.int32), 0)
     assert out.dtype == torch.int32 and 400 < int(out.sum()) < 600
+
+
+def test_the_kernel_is_compiled_once_into_the_kernel_dir(monkeypatch, tmp_path):
+    if masks.shutil.which("cc") is None and masks.shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("CLINTUNE_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setattr(masks, "_LIB", [])
+    assert masks.compiled() is not None
+    built = list(tmp_path.glob("masks-*.so"))
+    assert len(built) == 1 and not list(tmp_path.glob(".*partial"))
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(masks, "_LIB", [])
+    assert masks.compiled() is not None and built[0].stat().st_mtime_ns == stamp          # reused, not rebuilt
 
 
 def test_draw_refuses_a_non_contiguous_target():
