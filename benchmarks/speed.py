@@ -6,10 +6,11 @@ hyperparameters: LoRA r=8, alpha=8, dropout 0.1 on query/key/value (the peer's),
 weight decay, no warm-up, linear decay, gradient clipping 1.0, batch 16, max length 256, 3 epochs,
 seed 42, every dropout of the checkpoint left on, and the peer's head: a dense + tanh layer on [CLS]
 and a linear classifier, both trained (``--head mlp --pooling cls``; the checkpoint has no pooler
-weights). The peer runs in fp32 and in bf16 (its best setting on this CPU); clintune in bf16.
+weights). The peer runs in fp32 and in bf16 (its best setting on this CPU); clintune in bf16, with its
+default length-bucketed batches and with ``--no-bucket`` (plain random batches: lower peak memory).
 Each system trains in its own process.
 
-    python benchmarks/speed.py [--epochs 3] [--limit N] [--no-peer-fp32] [--work /tmp/clintune-bench]
+    python benchmarks/speed.py [--epochs 3] [--limit N] [--no-peer-fp32] [--no-lean] [--work /tmp/clintune-bench]
 
 Prints one table (train and predict samples/s, peak RSS, F1, MFU) and the ratios against the peer's
 best setting, and writes WORK/speed.json.
@@ -41,15 +42,15 @@ def peer(train: Path, test: Path, a, bf16: bool) -> dict:
     return json.loads(line)
 
 
-def clintune(train: Path, test: Path, a, work: Path) -> dict:
-    out = work / "runs" / "speed-clintune"
+def clintune(train: Path, test: Path, a, work: Path, extra: tuple[str, ...] = ()) -> dict:
+    out = work / "runs" / ("speed-clintune" + "".join(extra).replace("--", "-"))
     rec = datasets.train(out, [
         "--data", str(train), "--test-data", str(test), "--backbone", "minilm", "--method", "lora", "--head", "mlp",
         "--pooling", "cls", "--lora-r", "8", "--lora-alpha", "8", "--lora-dropout", "0.1",
         "--target-modules", "query,key,value", "--epochs", str(a.epochs), "--batch-size", "16",
         "--eval-batch-size", "64", "--max-length", "256", "--lr", "3e-4", "--weight-decay", "0",
         "--warmup-ratio", "0", "--max-grad-norm", "1", "--val-size", "0", "--patience", "0", "--seed", "42",
-        "--precision", "bf16"])
+        "--precision", "bf16", *extra])
     c, m = rec["cost"], rec["metrics"]
     return {"system": "clintune", "method": "lora", "bf16": True, "n_train": rec["data"]["n_train"], "epochs": a.epochs,
             "train_seconds": c["train_seconds"], "train_samples_per_s": c["train_samples_per_s"],
@@ -74,6 +75,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--limit", type=int, default=None, help="train on N examples (quick checks)")
     ap.add_argument("--no-peer-fp32", action="store_true")
+    ap.add_argument("--no-lean", action="store_true", help="skip the clintune --no-bucket (lower memory) row")
     ap.add_argument("--work", default="/tmp/clintune-bench")
     a = ap.parse_args()
     work = Path(a.work)
@@ -89,8 +91,10 @@ def main() -> None:
         rows.append({**peer(train, test, a, False), "setting": "peer fp32"})
     rows.append({**peer(train, test, a, True), "setting": "peer bf16"})
     rows.append({**clintune(train, test, a, work), "setting": "clintune bf16"})
+    if not a.no_lean:
+        rows.append({**clintune(train, test, a, work, ("--no-bucket",)), "setting": "  --no-bucket"})
     best = max((r for r in rows if r["system"] != "clintune"), key=lambda r: r["train_samples_per_s"])
-    ours = rows[-1]
+    ours = next(r for r in rows if r["setting"] == "clintune bf16")
     flops_per_sample = ours["train_flops"] / (ours["n_train"] * a.epochs) if ours.get("train_flops") else None
     for r in rows:  # the same model-FLOP count per sample for everyone (same encoder, same LoRA)
         if flops_per_sample:
@@ -101,13 +105,22 @@ def main() -> None:
     for r in rows:
         print(f"{r['setting']:<15} {r['train_samples_per_s']:12.2f} {r['predict_samples_per_s']:14.2f} "
               f"{r['peak_rss_mb']:11.0f} {r['f1']:6.3f} {r['accuracy']:6.3f} {r['mfu'] or 0:6.1%}")
-    ratios = {"train_speed": ours["train_samples_per_s"] / best["train_samples_per_s"],
-              "predict_speed": ours["predict_samples_per_s"] / best["predict_samples_per_s"],
-              "peak_rss": ours["peak_rss_mb"] / best["peak_rss_mb"], "f1_delta": ours["f1"] - best["f1"]}
-    print(f"vs the peer's best ({best['setting']}): train {ratios['train_speed']:.2f}x, predict "
-          f"{ratios['predict_speed']:.2f}x, peak RSS {ratios['peak_rss']:.2f}x, F1 {ratios['f1_delta']:+.3f}; "
-          f"clintune MFU {ours['mfu']:.1%} of the measured bf16 peak; total {time.time() - t0:.0f} s")
-    (work / "speed.json").write_text(json.dumps({"rows": rows, "ratios": ratios, "peak_tflops": peak}, indent=2))
+    def ratios(r: dict) -> dict:
+        return {"train_speed": r["train_samples_per_s"] / best["train_samples_per_s"],
+                "predict_speed": r["predict_samples_per_s"] / best["predict_samples_per_s"],
+                "peak_rss": r["peak_rss_mb"] / best["peak_rss_mb"], "f1_delta": r["f1"] - best["f1"]}
+
+    all_ratios = {}
+    for r in rows:
+        if r["system"] != "clintune":
+            continue
+        x = all_ratios[r["setting"].strip()] = ratios(r)
+        print(f"{r['setting'].strip()} vs the peer's best ({best['setting']}): train {x['train_speed']:.2f}x, predict "
+              f"{x['predict_speed']:.2f}x, peak RSS {x['peak_rss']:.2f}x, F1 {x['f1_delta']:+.3f}, MFU {r['mfu']:.1%} "
+              f"of the measured bf16 peak")
+    print(f"total {time.time() - t0:.0f} s")
+    (work / "speed.json").write_text(json.dumps({"rows": rows, "ratios": all_ratios["clintune bf16"],
+                                                 "ratios_by_setting": all_ratios, "peak_tflops": peak}, indent=2))
 
 
 if __name__ == "__main__":

@@ -162,13 +162,13 @@ class _Inputs:
         sp = self.splits
         if self.cached:
             feats = self._features("data", sp.full)
-            train = FeatureFeed(feats, sp.train.index)
+            train = FeatureFeed(feats, sp.train.index, bucket=self.cfg.bucket)
             if sp.val is None:
                 return train, None
             if sp.val.source == sp.full.source:
                 return train, FeatureFeed(feats, sp.val.index)
             return train, FeatureFeed(self._features("val", sp.val), np.arange(len(sp.val)))
-        train = make_feed(self.encode("train", sp.train))
+        train = make_feed(self.encode("train", sp.train), bucket=self.cfg.bucket)
         return train, None if sp.val is None else make_feed(self.encode("val", sp.val))
 
     def test_outputs(self, clf: Classifier):

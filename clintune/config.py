@@ -294,6 +294,9 @@ class TrainConfig:
                                             "tokens and accumulate their gradients: the same update, a fraction "
                                             "of the memory (default: 2048 when an encoder trains on CPU; 0: off)",
                                             group="training")
+    bucket: bool = option(True, "length-bucketed training batches: notes of similar length share a batch, so "
+                          "less padding (--no-bucket: plain random batches; steady shapes fragment the heap "
+                          "less, so lower peak memory, but slower when lengths vary)", group="training")
     eval_batch_size: int = option(64, "batch size for validation, test and predict", group="training")
     lr: float | None = option(None, "peak learning rate (default per method: full 5e-5, lora 3e-4, "
                               "ia3 3e-3, frozen 1e-3; scratch-* backbones 1e-3)", group="training")

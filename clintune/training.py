@@ -129,10 +129,10 @@ class ChunkFeed(Feed):
         return {"input_ids": ids, "attention_mask": mask, "window_owner": torch.from_numpy(owner)}
 
 
-def make_feed(enc) -> Feed:
+def make_feed(enc, bucket: bool = True) -> Feed:
     from .batching import ChunkEncoded
 
-    return ChunkFeed(enc) if isinstance(enc, ChunkEncoded) else TokenFeed(enc)
+    return ChunkFeed(enc, bucket) if isinstance(enc, ChunkEncoded) else TokenFeed(enc, bucket)
 
 
 def _to(inputs: dict, device: torch.device) -> dict:

@@ -165,3 +165,23 @@ def test_loss_sums_split_into_micro_batches_add_up_to_the_mean(task):
     if task == "classification":
         torch.testing.assert_close(get_task(task).loss(lm, t, False).mean(logits, y),
                                    torch.nn.functional.cross_entropy(logits, y))
+
+
+def test_no_bucket_trains_on_plain_random_batches(tiny_backbone, binary_csv, monkeypatch):
+    from clintune import training
+    from clintune.batching import train_batches
+
+    lengths = np.array([3, 50, 4, 48, 5, 47, 6, 46, 7, 45, 8, 44])
+    plain = train_batches(lengths, 4, np.random.default_rng(0), bucket=False)
+    perm = np.random.default_rng(0).permutation(len(lengths))
+    assert [b.tolist() for b in plain] == [perm[i: i + 4].tolist() for i in range(0, 12, 4)]
+    bucketed = train_batches(lengths, 4, np.random.default_rng(0))
+    assert sum(np.ptp(lengths[b]) for b in bucketed) < sum(np.ptp(lengths[b]) for b in plain)  # less padding
+
+    seen = []
+    monkeypatch.setattr(training, "train_batches", lambda l, b, rng, bucket: seen.append(bucket) or
+                        train_batches(l, b, rng, bucket))
+    for bucket in (False, True):
+        res = clintune.train(tiny_config(tiny_backbone, binary_csv, method="lora", epochs=1, bucket=bucket))
+        assert res.record["config"]["bucket"] is bucket
+    assert seen == [False, True]
