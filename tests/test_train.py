@@ -185,3 +185,20 @@ def test_no_bucket_trains_on_plain_random_batches(tiny_backbone, binary_csv, mon
         res = clintune.train(tiny_config(tiny_backbone, binary_csv, method="lora", epochs=1, bucket=bucket))
         assert res.record["config"]["bucket"] is bucket
     assert seen == [False, True]
+
+
+def test_cpu_evaluation_runs_in_token_capped_pieces(tiny_backbone, binary_csv, monkeypatch):
+    from clintune import training
+    from clintune.batching import Encoded
+
+    enc = Encoded([np.arange(n) for n in (30, 9, 17, 3, 25, 12)], np.zeros(6, bool), 0)
+    pieces = [idx for _, idx in training.make_feed(enc).eval_batches(4, max_tokens=40)]
+    assert sorted(np.concatenate(pieces).tolist()) == list(range(6))
+    for idx in pieces:   # padded to the piece's longest note, rounded up to 8; one long note may stand alone
+        assert len(idx) == 1 or len(idx) * -(-int(enc.lengths[idx].max()) // 8) * 8 <= 40
+    res = clintune.train(tiny_config(tiny_backbone, binary_csv, method="lora", epochs=1, precision="fp32"))
+    texts = ["heart cardiac noted today", "rash", "fracture femur follow up visit review plan"] * 5
+    monkeypatch.setattr(training, "EVAL_TOKENS_CPU", None)
+    whole = res.classifier.predict_proba(texts)
+    monkeypatch.setattr(training, "EVAL_TOKENS_CPU", 24)
+    np.testing.assert_allclose(res.classifier.predict_proba(texts), whole, atol=1e-6)
