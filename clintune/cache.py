@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .batching import PAD_MULTIPLE, Encoded, collate, eval_batches
+from .batching import PAD_MULTIPLE, Encoded
 
 FORMAT = 1
 
@@ -105,10 +105,13 @@ class Features:
 @torch.inference_mode()
 def encode_into(model, enc: Encoded, batch_size: int, runtime, states: np.ndarray, offsets: np.ndarray) -> None:
     """Run the (frozen) encoder over ``enc`` with the classifier's batching; write unpadded states."""
+    from .training import EVAL_TOKENS_CPU, TokenFeed
+
     model.eval()
     dev = runtime.device
-    for idx in eval_batches(enc.lengths, batch_size):
-        ids, mask = collate([enc.ids[i] for i in idx], enc.pad_id)
+    max_tokens = EVAL_TOKENS_CPU if dev.type == "cpu" else None
+    for batch, idx in TokenFeed(enc).eval_batches(batch_size, max_tokens):
+        ids, mask = batch["input_ids"], batch["attention_mask"]
         with runtime.autocast():
             h = model.encode(ids.to(dev), mask.to(dev))                       # (B, T, H) feature dtype
         h = h.cpu()
