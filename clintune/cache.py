@@ -13,7 +13,8 @@ concurrent run never leaves a half-written entry that could be read. Cached stat
 notes: the cache directory is created private (mode 0700); ``clintune cache-clear`` empties it.
 
 Encoding uses exactly the batching of :meth:`clintune.modeling.Classifier.logits_encoded` (length-
-sorted batches of ``eval_batch_size``), so predictions made from cached test states are bit-for-bit
+sorted batches of ``eval_batch_size``, in pieces of at most ``training.EVAL_TOKENS_CPU`` tokens on CPU;
+that cap is part of the key), so predictions made from cached test states are bit-for-bit
 those of the saved model reloaded and run on the same texts.
 """
 from __future__ import annotations
@@ -61,7 +62,10 @@ def tokenizer_sha256(tokenizer) -> str:
 def cache_key(**parts) -> str:
     import transformers
 
-    parts = {**parts, "format": FORMAT, "torch": torch.__version__, "transformers": transformers.__version__}
+    from .training import EVAL_TOKENS_CPU   # the batching decides the low-order bits, so it is in the key
+
+    parts = {**parts, "format": FORMAT, "eval_tokens_cpu": EVAL_TOKENS_CPU, "torch": torch.__version__,
+             "transformers": transformers.__version__}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 

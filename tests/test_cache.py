@@ -68,11 +68,15 @@ def test_partial_entries_are_ignored_and_rebuilt(tiny_backbone, binary_csv, cach
     assert all((p / "meta.json").exists() for p in cache_dir.iterdir())
 
 
-def test_cache_key_changes_with_what_decides_the_bits():
+def test_cache_key_changes_with_what_decides_the_bits(monkeypatch):
+    from clintune import training
+
     base = dict(backbone="a", tokenizer="t", max_length=256, batch_size=64, dtype="bf16", device="cpu", texts="x")
     k = cache_mod.cache_key(**base)
     for field, value in [("backbone", "b"), ("max_length", 128), ("batch_size", 32), ("dtype", "fp32"), ("texts", "y")]:
         assert cache_mod.cache_key(**{**base, field: value}) != k
+    monkeypatch.setattr(training, "EVAL_TOKENS_CPU", training.EVAL_TOKENS_CPU * 2)   # evaluation pieces
+    assert cache_mod.cache_key(**base) != k
 
 
 def test_bf16_features_are_stored_as_computed_and_reload_exactly(tiny_backbone, binary_csv, cache_dir, tmp_path):
