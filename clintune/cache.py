@@ -109,12 +109,11 @@ class Features:
 @torch.inference_mode()
 def encode_into(model, enc: Encoded, batch_size: int, runtime, states: np.ndarray, offsets: np.ndarray) -> None:
     """Run the (frozen) encoder over ``enc`` with the classifier's batching; write unpadded states."""
-    from .training import EVAL_TOKENS_CPU, TokenFeed
+    from .training import TokenFeed, eval_max_tokens
 
     model.eval()
     dev = runtime.device
-    max_tokens = EVAL_TOKENS_CPU if dev.type == "cpu" else None
-    for batch, idx in TokenFeed(enc).eval_batches(batch_size, max_tokens):
+    for batch, idx in TokenFeed(enc).eval_batches(batch_size, eval_max_tokens(dev)):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         with runtime.autocast():
             h = model.encode(ids.to(dev), mask.to(dev))                       # (B, T, H) feature dtype

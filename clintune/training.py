@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .batching import Encoded, collate, eval_batches, train_batches
+from .batching import PAD_MULTIPLE, Encoded, collate, eval_batches, train_batches
 from .cost import CostMeter
 from .methods import trainable_state
 from .runtime import Runtime
@@ -49,7 +49,7 @@ class Feed:
         if not max_tokens:
             return [idx]
         t = int(self.lengths[idx].max())
-        t = -(-t // 8) * 8
+        t = -(-t // PAD_MULTIPLE) * PAD_MULTIPLE
         per = max(1, max_tokens // max(t, 1))
         return [idx[i: i + per] for i in range(0, len(idx), per)]
 
@@ -149,6 +149,11 @@ def _to(inputs: dict, device: torch.device) -> dict:
 EVAL_TOKENS_CPU = 4096
 
 
+def eval_max_tokens(device: torch.device) -> int | None:
+    """Token cap of evaluation pieces on ``device``: :data:`EVAL_TOKENS_CPU` on CPU, none on GPUs."""
+    return EVAL_TOKENS_CPU if device.type == "cpu" else None
+
+
 @torch.inference_mode()
 def predict_logits(model: nn.Module, feed: Feed, batch_size: int, runtime: Runtime, num_labels: int,
                    token_level: bool = False):
@@ -156,8 +161,7 @@ def predict_logits(model: nn.Module, feed: Feed, batch_size: int, runtime: Runti
     was_training = model.training
     model.eval()
     out = [None] * len(feed) if token_level else np.zeros((len(feed), num_labels), dtype=np.float32)
-    max_tokens = EVAL_TOKENS_CPU if runtime.device.type == "cpu" else None
-    for inputs, idx in feed.eval_batches(batch_size, max_tokens):
+    for inputs, idx in feed.eval_batches(batch_size, eval_max_tokens(runtime.device)):
         with runtime.autocast():
             logits = model(**_to(inputs, runtime.device)).float().cpu().numpy()
         if token_level:

@@ -192,10 +192,11 @@ def test_cpu_evaluation_runs_in_token_capped_pieces(tiny_backbone, binary_csv, m
     from clintune.batching import Encoded
 
     enc = Encoded([np.arange(n) for n in (30, 9, 17, 3, 25, 12)], np.zeros(6, bool), 0)
-    pieces = [idx for _, idx in training.make_feed(enc).eval_batches(4, max_tokens=40)]
-    assert sorted(np.concatenate(pieces).tolist()) == list(range(6))
-    for idx in pieces:   # padded to the piece's longest note, rounded up to 8; one long note may stand alone
-        assert len(idx) == 1 or len(idx) * -(-int(enc.lengths[idx].max()) // 8) * 8 <= 40
+    pieces = list(training.make_feed(enc).eval_batches(4, max_tokens=40))
+    assert sorted(np.concatenate([idx for _, idx in pieces]).tolist()) == list(range(6))
+    assert len(pieces) > 2                                   # two batches of at most 4, cut further
+    for inputs, idx in pieces:   # padded tokens the model sees; one long note may stand alone
+        assert len(idx) == 1 or inputs["input_ids"].numel() <= 40
     res = clintune.train(tiny_config(tiny_backbone, binary_csv, method="lora", epochs=1, precision="fp32"))
     texts = ["heart cardiac noted today", "rash", "fracture femur follow up visit review plan"] * 5
     monkeypatch.setattr(training, "EVAL_TOKENS_CPU", None)
