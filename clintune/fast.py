@@ -20,7 +20,6 @@ SDPA falls back to whenever attention dropout is on, and page faults on freshly 
 * :func:`frozen_linears_to` stores frozen ``nn.Linear`` weights in bf16, exactly what autocast would
   cast them to at every call, minus the cast (and half the memory). Trainable parameters stay fp32.
 * :func:`reuse_freed_memory` lets glibc's malloc reuse freed blocks instead of mapping fresh pages.
-* :func:`cap_primitive_cache` keeps oneDNN from caching a kernel for every batch shape it has seen.
 
 On CUDA none of this is needed (SDPA's fused kernels do dropout themselves), so :func:`accelerate`
 only rewrites models that train on CPU.
@@ -285,26 +284,6 @@ def reuse_freed_memory(limit: int = 32 << 20) -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, int(limit))) and bool(mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
-PRIMITIVE_CACHE = 32
-
-
-def cap_primitive_cache(capacity: int = PRIMITIVE_CACHE) -> int:
-    """Cap oneDNN's primitive cache at ``capacity`` entries unless ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` is set.
-
-    oneDNN (PyTorch's CPU kernels for bf16 matrix products) keeps a compiled primitive, with its buffers,
-    for every shape it has run, up to 1,024 by default. Length-bucketed batches have a new sequence length
-    every few steps, so the cache grew by about 330 MB over one epoch of LoRA on MiniLM (heap in use
-    between steps 564 MB at the default, 371 MB at 32; peak RSS 2,072 MB against 1,668 MB) while every
-    step needs only the few shapes of its own batch: 31.8 against 31.0 samples/s (noise); 16 entries
-    were as fast, 8 fell to 23.4 samples/s (kernels rebuilt every step). oneDNN reads the variable when it
-    first builds a primitive, so this takes effect only if no bf16/oneDNN product has run in the process
-    yet. Returns the capacity that applies from then on.
-    """
-    import os
-
-    return int(os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(int(capacity))))
-
-
 class Speedups:
     """What :func:`accelerate` changed, and :meth:`restore` to put the original weights and attention back.
 
@@ -340,7 +319,6 @@ def accelerate(model: nn.Module, runtime) -> Speedups:
     sp.report["fast_dropout_modules"] = replace_dropout(model)
     sp.report["dropout_masks"] = "splitmix64-c" if masks.compiled() is not None else "numpy-sfc64"
     sp.report["reuse_freed_memory"] = reuse_freed_memory()
-    sp.report["onednn_primitive_cache"] = cap_primitive_cache()
     if runtime.precision == "bf16":
         sp._weights = frozen_linears_to(model, torch.bfloat16)
         sp.report["bf16_frozen_linear_tensors"] = len(sp._weights)

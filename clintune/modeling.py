@@ -153,10 +153,9 @@ class Classifier:
         self.runtime = runtime or resolve_runtime(config.device, config.precision, allow_distributed=False)
         self.model.requires_grad_(False).to(self.runtime.device)
         if self.runtime.device.type == "cpu" and config.fast:
-            from .fast import cap_primitive_cache, reuse_freed_memory
+            from .fast import reuse_freed_memory
 
             reuse_freed_memory()       # batches of activations reuse the heap instead of fresh pages
-            cap_primitive_cache()      # evaluation pieces of many shapes do not each keep a oneDNN kernel
 
     @property
     def labels(self) -> list:

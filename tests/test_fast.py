@@ -1,6 +1,4 @@
 """The CPU speed-ups keep the maths: same distribution, same attention, same bits where promised."""
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -164,15 +162,6 @@ def test_attention_leaves_causal_and_unknown_modules_to_transformers():
 
 def test_reusing_freed_memory_is_reported():
     assert isinstance(fast.reuse_freed_memory(), bool)
-
-
-def test_onednn_cache_cap_is_set_once_and_never_overrides_the_user(monkeypatch):
-    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "")     # records the original for the undo
-    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
-    assert fast.cap_primitive_cache() == fast.PRIMITIVE_CACHE == 32
-    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "32"
-    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "500")
-    assert fast.cap_primitive_cache() == 500 and os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "500"
 
 
 def test_bf16_frozen_weights_give_the_same_bits_as_autocast(tiny_backbone):
