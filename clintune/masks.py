@@ -113,12 +113,18 @@ def compiled() -> ctypes.CDLL | None:
     return _LIB[0]
 
 
-def draw(out: torch.Tensor, threshold: int) -> torch.Tensor:
+def new_seed() -> int:
+    """A mask seed from torch's global generator (so ``torch.manual_seed`` fixes every mask)."""
+    return int(torch.randint(0, 2 ** 62, (1,)).item())
+
+
+def draw(out: torch.Tensor, threshold: int, seed: int | None = None) -> torch.Tensor:
     """Fill ``out`` (contiguous CPU bool/uint8/int16/int32/int64) with [u >= threshold] for uniform 16-bit
-    signed integers u; one seed drawn from torch's global generator per call."""
+    signed integers u from ``seed`` (default: :func:`new_seed`). The same seed, shape and threshold give the
+    same mask again, so a backward pass can redraw a mask instead of keeping it."""
     if not out.is_contiguous() or out.device.type != "cpu":
         raise ValueError("draw: out must be a contiguous CPU tensor")
-    seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+    seed = new_seed() if seed is None else int(seed)
     n = out.numel()
     lib = compiled()
     if lib is not None and out.dtype in _FUNCS:

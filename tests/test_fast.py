@@ -33,6 +33,20 @@ def test_fast_dropout_is_inverted_dropout():
     assert torch.equal(d.eval()(x), x)
 
 
+def test_fast_dropout_backward_redraws_the_forward_mask_without_touching_the_generator():
+    d = fast.FastDropout(0.3).train()
+    x = (torch.rand(300, 70) + 0.5).requires_grad_()
+    torch.manual_seed(5)
+    y = d(x)
+    y.backward(torch.full_like(y, 2.0))
+    after_backward = torch.rand(3)
+    torch.testing.assert_close(x.grad, (y != 0).float() * 2.0 / 0.7)       # kept entries only, scaled
+    assert 0.25 < (y == 0).float().mean().item() < 0.35
+    torch.manual_seed(5)
+    d(x.detach())
+    assert torch.equal(torch.rand(3), after_backward)                         # the redraw took no numbers
+
+
 def _qkv(b=2, h=2, t=6, d=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(b, h, t, d, generator=g) for _ in range(3))

@@ -38,6 +38,12 @@ def test_masks_have_the_right_rate_and_repeat_with_the_seed(use_kernel, monkeypa
     assert abs(a.float().mean().item() - 0.9) < 0.002
     lanes = masks.draw(torch.empty(250_000, 4, dtype=torch.int16), 0).float().mean(0)   # each 16-bit lane
     assert (lanes - 0.5).abs().max() < 0.005
+    torch.manual_seed(0)
+    seed = masks.new_seed()                                     # what draw takes from the generator
+    torch.manual_seed(123)
+    assert torch.equal(masks.draw(torch.empty(1000, 1000, dtype=torch.bool), thr, seed), a)
+    wide = masks.draw(torch.empty(1000, 1000, dtype=torch.int16), thr, seed)  # any width: the same mask
+    assert torch.equal(wide.bool(), a)
 
 
 def test_a_compiler_that_fails_means_numpy(monkeypatch, tmp_path):
