@@ -120,7 +120,8 @@ class _DropoutAttention(torch.autograd.Function):
 
     The (B, h, T, T) scores of a chunk are made, normalised, dropped out and used while still in cache;
     the probabilities P (q's dtype) are kept for the backward pass, and the 0/1 keep-mask m only by its
-    seed (redrawn there: 25 MB a layer fewer held at 16 x 12 heads x 256^2 in bf16). With Q' = Q * scale and O = (P * m) V / (1 - p):
+    seed (redrawn there: 25 MB a layer fewer held at 16 x 12 heads x 256^2 in bf16).
+    With Q' = Q * scale and O = (P * m) V / (1 - p):
         dV = (P * m)^T dO',  dP = (dO' V^T) * m,  dS = P * (dP - rowsum(dP * P)),
         dQ = dS K * scale,  dK = dS^T Q',  where dO' = dO / (1 - p).
     Under bf16 autocast this is the same maths as autocast's unfused attention (bf16 products, softmax
