@@ -1,7 +1,8 @@
 """CPU speed-ups that keep the training maths unchanged (profiled; see benchmarks/speed.py).
 
-A LoRA step of a BERT-size encoder on CPU spends less of its time in matrix products (bf16 ones run on
-AMX/AVX-512 at over 2 TFLOP/s on 2 cores) than in passes over memory: dropout (``torch.bernoulli_``
+A LoRA step of a BERT-size encoder on CPU with AMX spends less of its time in matrix products (bf16 ones
+run at over 2 TFLOP/s on 2 Xeon cores; about 0.4 on 2 AMD Zen 4 cores without AMX, where they take about
+60% of a step once the rest is done as below) than in passes over memory: dropout (``torch.bernoulli_``
 draws about 0.2 G numbers/s per core, and BERT drops out every attention probability, B x heads x T x T
 of them per layer, as well as hidden states and LoRA inputs), the unfused attention that PyTorch's fused
 SDPA falls back to whenever attention dropout is on, and page faults on freshly mapped memory.
