@@ -8,8 +8,11 @@ A backbone name is one of
     cache; it is downloaded only when the user is online and has not set ``HF_HUB_OFFLINE=1``.
 
 The encoder is loaded with ``AutoModel`` (no task head) and its pooler, if any, is removed: clintune
-pools token states itself (mean pooling is MiniLM's native pooling; the checkpoint carries no pooler
-weights, so BERT's pooler would start random).
+pools token states itself (mean pooling is MiniLM's native pooling). Pooler weights the checkpoint
+holds (not ones transformers initialised because they were missing) are kept aside as
+``encoder.clintune_pooler`` for a head that starts from them (``--head pooler``, what
+``AutoModelForSequenceClassification`` trains). MiniLM's checkpoint has them, though untrained:
+zero biases and weights of standard deviation 0.009, weight decay's work on an initialisation of 0.02.
 """
 from __future__ import annotations
 
@@ -111,15 +114,27 @@ def load_encoder(location: str, *, name: str | None = None, kind: str = "local",
     with quiet_transformers():
         try:
             try:
-                model = AutoModel.from_pretrained(location, local_files_only=local_only,
-                                                  attn_implementation=attn_implementation)
+                model, info = AutoModel.from_pretrained(location, local_files_only=local_only,
+                                                        attn_implementation=attn_implementation,
+                                                        output_loading_info=True)
             except (ValueError, ImportError):
-                model = AutoModel.from_pretrained(location, local_files_only=local_only)
+                model, info = AutoModel.from_pretrained(location, local_files_only=local_only,
+                                                        output_loading_info=True)
         except (OSError, EnvironmentError) as e:
             raise _hub_error(src, e) from None
-    if getattr(model, "pooler", None) is not None:
-        model.pooler = None  # we pool token states ourselves; drop the (possibly random) pooler
+    pooler = getattr(model, "pooler", None)
+    if pooler is not None:
+        dense = getattr(pooler, "dense", None)
+        missing = [k for k in info.get("missing_keys", ()) if "pooler" in k]
+        if isinstance(dense, torch.nn.Linear) and dense.bias is not None and not missing:
+            model.clintune_pooler = {"weight": dense.weight.detach(), "bias": dense.bias.detach()}
+        model.pooler = None  # we pool token states ourselves
     return model
+
+
+def pretrained_pooler(encoder: torch.nn.Module) -> dict | None:
+    """Take (and forget) the checkpoint's pooler weights kept by :func:`load_encoder`: {weight, bias} or None."""
+    return encoder.__dict__.pop("clintune_pooler", None)
 
 
 def load_tokenizer(location: str, *, name: str | None = None, kind: str = "local"):

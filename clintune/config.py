@@ -247,8 +247,9 @@ class TrainConfig:
                            group="model")
     method: str = option("lora", "adaptation method: full, frozen, lora, ia3; or tfidf (TF-IDF n-grams + "
                          "logistic regression, no encoder)", group="model")
-    head: str = option("mlp", "classification head: mlp (dense + tanh + linear), linear, or the seed "
-                       "study's adapter, lightweight, tinyattention, grn", group="model")
+    head: str = option("mlp", "classification head: mlp (dense + tanh + linear), pooler (BERT's pooler + "
+                       "classifier, as transformers trains it), linear, or the seed study's adapter, "
+                       "lightweight, tinyattention, grn", group="model")
     pooling: str = option("mean", "how token states become one vector for pooled heads",
                           choices=POOLINGS, group="model")
     max_length: int = option(256, "maximum tokens per note, or per window with --long chunk (truncated "

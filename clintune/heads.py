@@ -88,6 +88,11 @@ class Head(nn.Module):
         u = pool(self.mix(states, mask), mask, self.pooling)                            # (Nw, H)
         return self.vector(self.window_pool(u, owner, int(owner.max()) + 1))            # (B, K)
 
+    def init_from_backbone(self, init_std: float, pooler: dict | None) -> None:
+        """Called once on a new head (never on reload) with the backbone's initialiser scale
+        (``config.initializer_range``) and its checkpoint's pooler weights ({weight, bias}) if it has
+        them. Heads keep PyTorch's default initialisation unless they say otherwise."""
+
     def mix(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, T, H) -> (B, T, H): the part that sees every token (identity by default)."""
         return states
@@ -118,13 +123,13 @@ class LinearHead(Head):
 
 @register_head("mlp")
 class MLPHead(Head):
-    """The classification head of BERT-style sequence classifiers (BERT's pooler + classifier; RoBERTa's
-    ``ClassificationHead``), on the pooled vector x:
+    """A dense + tanh layer and a linear classifier on the pooled vector x, in the form of RoBERTa's
+    ``ClassificationHead`` (dropout on both sides of the dense layer), PyTorch's default initialisation:
 
         logits = W2 dropout(tanh(W1 dropout(x) + b1)) + b2,   W1 in R^{H x H}, W2 in R^{K x H}
 
-    H^2 + H + H K + K parameters. It is what Hugging Face Trainer users train on a checkpoint without
-    pooler weights (a sentence-embedding MiniLM), so ``--head mlp --pooling cls`` reproduces that recipe.
+    H^2 + H + H K + K parameters. PyTorch's initialisation (uniform, standard deviation 1/sqrt(3 H))
+    trains on narrow encoders too; ``pooler`` is BERT's form with transformers' initialisation.
     """
 
     def __init__(self, hidden_size, num_labels, cfg):
@@ -135,6 +140,43 @@ class MLPHead(Head):
 
     def vector(self, x):
         return self.out(self.dropout(torch.tanh(self.dense(self.dropout(x)))))
+
+
+@register_head("pooler")
+class PoolerHead(Head):
+    """The head ``transformers``' ``BertForSequenceClassification`` trains: BERT's pooler, then a linear
+    classifier (Devlin et al., arXiv 1810.04805), on the pooled vector x ([CLS] with ``--pooling cls``,
+    as in BERT):
+
+        logits = W2 dropout(tanh(W1 x + b1)) + b2,   W1 in R^{H x H}, W2 in R^{K x H}
+
+    W1, b1 start from the checkpoint's pooler where it has one, else W1 ~ N(0, s^2) and b1 = 0; W2 ~
+    N(0, s^2), b2 = 0; s is the backbone's ``initializer_range`` (0.02 for BERT). This is the model a
+    Hugging Face Trainer + PEFT user trains (peft's ``modules_to_save`` covers pooler and classifier),
+    so ``--head pooler --pooling cls`` compares like with like (``benchmarks/speed.py``). Parameters as
+    ``mlp``: H^2 + H + H K + K. Small initial weights make the first steps slow on narrow encoders
+    (hidden size 32 in the tests), which is why ``mlp`` stays the default.
+    """
+
+    def __init__(self, hidden_size, num_labels, cfg):
+        super().__init__(hidden_size, num_labels, cfg)
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.dropout = nn.Dropout(cfg.head_dropout)
+        self.out = nn.Linear(hidden_size, num_labels)
+
+    def init_from_backbone(self, init_std, pooler):
+        with torch.no_grad():
+            if pooler is not None and tuple(pooler["weight"].shape) == tuple(self.dense.weight.shape):
+                self.dense.weight.copy_(pooler["weight"])
+                self.dense.bias.copy_(pooler["bias"])
+            else:
+                self.dense.weight.normal_(0.0, init_std)
+                self.dense.bias.zero_()
+            self.out.weight.normal_(0.0, init_std)
+            self.out.bias.zero_()
+
+    def vector(self, x):
+        return self.out(self.dropout(torch.tanh(self.dense(x))))
 
 
 @register_head("adapter")

@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .backbones import BackboneSource, fingerprint, load_backbone, load_tokenizer, quiet_transformers
+from .backbones import (BackboneSource, fingerprint, load_backbone, load_tokenizer, pretrained_pooler,
+                        quiet_transformers)
 from .batching import encode
 from .config import TrainConfig
 from .data import LabelMap
@@ -106,10 +107,12 @@ def assemble(cfg: TrainConfig, num_labels: int, runtime: Runtime | None = None,
         src = BackboneSource(cfg.backbone, "", "scratch")
     else:
         encoder, tokenizer, src = load_backbone(cfg.backbone)
+    pooler = pretrained_pooler(encoder)
     base_fp = fingerprint(encoder) if method.needs_base else None
     resolved = method.resolved(encoder, cfg)
     encoder = method.apply(encoder, cfg.replace(**resolved) if resolved else cfg)
     head = HEADS[cfg.head](hidden_size(encoder), num_labels, cfg)
+    head.init_from_backbone(float(getattr(encoder.config, "initializer_range", None) or 0.02), pooler)
     model = ClintuneModel(encoder, head, backbone_trains=method.backbone_trains,
                           feature_dtype=frozen_feature_dtype(cfg.method, runtime))
     return Assembled(model, tokenizer, {"name": src.name, "kind": src.kind, "location": src.location,
@@ -273,6 +276,7 @@ def _load_classifier(d: Path, meta: dict, cfg: TrainConfig, label_map: LabelMap)
     try:
         if method.needs_base:
             base, _, src = load_backbone(bb["name"])
+            pretrained_pooler(base)   # the saved head has its own weights
             if bb.get("fingerprint") and fingerprint(base) != bb["fingerprint"]:
                 raise ModelDirError(f"{d}: backbone '{bb['name']}' on this machine differs from the one the "
                                     "model was trained on (weights fingerprint mismatch)")

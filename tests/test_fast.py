@@ -238,6 +238,36 @@ def test_measuring_cost_leaves_the_random_stream_alone():
     assert torch.equal(torch.rand(3), after)
 
 
+def test_matmul_peak_counts_the_fastest_product_and_keeps_the_better_measurement(monkeypatch):
+    """A product slowed by another process must not lower the peak (nor inflate MFU): the fastest single
+    product counts, and measuring again keeps the higher peak."""
+    import itertools
+
+    from clintune import cost
+
+    durations = itertools.cycle([1.0, 0.25, 2.0])        # seconds per product, as the clock will say
+    clock = {"t": 0.0, "start": True}
+
+    def fake_perf_counter():
+        if not clock["start"]:
+            clock["t"] += next(durations)
+        clock["start"] = not clock["start"]
+        return clock["t"]
+
+    cost._PEAKS.clear()
+    monkeypatch.setattr(cost.time, "perf_counter", fake_perf_counter)
+    n = 16
+    first = cost.matmul_peak_flops(torch.float32, sizes=(n,), seconds=3.0)
+    assert first == pytest.approx(2 * n ** 3 / 0.25)      # not the mean, 2 n^3 * 3 / 3.25 s
+    assert cost.matmul_peak_flops(torch.float32, sizes=(n,)) == first          # cached
+    durations = itertools.cycle([4.0])                    # a slow second measurement
+    assert cost.matmul_peak_flops(torch.float32, sizes=(n,), seconds=3.0, remeasure=True) == first
+    durations = itertools.cycle([0.125])                  # a faster one replaces it
+    assert cost.matmul_peak_flops(torch.float32, sizes=(n,), seconds=0.1, remeasure=True) == pytest.approx(
+        2 * n ** 3 / 0.125)
+    cost._PEAKS.clear()
+
+
 def test_bf16_lora_gradients_with_dropout_match_fp32_with_the_same_masks(tiny_backbone):
     """One LoRA step with every dropout on: the bf16 fast path (bf16 frozen weights, bf16 chunked attention)
     against the same path in fp32, drawing the very same masks (same seed): the gradients of every LoRA

@@ -1,5 +1,7 @@
 """The study's heads: exact parameter counts, padding invariance, every head with every method."""
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import clintune
 from clintune.config import TrainConfig
 from clintune.heads import HEADS
 
-from conftest import tiny_config
+from conftest import TINY, VOCAB, tiny_config
 
 H, K, R = 32, 3, 8
 
@@ -18,6 +20,7 @@ def head_params(name: str) -> int:
     return {
         "linear": H * K + K,
         "mlp": (H * H + H) + (H * K + K),
+        "pooler": (H * H + H) + (H * K + K),
         "adapter": (H * R + R) + (R * H + H) + (H * K + K),
         "lightweight": (H * R + R) + (R * R + R) + 2 * R + (R * K + K),
         "tinyattention": 3 * (H * R + R) + (R * H + H) + (H * K + K),
@@ -58,6 +61,46 @@ def test_zero_initialised_residuals_start_as_linear_heads():
         torch.testing.assert_close(head(states, mask), head.out(pooled))
 
 
+def test_pooler_head_starts_from_the_checkpoints_pooler(tiny_backbone, tmp_path):
+    """--head pooler: W1, b1 are the checkpoint's pooler; W2 ~ N(0, s^2) and b2 = 0 (s = initializer_range);
+    a checkpoint without a pooler gives W1 ~ N(0, s^2), b1 = 0 instead of transformers' fresh random one."""
+    from safetensors.torch import load_file
+    from transformers import BertConfig, BertModel
+
+    from clintune.modeling import assemble
+
+    saved = load_file(str(next(Path(tiny_backbone).glob("*.safetensors"))))
+    key = next(k for k in saved if k.endswith("pooler.dense.weight"))
+    torch.manual_seed(1)
+    head = assemble(tiny_config(tiny_backbone, "unused.csv", head="pooler", pooling="cls"), K).model.head
+    torch.testing.assert_close(head.dense.weight, saved[key], rtol=0, atol=0)
+    torch.testing.assert_close(head.dense.bias, saved[key.replace("weight", "bias")], rtol=0, atol=0)
+    assert torch.count_nonzero(head.out.bias) == 0 and abs(head.out.weight.std().item() - 0.02) < 0.006
+    # the same head on other backbones' defaults: an mlp head keeps PyTorch's initialisation
+    mlp = assemble(tiny_config(tiny_backbone, "unused.csv", head="mlp"), K).model.head
+    assert not torch.equal(mlp.dense.weight, saved[key]) and torch.count_nonzero(mlp.out.bias) == K
+
+    bare = tmp_path / "no-pooler"
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(VOCAB), initializer_range=0.05, **TINY), add_pooling_layer=False).save_pretrained(bare)
+    for f in Path(tiny_backbone).iterdir():
+        if "token" in f.name or f.name == "vocab.txt":
+            shutil.copy(f, bare / f.name)
+    head = assemble(tiny_config(str(bare), "unused.csv", head="pooler", pooling="cls"), K).model.head
+    assert torch.count_nonzero(head.dense.bias) == 0 and abs(head.dense.weight.std().item() - 0.05) < 0.01
+    assert abs(head.out.weight.std().item() - 0.05) < 0.015
+
+
+def test_pooler_head_has_no_dropout_before_its_dense_layer():
+    """BERT's form: dropout only between the pooler and the classifier, so every input coordinate gets a
+    gradient in training; the mlp head drops some of them out."""
+    x = torch.randn(4, H, requires_grad=True)
+    for name, all_reach in (("pooler", True), ("mlp", False)):
+        head = make(name, head_dropout=0.5).train()
+        (g,) = torch.autograd.grad(head.vector(x).sum(), x)
+        assert bool((g != 0).all()) is all_reach
+
+
 def test_grn_gate_and_norm_follow_the_formula():
     head = make("grn").eval()
     s = torch.randn(1, 3, H)
@@ -69,7 +112,7 @@ def test_grn_gate_and_norm_follow_the_formula():
     torch.testing.assert_close(head(s, torch.ones(1, 3, dtype=torch.long)), head.out(z))
 
 
-@pytest.mark.parametrize("name", ["adapter", "lightweight", "tinyattention", "grn"])
+@pytest.mark.parametrize("name", ["pooler", "adapter", "lightweight", "tinyattention", "grn"])
 @pytest.mark.parametrize("method", ["frozen", "full", "lora", "ia3"])
 def test_every_head_trains_with_every_method(name, method, tiny_backbone, multiclass_csv, tmp_path):
     out = tmp_path / "m"
