@@ -6,9 +6,9 @@ hyperparameters: LoRA r=8, alpha=8, dropout 0.1 on query/key/value (the peer's),
 weight decay, no warm-up, linear decay, gradient clipping 1.0, batch 16, max length 256, 3 epochs,
 seed 42, every dropout of the checkpoint left on, and the peer's head: BERT's pooler (dense + tanh on
 [CLS], starting from the checkpoint's pooler weights) and a linear classifier initialised as
-transformers does, both trained (``--head pooler --pooling cls``). The peer runs in fp32 and in bf16 (its best setting on this CPU); clintune in bf16, with its
-default length-bucketed batches and with ``--no-bucket`` (plain random batches: lower peak memory).
-Each system trains in its own process.
+transformers does, both trained (``--head pooler --pooling cls``). The peer runs in fp32 and in bf16
+(its best setting on this CPU); clintune in bf16, with its default length-bucketed batches and with
+``--no-bucket`` (plain random batches: lower peak memory). Each system trains in its own process.
 
     python benchmarks/speed.py [--epochs 3] [--limit N] [--no-peer-fp32] [--no-lean] [--work /tmp/clintune-bench]
 

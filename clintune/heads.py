@@ -143,7 +143,7 @@ class MLPHead(Head):
 
 
 @register_head("pooler")
-class PoolerHead(Head):
+class PoolerHead(MLPHead):
     """The head ``transformers``' ``BertForSequenceClassification`` trains: BERT's pooler, then a linear
     classifier (Devlin et al., arXiv 1810.04805), on the pooled vector x ([CLS] with ``--pooling cls``,
     as in BERT):
@@ -153,16 +153,11 @@ class PoolerHead(Head):
     W1, b1 start from the checkpoint's pooler where it has one, else W1 ~ N(0, s^2) and b1 = 0; W2 ~
     N(0, s^2), b2 = 0; s is the backbone's ``initializer_range`` (0.02 for BERT). This is the model a
     Hugging Face Trainer + PEFT user trains (peft's ``modules_to_save`` covers pooler and classifier),
-    so ``--head pooler --pooling cls`` compares like with like (``benchmarks/speed.py``). Parameters as
-    ``mlp``: H^2 + H + H K + K. Small initial weights make the first steps slow on narrow encoders
-    (hidden size 32 in the tests), which is why ``mlp`` stays the default.
+    so ``--head pooler --pooling cls`` compares like with like (``benchmarks/speed.py``). The layers and
+    parameters of ``mlp`` (H^2 + H + H K + K), in another form and initialisation. Small initial weights
+    make the first steps slow on narrow encoders (hidden size 32 in the tests), which is why ``mlp``
+    stays the default.
     """
-
-    def __init__(self, hidden_size, num_labels, cfg):
-        super().__init__(hidden_size, num_labels, cfg)
-        self.dense = nn.Linear(hidden_size, hidden_size)
-        self.dropout = nn.Dropout(cfg.head_dropout)
-        self.out = nn.Linear(hidden_size, num_labels)
 
     def init_from_backbone(self, init_std, pooler):
         with torch.no_grad():

@@ -237,8 +237,8 @@ def fit(model: nn.Module, train_feed: Feed, targets, cfg, runtime: Runtime, mete
         top = int(train_feed.lengths.max())
         flop_model = calibrate_flops(model, train_feed.probe, runtime, (max(top // 4, 1), max(top // 2, 2), max(top, 3)))
         meter.extra["train_flops"] = 0.0
-        meter.extra["matmul_peak_tflops"] = round(matmul_peak_flops(
-            runtime.dtype if runtime.precision != "fp32" else torch.float32, device) / 1e12, 4)
+        peak_dtype = runtime.dtype if runtime.precision != "fp32" else torch.float32
+        meter.extra["matmul_peak_tflops"] = round(matmul_peak_flops(peak_dtype, device) / 1e12, 4)
     best_state = None
     train_time = 0.0
     bar = tqdm(total=total, disable=None if cfg.progress else True, unit="step", dynamic_ncols=True,
@@ -308,8 +308,7 @@ def fit(model: nn.Module, train_feed: Feed, targets, cfg, runtime: Runtime, mete
     finally:
         bar.close()
     if flop_model is not None and train_time >= 60.0:   # a long run: the peak again, the better of the two
-        meter.extra["matmul_peak_tflops"] = round(matmul_peak_flops(
-            runtime.dtype if runtime.precision != "fp32" else torch.float32, device, remeasure=True) / 1e12, 4)
+        meter.extra["matmul_peak_tflops"] = round(matmul_peak_flops(peak_dtype, device, remeasure=True) / 1e12, 4)
     if best_state is not None and res.best_epoch != res.epochs_run:
         with torch.no_grad():
             named = dict(model.named_parameters())
