@@ -17,9 +17,12 @@ SDPA falls back to whenever attention dropout is on, and page faults on freshly 
 * :func:`attention` is an attention function for transformers' ``AttentionInterface``: without
   gradients (inference) it is SDPA (fused); training with dropout it is :class:`_DropoutAttention`,
   which makes, normalises, drops out and uses the scores a few examples at a time while they are in
-  cache, in the autocast dtype, and keeps P and the mask for an explicit backward pass.
+  cache, in the autocast dtype (in bf16 softmax and dropout are one compiled pass, :mod:`clintune.masks`),
+  and keeps P and the mask's seed for an explicit backward pass.
 * :func:`frozen_linears_to` stores frozen ``nn.Linear`` weights in bf16, exactly what autocast would
   cast them to at every call, minus the cast (and half the memory). Trainable parameters stay fp32.
+  :class:`FrozenLinear` then runs them through oneDNN with the bias inside the product: the same bits as
+  ``addmm``, without its pass that first broadcasts the bias into the output.
 * :func:`reuse_freed_memory` lets glibc's malloc reuse freed blocks instead of mapping fresh pages.
 
 On CUDA none of this is needed (SDPA's fused kernels do dropout themselves), so :func:`accelerate`
@@ -125,6 +128,10 @@ class _DropoutAttention(torch.autograd.Function):
     With Q' = Q * scale and O = (P * m) V / (1 - p):
         dV = (P * m)^T dO',  dP = (dO' V^T) * m,  dS = P * (dP - rowsum(dP * P)),
         dQ = dS K * scale,  dK = dS^T Q',  where dO' = dO / (1 - p).
+    In bf16 where the kernels are compiled (:func:`masks.softmax_keep`), softmax and dropout are one pass over
+    the scores, and dropout's and softmax's gradients one pass over dP (profiled on 2 Zen 4 cores: a layer's
+    attention at 16 x 256 tokens from about 40 to 32 ms, forward and backward); otherwise PyTorch's softmax
+    and its gradient with :func:`zero_dropped`. Both use :func:`masks.attention_keep`'s mask for a seed.
     Under bf16 autocast this is the same maths as autocast's unfused attention (bf16 products, softmax
     accumulated in fp32), with P rounded to bf16 before, rather than after, its backward. ``bias`` is the
     additive mask (0 or -inf, broadcast over heads) with ``padded[i]`` saying whether example i has any -inf.
@@ -141,15 +148,23 @@ class _DropoutAttention(torch.autograd.Function):
             k, v = k.contiguous(), v.contiguous()
             out = torch.empty_like(q)
             probs = torch.empty((b, h, t, t), dtype=q.dtype)
-            seed = masks.new_seed()
-            keep = keep_bits((b, h, t, t), p, q.dtype, seed)
+            seed, threshold, fused = masks.new_seed(), _threshold(p), _fused(q.dtype, t)
+            if fused:
+                kept = torch.empty((min(chunk, b), h, t, t), dtype=q.dtype)
+            else:
+                keep = masks.attention_keep((b, h, t, t), threshold, _BITS[q.dtype], seed)
             for s in range(0, b, chunk):
-                e = s + chunk
+                e = min(s + chunk, b)
                 scores = torch.matmul(q[s:e], k[s:e].transpose(-1, -2))
                 if bias is not None and any(padded[s:e]):
                     scores.add_(bias[s:e])
-                torch.ops.aten._softmax.out(scores, -1, False, out=probs[s:e])
-                torch.matmul(zero_dropped(probs[s:e], keep[s:e]), v[s:e], out=out[s:e])
+                if fused:
+                    dropped = kept[: e - s]
+                    masks.softmax_keep(scores, probs[s:e], dropped, s * h * t, seed, threshold)
+                else:
+                    torch.ops.aten._softmax.out(scores, -1, False, out=probs[s:e])
+                    dropped = zero_dropped(probs[s:e], keep[s:e])
+                torch.matmul(dropped, v[s:e], out=out[s:e])
             out.mul_(1.0 / (1.0 - p))
         ctx.save_for_backward(q, k, v, probs)
         ctx.p, ctx.scale, ctx.chunk, ctx.seed = p, scale, chunk, seed
@@ -158,20 +173,34 @@ class _DropoutAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, probs = ctx.saved_tensors
-        keep = keep_bits(probs.shape, ctx.p, q.dtype, ctx.seed)
+        b, h, t, _ = q.shape
+        threshold, fused = _threshold(ctx.p), _fused(q.dtype, t)
+        if fused:
+            kept = torch.empty((min(ctx.chunk, b), h, t, t), dtype=q.dtype)
+        else:
+            keep = masks.attention_keep(probs.shape, threshold, _BITS[q.dtype], ctx.seed)
         with torch.autocast("cpu", enabled=False):
             d_out = (d_out * (1.0 / (1.0 - ctx.p))).to(q.dtype).contiguous()
             dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-            for s in range(0, q.shape[0], ctx.chunk):
-                e = s + ctx.chunk
-                p_c, keep_c = probs[s:e], keep[s:e]
-                torch.matmul(zero_dropped(p_c, keep_c).transpose(-1, -2), d_out[s:e], out=dv[s:e])
-                d_p = zero_dropped(torch.matmul(d_out[s:e], v[s:e].transpose(-1, -2)), keep_c, inplace=True)
-                d_s = torch._softmax_backward_data(d_p, p_c, -1, p_c.dtype)
+            for s in range(0, b, ctx.chunk):
+                e = min(s + ctx.chunk, b)
+                d_s = torch.matmul(d_out[s:e], v[s:e].transpose(-1, -2))                  # dP before the mask
+                if fused:
+                    dropped = kept[: e - s]
+                    masks.softmax_keep_backward(d_s, probs[s:e], dropped, s * h * t, ctx.seed, threshold)
+                else:
+                    dropped = zero_dropped(probs[s:e], keep[s:e])
+                    d_s = torch._softmax_backward_data(zero_dropped(d_s, keep[s:e], inplace=True), probs[s:e], -1,
+                                                       q.dtype)
+                torch.matmul(dropped.transpose(-1, -2), d_out[s:e], out=dv[s:e])
                 torch.matmul(d_s, k[s:e], out=dq[s:e])
                 torch.matmul(d_s.transpose(-1, -2), q[s:e], out=dk[s:e])
             dq.mul_(ctx.scale)
         return dq, dk, dv, None, None, None, None
+
+
+def _fused(dtype: torch.dtype, t: int) -> bool:
+    return dtype == torch.bfloat16 and masks.fused_softmax_available(t)
 
 
 _BIAS: dict = {}
@@ -268,6 +297,49 @@ def frozen_linears_to(model: nn.Module, dtype: torch.dtype) -> list[tuple[nn.Par
     return saved
 
 
+def _onednn_linear() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def frozen_linear_class(model: nn.Module) -> list[tuple[nn.Module, type]]:
+    """Make every plain frozen ``nn.Linear`` a :class:`FrozenLinear`; return (module, original class) pairs."""
+    swapped = []
+    for mod in model.modules():
+        if type(mod) is nn.Linear and not any(p.requires_grad for p in mod.parameters(recurse=False)):
+            swapped.append((mod, type(mod)))
+            mod.__class__ = FrozenLinear
+    return swapped
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """y = x W^T + b for a frozen bf16 W and b, by oneDNN with the bias added inside the product (no pass to
+    broadcast it into the output first, as ``addmm`` makes); dL/dx = dL/dy W, and nothing for W and b."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)                     # a frozen parameter: no activation memory held
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return torch.matmul(grad.to(weight.dtype), weight), None, None
+
+
+class FrozenLinear(nn.Linear):
+    """``nn.Linear`` whose frozen bf16 weights go through :class:`_FrozenLinear` on CPU (same parameters, same
+    state dict; the class is swapped in place by :func:`frozen_linears_to` and back by ``restore``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        if (x.device.type == "cpu" and w.dtype == torch.bfloat16 and not w.requires_grad
+                and (b is None or (b.dtype == w.dtype and not b.requires_grad))
+                and (x.dtype == w.dtype or (torch.is_autocast_enabled("cpu")
+                                            and torch.get_autocast_dtype("cpu") == w.dtype))):
+            return _FrozenLinear.apply(x.to(w.dtype), w, b)
+        return super().forward(x)
+
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
@@ -302,13 +374,16 @@ class Speedups:
         self.report: dict = {}
         self._weights: list = []
         self._configs: list = []
+        self._classes: list = []
 
     def restore(self) -> None:
         for p, original in self._weights:
             p.data = original
         for cfg, impl in self._configs:
             cfg._attn_implementation = impl
-        self._weights, self._configs = [], []
+        for mod, cls in self._classes:
+            mod.__class__ = cls
+        self._weights, self._configs, self._classes = [], [], []
 
 
 def accelerate(model: nn.Module, runtime) -> Speedups:
@@ -329,4 +404,7 @@ def accelerate(model: nn.Module, runtime) -> Speedups:
     if runtime.precision == "bf16":
         sp._weights = frozen_linears_to(model, torch.bfloat16)
         sp.report["bf16_frozen_linear_tensors"] = len(sp._weights)
+        if _onednn_linear():
+            sp._classes = frozen_linear_class(model)
+            sp.report["onednn_frozen_linears"] = len(sp._classes)
     return sp

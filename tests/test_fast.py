@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import clintune
-from clintune import fast
+from clintune import fast, masks
 from clintune.runtime import Runtime
 
 from conftest import tiny_config
@@ -138,7 +138,7 @@ def test_dropout_attention_forward_and_gradients_match_the_formula(padded):
         fast._CHUNK_ELEMENTS = old
     got_grads = torch.autograd.grad(got, (q, k, v), grad_out)
     torch.manual_seed(7)
-    keep = fast.keep_mask((b, h, t, t), p)
+    keep = masks.attention_keep((b, h, t, t), fast._threshold(p), torch.int64, masks.new_seed()).bool()
     scores = (q @ k.transpose(-1, -2)) * scale + torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, float("-inf"))
     want = ((torch.softmax(scores, -1) * keep / (1 - p)) @ v).transpose(1, 2)
     want_grads = torch.autograd.grad(want, (q, k, v), grad_out)
@@ -148,6 +148,33 @@ def test_dropout_attention_forward_and_gradients_match_the_formula(padded):
     if padded:                                                                   # padded keys get no gradient
         assert got_grads[1][1, :, 6:].abs().max() == 0 and got_grads[2][4, :, 2:].abs().max() == 0
 
+
+
+def test_fused_bf16_attention_matches_pytorchs_softmax_path(monkeypatch):
+    """bf16 attention with the compiled softmax-dropout kernels against the same attention with PyTorch's
+    softmax, its gradient and zero_dropped, same seed and so the same masks: equal up to bf16 rounding,
+    over several chunks, padded examples and a length that is not a multiple of 4."""
+    if masks.compiled() is None:
+        pytest.skip("no C compiler: only PyTorch's path runs here")
+    b, h, t, d, p = 6, 3, 37, 8, 0.1
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(b, h, t, d, generator=g).bfloat16() for _ in range(3))
+    mask = torch.ones(b, 1, t, t, dtype=torch.bool)
+    mask[2, ..., 20:] = False
+    grad_out = torch.randn(b, t, h, d, generator=g).bfloat16()
+    monkeypatch.setattr(fast, "_CHUNK_ELEMENTS", 2 * h * t * t)
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(fast, "_fused", lambda dtype, t, fused=fused: fused)
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        torch.manual_seed(5)
+        out, _ = fast.attention(_Mod().train(), *leaves, mask, dropout=p)
+        results.append((out, *torch.autograd.grad(out, leaves, grad_out)))
+    for a, w in zip(*results):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), w.float(), rtol=0.02, atol=0.02 * w.abs().max().item())
+        assert (a == w).float().mean() > 0.5                       # mostly the very same bits
+    assert results[0][2][2, :, 20:].abs().max() == 0            # padded keys get no gradient
 
 
 def test_dropout_attention_broadcasts_one_mask_over_the_batch():
@@ -193,6 +220,40 @@ def test_bf16_frozen_weights_give_the_same_bits_as_autocast(tiny_backbone):
     sp = fast.Speedups()
     sp._weights = saved
     sp.restore()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_frozen_linears_through_onednn_give_autocasts_bits_and_gradients(tiny_backbone):
+    """Frozen bf16 linears swapped to FrozenLinear (bias added inside oneDNN's product): the same output bits
+    and input gradients as autocast's linear, no gradient for W or b, the same state dict, and restore()
+    puts the class back."""
+    from clintune.backbones import load_backbone
+
+    if not fast._onednn_linear():
+        pytest.skip("this PyTorch has no oneDNN linear")
+    model, tok, _ = load_backbone(tiny_backbone)
+    model.eval().requires_grad_(False)
+    ids = torch.tensor(tok(["heart failure noted today", "rash"], padding=True)["input_ids"])
+    mask = (ids != tok.pad_token_id).long()
+    keys = list(model.state_dict())
+    sp = fast.Speedups()
+    sp._weights = fast.frozen_linears_to(model, torch.bfloat16)
+    results = []
+    for swap in (False, True):
+        if swap:
+            sp._classes = fast.frozen_linear_class(model)
+            assert sp._classes and all(type(m) is fast.FrozenLinear for m, _ in sp._classes)
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+        (grad,) = torch.autograd.grad(out.float().square().sum(), emb)
+        results.append((out, grad))
+    assert torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=0)
+    assert list(model.state_dict()) == keys
+    assert all(p.grad is None for p in model.parameters())
+    sp.restore()
+    assert all(type(m) is not fast.FrozenLinear for m in model.modules())
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 

@@ -73,3 +73,72 @@ def test_the_kernel_is_compiled_once_into_the_kernel_dir(monkeypatch, tmp_path):
 def test_draw_refuses_a_non_contiguous_target():
     with pytest.raises(ValueError):
         masks.draw(torch.empty(4, 4, dtype=torch.int16).t(), 0)
+
+
+def _needs_kernel():
+    if masks.compiled() is None:
+        pytest.skip("no C compiler: attention uses PyTorch's softmax (tested in test_fast.py)")
+
+
+@pytest.mark.parametrize("t", [1, 9, 37, 256])
+def test_fused_softmax_keep_is_softmax_then_the_row_padded_mask(t):
+    """P equals torch's bf16 softmax up to one rounding step (and exactly almost everywhere); P m is P where
+    attention_keep keeps, +0 elsewhere, bit for bit; masked (-inf) keys get exactly 0; rows are independent,
+    so the tensor in two calls (row0 set) is the tensor in one, on any number of threads."""
+    _needs_kernel()
+    g = torch.Generator().manual_seed(0)
+    scores = (torch.randn(3, 4, t, t, generator=g) * 4).bfloat16()
+    scores[1, :, :, t // 2 + 1:] = float("-inf")
+    probs, kept = torch.empty_like(scores), torch.empty_like(scores)
+    thr, seed = int(round(0.2 * 65536)) - 32768, 987654321
+    masks.softmax_keep(scores, probs, kept, 0, seed, thr)
+    want = torch.softmax(scores.float(), -1)
+    assert ((probs.float() - want).abs() <= want * 2 ** -7 + 1e-30).all()     # within one bf16 step
+    assert (probs == want.bfloat16()).float().mean() > 0.99
+    assert (probs[1, :, :, t // 2 + 1:] == 0).all()
+    keep = masks.attention_keep(scores.shape, thr, torch.int16, seed)
+    assert torch.equal(kept.view(torch.int16), probs.view(torch.int16) * keep)
+    if t >= 9:
+        assert 0.75 < keep.float().mean() < 0.85
+    rows = 3 * 4 * t
+    half = rows // 2
+    p2, k2 = torch.empty_like(scores), torch.empty_like(scores)
+    flat = lambda x: x.view(rows, t)                                              # noqa: E731
+    masks.softmax_keep(flat(scores)[:half], flat(p2)[:half], flat(k2)[:half], 0, seed, thr)
+    masks.softmax_keep(flat(scores)[half:], flat(p2)[half:], flat(k2)[half:], half, seed, thr)
+    assert torch.equal(p2, probs) and torch.equal(k2, kept)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        masks.softmax_keep(scores, p2, k2, 0, seed, thr)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(p2, probs) and torch.equal(k2, kept)
+
+
+@pytest.mark.parametrize("t", [5, 64])
+def test_fused_softmax_keep_backward_is_dropout_then_softmax_gradient(t):
+    _needs_kernel()
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(2, 3, t, t, generator=g).bfloat16()
+    probs, kept = torch.empty_like(scores), torch.empty_like(scores)
+    thr, seed = int(round(0.1 * 65536)) - 32768, 42
+    masks.softmax_keep(scores, probs, kept, 0, seed, thr)
+    grad = torch.randn(scores.shape, generator=g).bfloat16()
+    keep = masks.attention_keep(scores.shape, thr, torch.int16, seed).double()
+    gm = grad.double() * keep
+    want = probs.double() * (gm - (gm * probs.double()).sum(-1, keepdim=True))   # the formula, in float64
+    d_s, again = grad.clone(), torch.empty_like(scores)
+    masks.softmax_keep_backward(d_s, probs, again, 0, seed, thr)
+    assert torch.equal(again, kept)                                              # the forward's P m, redrawn
+    torch.testing.assert_close(d_s.double(), want, rtol=2 ** -7, atol=1e-3 * want.abs().max().item())
+    torch.testing.assert_close(d_s, torch._softmax_backward_data((grad.double() * keep).bfloat16(), probs, -1,
+                                                                 torch.bfloat16), rtol=2 ** -7, atol=1e-3)
+
+
+def test_fused_kernels_refuse_what_they_cannot_do():
+    _needs_kernel()
+    x = torch.zeros(2, 8)
+    with pytest.raises(ValueError, match="bf16"):
+        masks.softmax_keep(x, x, x, 0, 1, 0)
+    assert masks.fused_softmax_available(256) and not masks.fused_softmax_available(masks.MAX_ROW + 1)
