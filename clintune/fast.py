@@ -298,7 +298,22 @@ def frozen_linears_to(model: nn.Module, dtype: torch.dtype) -> list[tuple[nn.Par
 
 
 def _onednn_linear() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """Whether oneDNN's linear is here; if so, PyTorch's FLOP counter is taught to count it (cost.py's MFU)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    target = torch.ops.mkldnn._linear_pointwise
+    if target not in flop_registry:
+        def linear_flops(x_shape, w_shape, *args, **kwargs) -> int:
+            """2 m k n for x (..., k) and W (n, k), as for ``aten.addmm`` (the bias is not counted there either)."""
+            m = 1
+            for d in x_shape[:-1]:
+                m *= d
+            return 2 * m * x_shape[-1] * w_shape[0]
+
+        register_flop_formula(target)(linear_flops)
+    return True
 
 
 def frozen_linear_class(model: nn.Module) -> list[tuple[nn.Module, type]]:

@@ -227,6 +227,8 @@ def test_frozen_linears_through_onednn_give_autocasts_bits_and_gradients(tiny_ba
     """Frozen bf16 linears swapped to FrozenLinear (bias added inside oneDNN's product): the same output bits
     and input gradients as autocast's linear, no gradient for W or b, the same state dict, and restore()
     puts the class back."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     from clintune.backbones import load_backbone
 
     if not fast._onednn_linear():
@@ -244,10 +246,12 @@ def test_frozen_linears_through_onednn_give_autocasts_bits_and_gradients(tiny_ba
             sp._classes = fast.frozen_linear_class(model)
             assert sp._classes and all(type(m) is fast.FrozenLinear for m, _ in sp._classes)
         emb = model.get_input_embeddings()(ids).detach().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(inputs_embeds=emb, attention_mask=mask).last_hidden_state
-        (grad,) = torch.autograd.grad(out.float().square().sum(), emb)
-        results.append((out, grad))
+        with FlopCounterMode(display=False) as counter:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+            (grad,) = torch.autograd.grad(out.float().square().sum(), emb)
+        results.append((out, grad, counter.get_total_flops()))
+    assert results[1][2] == results[0][2] > 0                    # MFU counts oneDNN's linears as addmm's
     assert torch.equal(results[0][0], results[1][0])
     torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=0)
     assert list(model.state_dict()) == keys
