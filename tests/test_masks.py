@@ -57,12 +57,21 @@ def test_a_compiler_that_fails_means_numpy(monkeypatch, tmp_path):
     assert out.dtype == torch.int32 and 400 < int(out.sum()) < 600
 
 
-def test_the_kernel_is_compiled_once_into_the_kernel_dir(monkeypatch, tmp_path):
+@pytest.mark.parametrize("openmp", [True, False])
+def test_the_kernel_is_compiled_once_into_the_kernel_dir(monkeypatch, tmp_path, openmp):
+    """Built once and reused, with PyTorch's OpenMP runtime or without (one thread, the same results)."""
     if masks.shutil.which("cc") is None and masks.shutil.which("gcc") is None:
         pytest.skip("no C compiler")
+    monkeypatch.delenv("CLINTUNE_NO_KERNELS", raising=False)
     monkeypatch.setenv("CLINTUNE_KERNEL_DIR", str(tmp_path))
     monkeypatch.setattr(masks, "_LIB", [])
+    if not openmp:
+        monkeypatch.setattr(masks, "_torch_openmp", lambda: False)
     assert masks.compiled() is not None
+    scores = torch.randn(2, 3, 7, 7).bfloat16()
+    probs, kept = torch.empty_like(scores), torch.empty_like(scores)
+    masks.softmax_keep(scores, probs, kept, 0, 5, 0)
+    torch.testing.assert_close(probs.float(), torch.softmax(scores.float(), -1), rtol=2 ** -7, atol=0)
     built = list(tmp_path.glob("masks-*.so"))
     assert len(built) == 1 and not list(tmp_path.glob(".*partial"))
     stamp = built[0].stat().st_mtime_ns
