@@ -149,10 +149,7 @@ class _DropoutAttention(torch.autograd.Function):
             out = torch.empty_like(q)
             probs = torch.empty((b, h, t, t), dtype=q.dtype)
             seed, threshold, fused = masks.new_seed(), _threshold(p), _fused(q.dtype, t)
-            if fused:
-                kept = torch.empty((min(chunk, b), h, t, t), dtype=q.dtype)
-            else:
-                keep = masks.attention_keep((b, h, t, t), threshold, _BITS[q.dtype], seed)
+            kept, keep = _mask_buffers(fused, probs, chunk, threshold, seed)
             for s in range(0, b, chunk):
                 e = min(s + chunk, b)
                 scores = torch.matmul(q[s:e], k[s:e].transpose(-1, -2))
@@ -167,18 +164,15 @@ class _DropoutAttention(torch.autograd.Function):
                 torch.matmul(dropped, v[s:e], out=out[s:e])
             out.mul_(1.0 / (1.0 - p))
         ctx.save_for_backward(q, k, v, probs)
-        ctx.p, ctx.scale, ctx.chunk, ctx.seed = p, scale, chunk, seed
+        ctx.p, ctx.scale, ctx.chunk, ctx.seed, ctx.threshold, ctx.fused = p, scale, chunk, seed, threshold, fused
         return out
 
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, probs = ctx.saved_tensors
         b, h, t, _ = q.shape
-        threshold, fused = _threshold(ctx.p), _fused(q.dtype, t)
-        if fused:
-            kept = torch.empty((min(ctx.chunk, b), h, t, t), dtype=q.dtype)
-        else:
-            keep = masks.attention_keep(probs.shape, threshold, _BITS[q.dtype], ctx.seed)
+        threshold, fused = ctx.threshold, ctx.fused                  # what the forward did, with the same mask
+        kept, keep = _mask_buffers(fused, probs, ctx.chunk, threshold, ctx.seed)
         with torch.autocast("cpu", enabled=False):
             d_out = (d_out * (1.0 / (1.0 - ctx.p))).to(q.dtype).contiguous()
             dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -201,6 +195,15 @@ class _DropoutAttention(torch.autograd.Function):
 
 def _fused(dtype: torch.dtype, t: int) -> bool:
     return dtype == torch.bfloat16 and masks.fused_softmax_available(t)
+
+
+def _mask_buffers(fused: bool, probs: torch.Tensor, chunk: int, threshold: int, seed: int):
+    """(kept, keep) for a pass of :class:`_DropoutAttention` over the (B, h, T, T) ``probs``: fused, a
+    scratch chunk for P m (the kernels draw the mask themselves) and no mask; otherwise no scratch and the
+    whole 0/1 mask, as wide as the values (:func:`masks.attention_keep`)."""
+    if fused:
+        return torch.empty((min(chunk, probs.shape[0]), *probs.shape[1:]), dtype=probs.dtype), None
+    return None, masks.attention_keep(probs.shape, threshold, _BITS[probs.dtype], seed)
 
 
 _BIAS: dict = {}
@@ -343,7 +346,7 @@ class _FrozenLinear(torch.autograd.Function):
 
 class FrozenLinear(nn.Linear):
     """``nn.Linear`` whose frozen bf16 weights go through :class:`_FrozenLinear` on CPU (same parameters, same
-    state dict; the class is swapped in place by :func:`frozen_linears_to` and back by ``restore``)."""
+    state dict; the class is swapped in place by :func:`frozen_linear_class` and back by ``restore``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias

@@ -71,7 +71,7 @@ KEEP(keep_i64, int64_t)
 
 /* Attention's softmax and dropout in one pass over bf16 rows of length t (<= MAXT). Row r's keep-mask is
    words r * w .. r * w + w - 1 of the stream above, w = ceil(t / 4): keep_bits((rows, 4 w))[:, :t]. */
-#define MAXT 8192
+#define MAXT @MAX_ROW@
 static inline float bf2f(uint16_t b) { uint32_t u = (uint32_t) b << 16; float f; memcpy(&f, &u, 4); return f; }
 static inline uint16_t f2bf(float f) {                       /* round to nearest even (no NaN reaches here) */
     uint32_t u; memcpy(&u, &f, 4); u += 0x7FFFu + ((u >> 16) & 1u); return (uint16_t) (u >> 16);
@@ -153,6 +153,9 @@ void softmax_keep_backward_bf16(uint16_t *dp, const uint16_t *probs, uint16_t *k
     }
 }
 """
+
+MAX_ROW = 8192          # the fused kernels' longest row: their stack buffers (MAXT in the C source)
+_SOURCE = _SOURCE.replace("@MAX_ROW@", str(MAX_ROW))
 
 _FUNCS = {torch.bool: "keep_u8", torch.uint8: "keep_u8", torch.int16: "keep_i16", torch.int32: "keep_i32",
           torch.int64: "keep_i64"}
@@ -256,8 +259,6 @@ def reference(n: int, seed: int, threshold: int) -> np.ndarray:
     """The compiled kernel's keep-mask (bool), computed in numpy: for tests."""
     return splitmix64((n + 3) // 4, seed).view(np.int16)[:n] >= threshold
 
-
-MAX_ROW = 8192          # the fused kernels' longest row (the C source's MAXT)
 
 
 def fused_softmax_available(t: int) -> bool:
