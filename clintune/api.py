@@ -207,6 +207,8 @@ def _train_assembled(cfg: TrainConfig, runtime, splits: Splits, asm, t_start: fl
         state = task.fit_state(val_out, splits.val, lm, enc_val)
     speedups.restore()     # original weights and attention back: saving and merging see the model as reloaded
     meter.extra["time_to_best_s"] = round(fitres.time_to_best_s, 3)
+    if model.first_token_only:
+        speedups.report["last_layer"] = "first token only"
     if speedups.report:
         meter.extra["speedups"] = speedups.report
     log.info("trained %d epoch(s), best epoch %d", fitres.epochs_run, fitres.best_epoch)
@@ -218,7 +220,7 @@ def _train_assembled(cfg: TrainConfig, runtime, splits: Splits, asm, t_start: fl
 
     def classifier() -> Classifier:  # after saving: LoRA is merged into the weights once its adapter is saved
         inference = ClintuneModel(method.for_inference(model.encoder), model.head, backbone_trains=False,
-                                  feature_dtype=model.feature_dtype)
+                                  feature_dtype=model.feature_dtype, first_token_only=model.first_token_only)
         return Classifier(inference, asm.tokenizer, lm, cfg, runtime, state)
 
     def cost_extra() -> dict:

@@ -37,11 +37,13 @@ class ClintuneModel(nn.Module):
     """encoder (possibly peft-wrapped) -> token states -> head -> logits."""
 
     def __init__(self, encoder: nn.Module, head: nn.Module, backbone_trains: bool = True,
-                 feature_dtype: torch.dtype | None = None) -> None:
+                 feature_dtype: torch.dtype | None = None, first_token_only: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
         self.head = head
         self.backbone_trains = backbone_trains
+        # the encoder's last layer computes only the first token's row, all the head reads (clintune.prune)
+        self.first_token_only = first_token_only
         # Frozen backbones emit features in the run's precision (what the feature cache stores), so that
         # cached and on-the-fly features are the same numbers. None: leave the encoder's output as is.
         self.feature_dtype = feature_dtype
@@ -90,6 +92,17 @@ def frozen_feature_dtype(method_name: str, runtime: Runtime | None) -> torch.dty
     return runtime.dtype
 
 
+def trim_last_layer(encoder: nn.Module, head: nn.Module, cfg: TrainConfig) -> bool:
+    """Where the head reads only the first token (``--pooling cls``, no token-level part) of an encoder that
+    runs on every batch (not ``frozen``, whose cached features are every token's), make its last layer
+    compute that row alone (:mod:`clintune.prune`: the same numbers, about 1/7 less work for a 6-layer
+    encoder at 256 tokens). Part of ``--fast``; True if done."""
+    from .prune import first_token_only, head_reads_first_token_only
+
+    return (cfg.fast and METHODS[cfg.method].backbone_trains and head_reads_first_token_only(head)
+            and first_token_only(encoder))
+
+
 def assemble(cfg: TrainConfig, num_labels: int, runtime: Runtime | None = None,
              train_texts: list[str] | None = None) -> Assembled:
     """Build backbone + method + head for ``cfg``: the single place where the three parts meet.
@@ -114,7 +127,8 @@ def assemble(cfg: TrainConfig, num_labels: int, runtime: Runtime | None = None,
     head = HEADS[cfg.head](hidden_size(encoder), num_labels, cfg)
     head.init_from_backbone(float(getattr(encoder.config, "initializer_range", None) or 0.02), pooler)
     model = ClintuneModel(encoder, head, backbone_trains=method.backbone_trains,
-                          feature_dtype=frozen_feature_dtype(cfg.method, runtime))
+                          feature_dtype=frozen_feature_dtype(cfg.method, runtime),
+                          first_token_only=trim_last_layer(encoder, head, cfg))
     return Assembled(model, tokenizer, {"name": src.name, "kind": src.kind, "location": src.location,
                                         "fingerprint": base_fp}, resolved)
 
@@ -291,7 +305,8 @@ def _load_classifier(d: Path, meta: dict, cfg: TrainConfig, label_map: LabelMap)
         raise ModelDirError(f"{d}: incomplete model directory ({Path(getattr(e, 'filename', '') or str(e)).name} "
                             "missing)") from None
     runtime = resolve_runtime(cfg.device, cfg.precision)
-    model = ClintuneModel(method.for_inference(encoder), head, backbone_trains=False,
-                          feature_dtype=frozen_feature_dtype(meta["method"], runtime))
+    encoder = method.for_inference(encoder)
+    model = ClintuneModel(encoder, head, backbone_trains=False, feature_dtype=frozen_feature_dtype(meta["method"], runtime),
+                          first_token_only=trim_last_layer(encoder, head, cfg))
     state = _read_json(d / "task_state.json") if (d / "task_state.json").exists() else {}
     return Classifier(model, tokenizer, label_map, cfg, runtime, state)
