@@ -1,7 +1,12 @@
 """Tokenisation once, then dynamic padding and length-aware batching.
 
 Texts are tokenised once per run (fast Rust tokenizer, batched). Batches are padded to their own
-longest member (rounded up to a multiple of 8, which suits the matrix units), never to ``max_length``.
+longest member, rounded up to a multiple of :data:`PAD_MULTIPLE` (32), never to ``max_length``. The
+rounding keeps the number of distinct batch shapes small: on CPU oneDNN compiles and caches matrix-product
+kernels for every new shape, about 0.55 MB each (measured, cache of 1,024), and a LoRA step of MiniLM runs
+about twenty of them per shape. Padding to multiples of 8 gave length-bucketed training some 30 lengths x
+several micro-batch sizes and up to 0.5 GB more peak memory than plain random batches; multiples of 32
+cost a few percent more padded tokens.
 Training batches are *bucketed*: the epoch's shuffled order is cut into chunks of ``64 x batch_size``,
 each chunk sorted by length and cut into batches, and the batches shuffled again, so that a batch
 holds notes of similar length (little padding) while the order stays random across the epoch.
@@ -14,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-PAD_MULTIPLE = 8
+PAD_MULTIPLE = 32
 BUCKET_CHUNK = 64
 
 

@@ -13,8 +13,8 @@ concurrent run never leaves a half-written entry that could be read. Cached stat
 notes: the cache directory is created private (mode 0700); ``clintune cache-clear`` empties it.
 
 Encoding uses exactly the batching of :meth:`clintune.modeling.Classifier.logits_encoded` (length-
-sorted batches of ``eval_batch_size``, in pieces of at most ``training.EVAL_TOKENS_CPU`` tokens on CPU;
-that cap is part of the key), so predictions made from cached test states are bit-for-bit
+sorted batches of ``eval_batch_size``, in equal pieces of at most ``training.EVAL_TOKENS_CPU`` tokens on
+CPU, padded to multiples of ``batching.PAD_MULTIPLE``: that cap and that multiple are part of the key), so predictions made from cached test states are bit-for-bit
 those of the saved model reloaded and run on the same texts.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 
 from .batching import PAD_MULTIPLE, Encoded
 
-FORMAT = 1
+FORMAT = 2       # 2: batches padded to multiples of 32 and cut into equal pieces (batching.py)
 
 
 def default_cache_dir() -> Path:
@@ -64,7 +64,8 @@ def cache_key(**parts) -> str:
 
     from .training import EVAL_TOKENS_CPU   # the batching decides the low-order bits, so it is in the key
 
-    parts = {**parts, "format": FORMAT, "eval_tokens_cpu": EVAL_TOKENS_CPU, "torch": torch.__version__,
+    parts = {**parts, "format": FORMAT, "eval_tokens_cpu": EVAL_TOKENS_CPU, "pad_multiple": PAD_MULTIPLE,
+             "torch": torch.__version__,
              "transformers": transformers.__version__}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -90,7 +91,7 @@ class Features:
         return np.diff(self.offsets)
 
     def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(states (B, T, H), attention_mask (B, T)) for texts ``idx``, zero-padded to a multiple of 8."""
+        """(states (B, T, H), attention_mask (B, T)) for texts ``idx``, zero-padded to a multiple of PAD_MULTIPLE."""
         lens = self.lengths[idx]
         t = int(-(-lens.max() // PAD_MULTIPLE) * PAD_MULTIPLE)
         h = self.states.shape[1]

@@ -45,13 +45,16 @@ class Feed:
         raise NotImplementedError
 
     def split(self, idx: np.ndarray, max_tokens: int | None) -> list[np.ndarray]:
-        """``idx`` in consecutive micro-batches of at most ``max_tokens`` padded tokens (one example at least)."""
+        """``idx`` in as few consecutive micro-batches of at most ``max_tokens`` padded tokens as will do, of
+        equal size (give or take one; one example at least): 16 notes of 136-256 tokens under 2048 are 8 + 8,
+        not 15 + 1 or 9 + 7, so that batches come in few shapes (see :data:`clintune.batching.PAD_MULTIPLE`)."""
         if not max_tokens:
             return [idx]
         t = int(self.lengths[idx].max())
         t = -(-t // PAD_MULTIPLE) * PAD_MULTIPLE
         per = max(1, max_tokens // max(t, 1))
-        return [idx[i: i + per] for i in range(0, len(idx), per)]
+        parts = -(-len(idx) // per)
+        return [part for part in np.array_split(idx, parts)] if parts > 1 else [idx]
 
     def index_batches(self, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
         return train_batches(self.lengths, batch_size, rng, self.bucket)

@@ -203,3 +203,23 @@ def test_cpu_evaluation_runs_in_token_capped_pieces(tiny_backbone, binary_csv, m
     whole = res.classifier.predict_proba(texts)
     monkeypatch.setattr(training, "EVAL_TOKENS_CPU", 24)
     np.testing.assert_allclose(res.classifier.predict_proba(texts), whole, atol=1e-6)
+
+
+def test_batches_come_in_few_shapes_padded_to_32_and_cut_into_equal_micro_batches():
+    """16 notes of 130-256 tokens under 2048 tokens: two micro-batches of 8, all padded to a multiple of 32
+    (oneDNN compiles kernels per shape: few shapes, little memory)."""
+    from clintune import training
+    from clintune.batching import PAD_MULTIPLE, Encoded
+
+    assert PAD_MULTIPLE == 32
+    lengths = [130, 256, 200, 140, 250, 190, 160, 170, 180, 210, 220, 230, 240, 135, 145, 155]
+    feed = training.make_feed(Encoded([np.arange(n) for n in lengths], np.zeros(16, bool), 0))
+    parts = feed.split(np.arange(16), 2048)
+    assert [len(p) for p in parts] == [8, 8] and np.concatenate(parts).tolist() == list(range(16))
+    assert [len(p) for p in feed.split(np.arange(16), 4096)] == [16]
+    assert [len(p) for p in feed.split(np.arange(16), 1500)] == [4, 4, 4, 4]  # at most 5 of 256: 4 pieces
+    assert [len(p) for p in feed.split(np.arange(13), 1500)] == [5, 4, 4]     # not 5 + 5 + 3
+    shapes = {tuple(feed.make(p)["input_ids"].shape) for p in parts}
+    assert shapes == {(8, 256)}
+    short = feed.make(np.array([0, 3]))                       # 130 and 140 tokens -> 160
+    assert tuple(short["input_ids"].shape) == (2, 160) and int(short["attention_mask"].sum()) == 270
