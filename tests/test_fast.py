@@ -223,6 +223,26 @@ def test_bf16_frozen_weights_give_the_same_bits_as_autocast(tiny_backbone):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_paging_out_originals_keeps_their_values(tmp_path):
+    """page_out drops whole pages of a tensor mapped from a file (read again from it) and never changes a value,
+    whether the tensor is file-backed, anonymous or written after mapping."""
+    import mmap
+
+    n = 5 * mmap.PAGESIZE // 4 + 77                     # several pages, not page-aligned at the end
+    want = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    want.numpy().tofile(tmp_path / "w.bin")
+    mapped = torch.from_file(str(tmp_path / "w.bin"), shared=False, size=n, dtype=torch.float32)
+    written = mapped.clone()
+    written[:10] = 7.0
+    anon = want.clone()
+    assert float(mapped.sum()) == float(want.sum())     # every page read once, as rounding to bf16 does
+    advised = fast.page_out([mapped, written, anon])
+    assert advised > 0 and advised % mmap.PAGESIZE == 0
+    assert torch.equal(mapped, want) and torch.equal(anon, want)
+    assert torch.equal(written[10:], want[10:]) and bool((written[:10] == 7.0).all())
+    assert isinstance(fast.trim_heap(), bool)
+
+
 def test_frozen_linears_through_onednn_give_autocasts_bits_and_gradients(tiny_backbone):
     """Frozen bf16 linears swapped to FrozenLinear (bias added inside oneDNN's product): the same output bits
     and input gradients as autocast's linear, no gradient for W or b, the same state dict, and restore()
