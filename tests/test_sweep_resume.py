@@ -74,10 +74,16 @@ seeds: [1, 2]
     return p
 
 
+def _foreground_signals() -> None:
+    """In the child: SIGINT as in a foreground job. A test suite started in the background by a shell without
+    job control (``cmd &``) inherits SIGINT ignored, and Python then leaves it ignored: no Ctrl-C to test."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(spec: Path, out: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "clintune", "bench", str(spec), "--out", str(out)]
     return subprocess.Popen(cmd, env=env(), cwd=str(spec.parent), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=_foreground_signals)
 
 
 def test_ctrl_c_then_sigkill_then_resume(spec, tmp_path):
