@@ -320,7 +320,8 @@ class TrainConfig:
     device: str = option("auto", "where to train", choices=DEVICES, group="runtime")
     threads: int | None = option(None, "CPU threads (default: PyTorch's, one per core)", group="runtime")
     progress: bool = option(True, "show a progress bar with loss and samples/s", group="runtime")
-    fast: bool = option(True, "CPU speed-ups that keep the maths: fast dropout masks, cache-sized attention "
+    fast: bool = option(True, "speed-ups that keep the maths: the last layer for the first token only when the "
+                        "head reads only that (--pooling cls); on CPU fast dropout masks, cache-sized attention "
                         "chunks with dropout, fused attention without gradients, bf16 storage of frozen "
                         "weights under bf16, reuse of freed memory (--no-fast: plain PyTorch)",
                         group="runtime")
