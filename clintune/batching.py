@@ -1,16 +1,13 @@
 """Tokenisation once, then dynamic padding and length-aware batching.
 
 Texts are tokenised once per run (fast Rust tokenizer, batched). Batches are padded to their own
-longest member, rounded up to a multiple of :data:`PAD_MULTIPLE` (32), never to ``max_length``. The
-rounding keeps the number of distinct batch shapes small: on CPU oneDNN compiles and caches matrix-product
-kernels for every new shape, about 0.55 MB each (measured, cache of 1,024), and a LoRA step of MiniLM runs
-about twenty of them per shape. Padding to multiples of 8 gave length-bucketed training some 30 lengths x
+longest member, never to ``max_length``, rounded up by :func:`padded_length`: to a multiple of 8 up to 64
+tokens (short texts: sentences, NER), of :data:`PAD_MULTIPLE` (32) beyond. The coarser steps keep the number
+of distinct batch shapes small: on CPU oneDNN compiles and caches matrix-product kernels for every new
+shape, about 0.55 MB each (measured, cache of 1,024), and a LoRA step of MiniLM runs about twenty of them
+per shape. Multiples of 8 all the way gave length-bucketed training of 256-token notes some 30 lengths x
 several micro-batch sizes and up to 0.5 GB more peak memory than plain random batches; multiples of 32
-cost a few percent more padded tokens.
-Training batches are *bucketed*: the epoch's shuffled order is cut into chunks of ``64 x batch_size``,
-each chunk sorted by length and cut into batches, and the batches shuffled again, so that a batch
-holds notes of similar length (little padding) while the order stays random across the epoch.
-Evaluation batches are sorted by length outright; outputs are returned in the input order.
+cost a few percent more padded tokens there, and would cost short texts a quarter or more.
 """
 from __future__ import annotations
 
@@ -19,7 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-PAD_MULTIPLE = 32
+PAD_MULTIPLE = 32       # the rounding of batch lengths over SHORT_PAD_LIMIT tokens
+SHORT_PAD_LIMIT = 64    # up to here, multiples of 8
+
+
+def padded_length(t: int) -> int:
+    """The padded length of a batch whose longest member has ``t`` tokens (see the module docstring)."""
+    step = 8 if t <= SHORT_PAD_LIMIT else PAD_MULTIPLE
+    return -(-int(t) // step) * step
 BUCKET_CHUNK = 64
 
 
@@ -59,9 +63,8 @@ def encode(tokenizer, texts: list[str], max_length: int) -> Encoded:
 
 
 def collate(seqs: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad to the longest sequence (rounded up to PAD_MULTIPLE): (input_ids, attention_mask), (B, T)."""
-    t = max(len(s) for s in seqs)
-    t = -(-t // PAD_MULTIPLE) * PAD_MULTIPLE
+    """Pad to the longest sequence (rounded up by :func:`padded_length`): (input_ids, attention_mask), (B, T)."""
+    t = padded_length(max(len(s) for s in seqs))
     ids = np.full((len(seqs), t), pad_id, dtype=np.int64)
     mask = np.zeros((len(seqs), t), dtype=np.int64)
     for i, s in enumerate(seqs):

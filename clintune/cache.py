@@ -14,7 +14,8 @@ notes: the cache directory is created private (mode 0700); ``clintune cache-clea
 
 Encoding uses exactly the batching of :meth:`clintune.modeling.Classifier.logits_encoded` (length-
 sorted batches of ``eval_batch_size``, in equal pieces of at most ``training.EVAL_TOKENS_CPU`` tokens on
-CPU, padded to multiples of ``batching.PAD_MULTIPLE``: that cap and that multiple are part of the key), so predictions made from cached test states are bit-for-bit
+CPU, padded by ``batching.padded_length``: that cap and that padding are part of the key), so
+predictions made from cached test states are bit-for-bit
 those of the saved model reloaded and run on the same texts.
 """
 from __future__ import annotations
@@ -31,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .batching import PAD_MULTIPLE, Encoded
+from .batching import PAD_MULTIPLE, SHORT_PAD_LIMIT, Encoded, padded_length
 
-FORMAT = 2       # 2: batches padded to multiples of 32 and cut into equal pieces (batching.py)
+FORMAT = 2       # 2: batches padded by padded_length and cut into equal pieces (batching.py)
 
 
 def default_cache_dir() -> Path:
@@ -64,7 +65,7 @@ def cache_key(**parts) -> str:
 
     from .training import EVAL_TOKENS_CPU   # the batching decides the low-order bits, so it is in the key
 
-    parts = {**parts, "format": FORMAT, "eval_tokens_cpu": EVAL_TOKENS_CPU, "pad_multiple": PAD_MULTIPLE,
+    parts = {**parts, "format": FORMAT, "eval_tokens_cpu": EVAL_TOKENS_CPU, "padding": [8, SHORT_PAD_LIMIT, PAD_MULTIPLE],
              "torch": torch.__version__,
              "transformers": transformers.__version__}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
@@ -91,9 +92,9 @@ class Features:
         return np.diff(self.offsets)
 
     def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(states (B, T, H), attention_mask (B, T)) for texts ``idx``, zero-padded to a multiple of PAD_MULTIPLE."""
+        """(states (B, T, H), attention_mask (B, T)) for texts ``idx``, zero-padded by ``padded_length``."""
         lens = self.lengths[idx]
-        t = int(-(-lens.max() // PAD_MULTIPLE) * PAD_MULTIPLE)
+        t = padded_length(int(lens.max()))
         h = self.states.shape[1]
         out = np.zeros((len(idx), t, h), dtype=self.states.dtype)
         mask = np.zeros((len(idx), t), dtype=np.int64)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .batching import PAD_MULTIPLE, Encoded, collate, eval_batches, train_batches
+from .batching import Encoded, collate, eval_batches, padded_length, train_batches
 from .cost import CostMeter
 from .methods import trainable_state
 from .runtime import Runtime
@@ -47,11 +47,10 @@ class Feed:
     def split(self, idx: np.ndarray, max_tokens: int | None) -> list[np.ndarray]:
         """``idx`` in as few consecutive micro-batches of at most ``max_tokens`` padded tokens as will do, of
         equal size (give or take one; one example at least): 16 notes of 136-256 tokens under 2048 are 8 + 8,
-        not 15 + 1 or 9 + 7, so that batches come in few shapes (see :data:`clintune.batching.PAD_MULTIPLE`)."""
+        not 15 + 1 or 9 + 7, so that batches come in few shapes (see :func:`clintune.batching.padded_length`)."""
         if not max_tokens:
             return [idx]
-        t = int(self.lengths[idx].max())
-        t = -(-t // PAD_MULTIPLE) * PAD_MULTIPLE
+        t = padded_length(int(self.lengths[idx].max()))
         per = max(1, max_tokens // max(t, 1))
         parts = -(-len(idx) // per)
         return [part for part in np.array_split(idx, parts)] if parts > 1 else [idx]

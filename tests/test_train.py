@@ -207,11 +207,11 @@ def test_cpu_evaluation_runs_in_token_capped_pieces(tiny_backbone, binary_csv, m
 
 def test_batches_come_in_few_shapes_padded_to_32_and_cut_into_equal_micro_batches():
     """16 notes of 130-256 tokens under 2048 tokens: two micro-batches of 8, all padded to a multiple of 32
-    (oneDNN compiles kernels per shape: few shapes, little memory)."""
+    (oneDNN compiles kernels per shape: few shapes, little memory); short texts to multiples of 8."""
     from clintune import training
-    from clintune.batching import PAD_MULTIPLE, Encoded
+    from clintune.batching import Encoded, padded_length
 
-    assert PAD_MULTIPLE == 32
+    assert [padded_length(t) for t in (1, 20, 24, 64, 65, 96, 97, 130, 256)] == [8, 24, 24, 64, 96, 96, 128, 160, 256]
     lengths = [130, 256, 200, 140, 250, 190, 160, 170, 180, 210, 220, 230, 240, 135, 145, 155]
     feed = training.make_feed(Encoded([np.arange(n) for n in lengths], np.zeros(16, bool), 0))
     parts = feed.split(np.arange(16), 2048)
@@ -223,3 +223,5 @@ def test_batches_come_in_few_shapes_padded_to_32_and_cut_into_equal_micro_batche
     assert shapes == {(8, 256)}
     short = feed.make(np.array([0, 3]))                       # 130 and 140 tokens -> 160
     assert tuple(short["input_ids"].shape) == (2, 160) and int(short["attention_mask"].sum()) == 270
+    words = training.make_feed(Encoded([np.arange(n) for n in (17, 21)], np.zeros(2, bool), 0)).make(np.arange(2))
+    assert tuple(words["input_ids"].shape) == (2, 24)         # a sentence is not padded to 32
