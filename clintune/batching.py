@@ -16,15 +16,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-PAD_MULTIPLE = 32       # the rounding of batch lengths over SHORT_PAD_LIMIT tokens
-SHORT_PAD_LIMIT = 64    # up to here, multiples of 8
+SHORT_PAD_MULTIPLE = 8  # the rounding of batch lengths up to SHORT_PAD_LIMIT tokens
+SHORT_PAD_LIMIT = 64
+PAD_MULTIPLE = 32       # beyond
+BUCKET_CHUNK = 64
 
 
 def padded_length(t: int) -> int:
     """The padded length of a batch whose longest member has ``t`` tokens (see the module docstring)."""
-    step = 8 if t <= SHORT_PAD_LIMIT else PAD_MULTIPLE
+    step = SHORT_PAD_MULTIPLE if t <= SHORT_PAD_LIMIT else PAD_MULTIPLE
     return -(-int(t) // step) * step
-BUCKET_CHUNK = 64
 
 
 @dataclass

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .batching import PAD_MULTIPLE, SHORT_PAD_LIMIT, Encoded, padded_length
+from .batching import PAD_MULTIPLE, SHORT_PAD_LIMIT, SHORT_PAD_MULTIPLE, Encoded, padded_length
 
 FORMAT = 2       # 2: batches padded by padded_length and cut into equal pieces (batching.py)
 
@@ -65,8 +65,8 @@ def cache_key(**parts) -> str:
 
     from .training import EVAL_TOKENS_CPU   # the batching decides the low-order bits, so it is in the key
 
-    parts = {**parts, "format": FORMAT, "eval_tokens_cpu": EVAL_TOKENS_CPU, "padding": [8, SHORT_PAD_LIMIT, PAD_MULTIPLE],
-             "torch": torch.__version__,
+    parts = {**parts, "format": FORMAT, "eval_tokens_cpu": EVAL_TOKENS_CPU,
+             "padding": [SHORT_PAD_MULTIPLE, SHORT_PAD_LIMIT, PAD_MULTIPLE], "torch": torch.__version__,
              "transformers": transformers.__version__}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 

@@ -300,6 +300,17 @@ def frozen_linears_to(model: nn.Module, dtype: torch.dtype) -> list[tuple[nn.Par
     return saved
 
 
+def _libc_function(name: str):
+    """``name`` from the C library (ctypes), or None where there is no such function (not glibc/Linux)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+
+
 _MADV_PAGEOUT = 21
 
 
@@ -316,10 +327,8 @@ def page_out(tensors) -> int:
     import ctypes
     import mmap
 
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
-    except (OSError, AttributeError):
+    madvise = _libc_function("madvise")
+    if madvise is None:
         return 0
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     page, done = mmap.PAGESIZE, 0
@@ -403,13 +412,8 @@ def reuse_freed_memory(limit: int = 32 << 20) -> bool:
     heap instead, the blocks are reused; peak RSS stays about the same (measured). Process-wide, for the
     rest of the process; a no-op (False) where the C library has no ``mallopt``.
     """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, int(limit))) and bool(mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
@@ -417,12 +421,8 @@ def reuse_freed_memory(limit: int = 32 << 20) -> bool:
 def trim_heap() -> bool:
     """Hand the free memory held in glibc's heap back to the system (``malloc_trim(0)``), e.g. a training's
     working memory once it is over (:func:`reuse_freed_memory` keeps it otherwise); False without glibc."""
-    import ctypes
-
-    try:
-        return bool(ctypes.CDLL(None).malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    malloc_trim = _libc_function("malloc_trim")
+    return malloc_trim is not None and bool(malloc_trim(0))
 
 
 class Speedups:

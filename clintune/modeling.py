@@ -306,7 +306,8 @@ def _load_classifier(d: Path, meta: dict, cfg: TrainConfig, label_map: LabelMap)
                             "missing)") from None
     runtime = resolve_runtime(cfg.device, cfg.precision)
     encoder = method.for_inference(encoder)
-    model = ClintuneModel(encoder, head, backbone_trains=False, feature_dtype=frozen_feature_dtype(meta["method"], runtime),
+    model = ClintuneModel(encoder, head, backbone_trains=False,
+                          feature_dtype=frozen_feature_dtype(meta["method"], runtime),
                           first_token_only=trim_last_layer(encoder, head, cfg))
     state = _read_json(d / "task_state.json") if (d / "task_state.json").exists() else {}
     return Classifier(model, tokenizer, label_map, cfg, runtime, state)

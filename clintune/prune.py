@@ -27,13 +27,12 @@ from torch import nn
 
 
 def _attention_fn(module: nn.Module):
+    """The attention function the module's own forward calls: transformers' registered one for its config's
+    implementation, its model file's ``eager_attention_forward`` for "eager"."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    impl = getattr(module.config, "_attn_implementation", None) or "sdpa"
     eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-    if impl == "eager" and eager is not None:
-        return eager
-    return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager) if eager is not None else ALL_ATTENTION_FUNCTIONS[impl]
+    return ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager)
 
 
 def _first_row_mask(mask: torch.Tensor | None, t: int) -> torch.Tensor | None:
@@ -68,8 +67,7 @@ def _distilbert_block_forward(self, hidden_states, attention_mask=None, *args, *
     at = self.attention
     first = hidden_states[:, :1]
     a = _attend_first(at, first, hidden_states, attention_mask, at.q_lin, at.k_lin, at.v_lin,
-                      at.dim // at.n_heads, getattr(at, "scaling", None) or (at.dim // at.n_heads) ** -0.5,
-                      at.dropout.p)
+                      at.attention_head_size, at.scaling, at.dropout.p)
     y = self.sa_layer_norm(at.out_lin(a) + first)
     return self.output_layer_norm(self.ffn(y) + y)
 
@@ -86,8 +84,8 @@ def _is_bert_attention(mod: nn.Module) -> bool:
 def _is_distilbert_block(mod: nn.Module) -> bool:
     at = getattr(mod, "attention", None)
     return (at is not None and all(hasattr(mod, a) for a in ("sa_layer_norm", "ffn", "output_layer_norm"))
-            and all(hasattr(at, a) for a in ("q_lin", "k_lin", "v_lin", "out_lin", "n_heads", "dim", "dropout",
-                                             "config")))
+            and all(hasattr(at, a) for a in ("q_lin", "k_lin", "v_lin", "out_lin", "attention_head_size", "scaling",
+                                             "dropout", "config")))
 
 
 def _last_layer(encoder: nn.Module) -> nn.Module | None:

@@ -53,7 +53,7 @@ class Feed:
         t = padded_length(int(self.lengths[idx].max()))
         per = max(1, max_tokens // max(t, 1))
         parts = -(-len(idx) // per)
-        return [part for part in np.array_split(idx, parts)] if parts > 1 else [idx]
+        return np.array_split(idx, parts) if parts > 1 else [idx]
 
     def index_batches(self, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
         return train_batches(self.lengths, batch_size, rng, self.bucket)
