@@ -81,13 +81,19 @@ class _Dropout(torch.autograd.Function):
     def forward(ctx, x, p, out_dtype):
         out_dtype = out_dtype or x.dtype
         ctx.seed, ctx.p = masks.new_seed(), p
-        keep = keep_bits(x.shape, p, out_dtype, ctx.seed)
         ctx.scale, ctx.in_dtype = 1.0 / (1.0 - p), x.dtype
-        y = torch.mul(x, ctx.scale, out=torch.empty(x.shape, dtype=out_dtype, device=x.device))
+        y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        if x.device.type == "cpu" and masks.dropout_available(x.dtype, out_dtype):      # one compiled pass
+            return masks.dropout(x.contiguous(), y, ctx.seed, _threshold(p), ctx.scale)
+        keep = keep_bits(x.shape, p, out_dtype, ctx.seed)
+        torch.mul(x, ctx.scale, out=y)
         return zero_dropped(y, keep.to(x.device), inplace=True)
 
     @staticmethod
     def backward(ctx, grad):
+        if grad.device.type == "cpu" and masks.dropout_available(grad.dtype, ctx.in_dtype):
+            out = torch.empty(grad.shape, dtype=ctx.in_dtype)
+            return masks.dropout(grad.contiguous(), out, ctx.seed, _threshold(ctx.p), ctx.scale), None, None
         keep = keep_bits(grad.shape, ctx.p, grad.dtype, ctx.seed).to(grad.device)
         return zero_dropped(grad, keep).to(ctx.in_dtype).mul_(ctx.scale), None, None
 
@@ -400,6 +406,118 @@ class FrozenLinear(nn.Linear):
         return super().forward(x)
 
 
+class _DropoutAddNorm(torch.autograd.Function):
+    """y = LayerNorm(drop(h) + r) for a frozen LayerNorm, h bf16 and r fp32 (the end of a BERT sublayer under
+    bf16 autocast), in one pass forward and one backward (:func:`masks.dropout_add_norm`).
+
+    Unfused, the same maths takes five passes over the (B, T, H) values forward (draw the mask, scale,
+    zero, add, normalise) and four back. drop(h) is :class:`_Dropout`'s (the same mask for the same seed, the
+    same bf16 rounding), and z = drop(h) + r is the same fp32 sum; the LayerNorm sums in another order
+    (its output and gradients within fp32 rounding of PyTorch's). Kept for the backward pass: z and each
+    row's mean and 1 / std (what ``native_layer_norm`` keeps) and the mask's seed. Gradients:
+        dz = rstd (g - mean(g) - x mean(g x)),  g = dy w,  x = (z - mean) rstd,
+        dr = dz,  dh = bf16(bf16(dz) m / (1 - p)).
+    """
+
+    @staticmethod
+    def forward(ctx, h, r, weight, bias, eps, p):
+        ctx.seed, ctx.threshold, ctx.scale = masks.new_seed(), _threshold(p), 1.0 / (1.0 - p)
+        y, z, stats = masks.dropout_add_norm(h.contiguous(), r.contiguous(), weight, bias, eps, ctx.seed,
+                                             ctx.threshold, ctx.scale)
+        ctx.save_for_backward(z, stats, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        z, stats, weight = ctx.saved_tensors
+        dh, dr = masks.dropout_add_norm_backward(dy.float().contiguous(), z, stats, weight, ctx.seed, ctx.threshold,
+                                                 ctx.scale, need_residual=ctx.needs_input_grad[1])
+        return dh, dr, None, None, None, None
+
+
+def _sublayer_end_forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+    """BERT's ``LayerNorm(dropout(dense(x)) + input)``, by :class:`_DropoutAddNorm` where it applies."""
+    h = self.dense(hidden_states)
+    ln, drop = self.LayerNorm, self.dropout
+    if (drop.training and 0.0 < drop.p < 1.0 and h.dtype == torch.bfloat16 and input_tensor.dtype == torch.float32
+            and h.device.type == "cpu" and h.shape == input_tensor.shape and ln.weight is not None
+            and ln.bias is not None and not (ln.weight.requires_grad or ln.bias.requires_grad)
+            and ln.weight.dtype == ln.bias.dtype == torch.float32 and tuple(ln.normalized_shape) == (h.shape[-1],)
+            and masks.fused_rows_available(h.shape[-1])):
+        return _DropoutAddNorm.apply(h, input_tensor, ln.weight, ln.bias, ln.eps, drop.p)
+    return ln(drop(h) + input_tensor)
+
+
+class _GeluKeepGrad(torch.autograd.Function):
+    """GELU(x) = x Phi(x) for bf16 x, keeping GELU'(x) = Phi(x) + x phi(x) (bf16, the memory x took)
+    from the same pass (:func:`masks.gelu_and_grad`), so the backward is one product dx = dy GELU'(x)
+    instead of erf and exp again. GELU'(x) is rounded to bf16 before that product: dx within one more
+    bf16 rounding of PyTorch's ``gelu_backward``."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y, d = masks.gelu_and_grad(x.contiguous())
+        ctx.save_for_backward(d)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (d,) = ctx.saved_tensors
+        return masks.mul(dy.to(d.dtype).contiguous(), d)
+
+
+def _gelu_forward(self, x: torch.Tensor) -> torch.Tensor:
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.requires_grad and torch.is_grad_enabled():
+        return _GeluKeepGrad.apply(x)
+    return self._fused_from.forward(self, x)
+
+
+def _same_code(f, g) -> bool:
+    """Whether two functions are the same code (a transformers model's "Copied from" classes are)."""
+    a, b = getattr(f, "__code__", None), getattr(g, "__code__", None)
+    return (a is not None and b is not None and a.co_code == b.co_code and a.co_names == b.co_names
+            and a.co_consts == b.co_consts and a.co_varnames == b.co_varnames)
+
+
+def _fusable(mod: nn.Module) -> str | None:
+    """"sublayer_end" for a module whose forward is BERT's ``BertSelfOutput.forward`` (dense, dropout,
+    LayerNorm of the sum; also RoBERTa's, CamemBERT's ... copies), "gelu" for transformers' exact GELU."""
+    from transformers.activations import GELUActivation
+    from transformers.models.bert.modeling_bert import BertSelfOutput
+
+    if isinstance(mod, GELUActivation) and getattr(mod, "act", None) is nn.functional.gelu:
+        return "gelu"
+    if (isinstance(getattr(mod, "LayerNorm", None), nn.LayerNorm) and isinstance(getattr(mod, "dense", None), nn.Module)
+            and isinstance(getattr(mod, "dropout", None), (nn.Dropout, FastDropout))
+            and _same_code(type(mod).forward, BertSelfOutput.forward)):
+        return "sublayer_end"
+    return None
+
+
+_FUSED_FORWARDS = {"sublayer_end": _sublayer_end_forward, "gelu": _gelu_forward}
+_fused_classes: dict[tuple[type, str], type] = {}
+
+
+def fuse_passes(model: nn.Module) -> dict[str, list[tuple[nn.Module, type]]]:
+    """Class-swap BERT sublayer ends to :class:`_DropoutAddNorm` and exact GELUs to :class:`_GeluKeepGrad`
+    (both used only in bf16 training on CPU, the original forward otherwise); return, per kind, the
+    (module, original class) pairs. Nothing where the kernels are not compiled."""
+    swapped: dict[str, list] = {kind: [] for kind in _FUSED_FORWARDS}
+    if masks.compiled() is None:
+        return swapped
+    for mod in model.modules():
+        kind = None if hasattr(type(mod), "_fused_from") else _fusable(mod)
+        if kind is None:
+            continue
+        cls = type(mod)
+        if (cls, kind) not in _fused_classes:
+            _fused_classes[(cls, kind)] = type(f"Fused{cls.__name__}", (cls,),
+                                               {"forward": _FUSED_FORWARDS[kind], "_fused_from": cls})
+        swapped[kind].append((mod, cls))
+        mod.__class__ = _fused_classes[(cls, kind)]
+    return swapped
+
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
@@ -470,6 +588,11 @@ def accelerate(model: nn.Module, runtime) -> Speedups:
         sp.report["bf16_frozen_linear_tensors"] = len(sp._weights)
         sp.report["paged_out_fp32_mb"] = round(page_out(t for _, t in sp._weights) / 2 ** 20, 1)
         if _onednn_linear():
-            sp._classes = frozen_linear_class(model)
-            sp.report["onednn_frozen_linears"] = len(sp._classes)
+            swapped = frozen_linear_class(model)
+            sp._classes += swapped
+            sp.report["onednn_frozen_linears"] = len(swapped)
+        fused = fuse_passes(model)
+        for pairs in fused.values():
+            sp._classes += pairs
+        sp.report["fused_passes"] = {kind: len(pairs) for kind, pairs in fused.items()}
     return sp

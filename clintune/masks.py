@@ -152,8 +152,150 @@ void softmax_keep_backward_bf16(uint16_t *dp, const uint16_t *probs, uint16_t *k
         }
     }
 }
+
+/* Dropout y = x m s and its backward dx = dy m s in one pass over n values each, the mask drawn inline from the
+   stream above (element k from word k / 4, as the KEEP loops), in pieces of 4096 (whole words) over the threads.
+   LOADx reads a value as fp32, STOREy rounds it to y's type; a dropped value is +0. */
+#define DROP_PIECE 4096
+#define DROPOUT(NAME, TX, TY, LOADX, STOREY)                                                   \
+void NAME(const TX *x, TY *y, int64_t n, uint64_t seed, int32_t threshold, float scale) {       \
+    const int16_t th = (int16_t) threshold;                                                     \
+    _Pragma("omp parallel for schedule(static)")                                                \
+    for (int64_t s = 0; s < n; s += DROP_PIECE) {                                               \
+        uint16_t keep[DROP_PIECE] __attribute__((aligned(64)));                                 \
+        const int64_t m = s + DROP_PIECE < n ? DROP_PIECE : n - s, words = (m + 3) / 4;         \
+        for (int64_t j = 0; j < words; j++) {                                                   \
+            uint64_t r = mix(seed + (uint64_t) (s / 4 + j + 1) * 0x9E3779B97F4A7C15ULL);        \
+            keep[4 * j] = (int16_t) r >= th;                                                     \
+            keep[4 * j + 1] = (int16_t) (r >> 16) >= th;                                         \
+            keep[4 * j + 2] = (int16_t) (r >> 32) >= th;                                         \
+            keep[4 * j + 3] = (int16_t) (r >> 48) >= th;                                         \
+        }                                                                                       \
+        const TX *xs = x + s;                                                                   \
+        TY *ys = y + s;                                                                         \
+        for (int64_t i = 0; i < m; i++) { float v = LOADX(xs[i]) * scale; ys[i] = keep[i] ? STOREY(v) : 0; } \
+    }                                                                                           \
+}
+static inline float f2f(float f) { return f; }
+static inline uint16_t f2bf_nan(float f) {                  /* f2bf, and NaN -> 0x7FC0 as PyTorch rounds it */
+    uint32_t u; memcpy(&u, &f, 4);
+    return (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t) 0x7FC0u : f2bf(f);
+}
+static inline float bfl(uint16_t b) { return bf2f(b); }
+DROPOUT(dropout_f32_bf16, float, uint16_t, f2f, f2bf_nan)
+DROPOUT(dropout_bf16_bf16, uint16_t, uint16_t, bfl, f2bf_nan)
+DROPOUT(dropout_f32_f32, float, float, f2f, f2f)
+DROPOUT(dropout_bf16_f32, uint16_t, float, bfl, f2f)
+/* keep[0 .. n) = the mask of flat elements k0 .. k0 + n - 1 of the stream above (as 0xFFFF / 0, for bf16 bits) */
+static inline void span_keep(uint16_t *keep, int64_t k0, int64_t n, uint64_t seed, int16_t th) {
+    const int64_t w0 = k0 >> 2, off = k0 & 3, words = (off + n + 3) >> 2;
+    uint16_t buf[MAXT + 8] __attribute__((aligned(64)));
+    for (int64_t j = 0; j < words; j++) {
+        uint64_t r = mix(seed + (uint64_t) (w0 + j + 1) * 0x9E3779B97F4A7C15ULL);
+        buf[4 * j] = (uint16_t) -((int16_t) r >= th);
+        buf[4 * j + 1] = (uint16_t) -((int16_t) (r >> 16) >= th);
+        buf[4 * j + 2] = (uint16_t) -((int16_t) (r >> 32) >= th);
+        buf[4 * j + 3] = (uint16_t) -((int16_t) (r >> 48) >= th);
+    }
+    memcpy(keep, buf + off, (size_t) n * sizeof(uint16_t));
+}
+/* A transformer sublayer's end, z = round(h s) m + r, y = (z - mean) rstd w + b over rows of length n
+   (h bf16, the rest fp32; m the stream's mask over h's flat elements, s = 1 / (1 - p)); z and (mean, rstd)
+   per row are kept for the backward pass. */
+void dropout_add_norm_bf16(const uint16_t *h, const float *r, const float *w, const float *b, float *y, float *z,
+                           float *stats, int64_t rows, int64_t n, uint64_t seed, int32_t threshold, float scale,
+                           float eps) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < rows; i++) {
+        uint16_t keep[MAXT] __attribute__((aligned(64)));
+        span_keep(keep, i * n, n, seed, (int16_t) threshold);
+        const uint16_t *hi = h + i * n;
+        const float *ri = r + i * n;
+        float *zi = z + i * n, *yi = y + i * n;
+        float acc[16] = {0};
+        int64_t j = 0;
+        for (; j + 16 <= n; j += 16)
+            for (int l = 0; l < 16; l++) {
+                float v = bf2f(f2bf(bf2f(hi[j + l]) * scale) & keep[j + l]) + ri[j + l];
+                zi[j + l] = v; acc[l] += v;
+            }
+        for (; j < n; j++) { float v = bf2f(f2bf(bf2f(hi[j]) * scale) & keep[j]) + ri[j]; zi[j] = v; acc[0] += v; }
+        float sum = 0.0f;
+        for (int l = 0; l < 16; l++) { sum += acc[l]; acc[l] = 0.0f; }
+        const float mean = sum / (float) n;
+        for (j = 0; j + 16 <= n; j += 16)
+            for (int l = 0; l < 16; l++) { float c = zi[j + l] - mean; acc[l] += c * c; }
+        for (; j < n; j++) { float c = zi[j] - mean; acc[0] += c * c; }
+        float var = 0.0f;
+        for (int l = 0; l < 16; l++) var += acc[l];
+        const float rstd = 1.0f / __builtin_sqrtf(var / (float) n + eps);
+        for (j = 0; j < n; j++) yi[j] = (zi[j] - mean) * rstd * w[j] + b[j];
+        stats[2 * i] = mean; stats[2 * i + 1] = rstd;
+    }
+}
+/* its gradients: dz = rstd (g - mean(g) - x mean(g x)) with g = dy w and x = (z - mean) rstd (a frozen w);
+   dr = dz (when dr is not NULL), dh = round(round(dz) m s), as autograd's cast and dropout's backward make. */
+void dropout_add_norm_backward_bf16(const float *dy, const float *z, const float *stats, const float *w, float *dr,
+                                    uint16_t *dh, int64_t rows, int64_t n, uint64_t seed, int32_t threshold,
+                                    float scale) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < rows; i++) {
+        uint16_t keep[MAXT] __attribute__((aligned(64)));
+        span_keep(keep, i * n, n, seed, (int16_t) threshold);
+        const float *dyi = dy + i * n, *zi = z + i * n;
+        const float mean = stats[2 * i], rstd = stats[2 * i + 1];
+        float ag[16] = {0}, agx[16] = {0};
+        int64_t j = 0;
+        for (; j + 16 <= n; j += 16)
+            for (int l = 0; l < 16; l++) {
+                float g = dyi[j + l] * w[j + l];
+                ag[l] += g; agx[l] += g * ((zi[j + l] - mean) * rstd);
+            }
+        for (; j < n; j++) { float g = dyi[j] * w[j]; ag[0] += g; agx[0] += g * ((zi[j] - mean) * rstd); }
+        float sg = 0.0f, sgx = 0.0f;
+        for (int l = 0; l < 16; l++) { sg += ag[l]; sgx += agx[l]; }
+        const float mg = sg / (float) n, mgx = sgx / (float) n;
+        float *dri = dr ? dr + i * n : 0;
+        uint16_t *dhi = dh + i * n;
+        for (j = 0; j < n; j++) {
+            float d = rstd * (dyi[j] * w[j] - mg - (zi[j] - mean) * rstd * mgx);
+            if (dri) dri[j] = d;
+            dhi[j] = f2bf(bf2f(f2bf(d)) * scale) & keep[j];
+        }
+    }
+}
+/* GELU y = x Phi(x) and its derivative d = Phi(x) + x phi(x) in one pass, bf16 in and out (fp32 inside);
+   Phi(-|x|) = erfc(|x| / sqrt 2) / 2 by Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7), whose
+   exp(-x^2 / 2) is also phi's. */
+void gelu_and_grad_bf16(const uint16_t *x, uint16_t *y, uint16_t *d, int64_t n) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t s = 0; s < n; s += 4096) {
+        const int64_t e = s + 4096 < n ? s + 4096 : n;
+        for (int64_t i = s; i < e; i++) {
+            float v = bf2f(x[i]);
+            float a = __builtin_fabsf(v) * 0.70710678118654752f;
+            float g = exp_neg(-a * a);
+            float t = 1.0f / (1.0f + 0.3275911f * a);
+            float p = 1.061405429f;
+            p = p * t - 1.453152027f; p = p * t + 1.421413741f; p = p * t - 0.284496736f; p = p * t + 0.254829592f;
+            float tail = 0.5f * t * p * g;
+            float cdf = v >= 0.0f ? 1.0f - tail : tail;
+            y[i] = f2bf(v * cdf);
+            d[i] = f2bf(cdf + v * 0.39894228040143268f * g);
+        }
+    }
+}
+/* out = round(g d), bf16 (GELU's backward from the kept derivative) */
+void mul_bf16(const uint16_t *g, const uint16_t *d, uint16_t *out, int64_t n) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t s = 0; s < n; s += 8192) {
+        const int64_t e = s + 8192 < n ? s + 8192 : n;
+        for (int64_t i = s; i < e; i++) out[i] = f2bf(bf2f(g[i]) * bf2f(d[i]));
+    }
+}
 """
 
+_DROPOUT_TYPES = (("f32", "bf16"), ("bf16", "bf16"), ("f32", "f32"), ("bf16", "f32"))   # (x, y) of dropout_x_y
 MAX_ROW = 8192          # the fused kernels' longest row: their stack buffers (MAXT in the C source)
 _SOURCE = _SOURCE.replace("@MAX_ROW@", str(MAX_ROW))
 
@@ -211,8 +353,16 @@ def _compile() -> ctypes.CDLL | None:
     for name in set(_FUNCS.values()):
         getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int32]
         getattr(lib, name).restype = None
-    for name in ("softmax_keep_bf16", "softmax_keep_backward_bf16"):
-        getattr(lib, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_uint64, ctypes.c_int32]
+    p, i64, u64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int32, ctypes.c_float
+    signatures = {"softmax_keep_bf16": [p] * 3 + [i64] * 3 + [u64, i32],
+                  "softmax_keep_backward_bf16": [p] * 3 + [i64] * 3 + [u64, i32],
+                  "dropout_add_norm_bf16": [p] * 7 + [i64] * 2 + [u64, i32, f32, f32],
+                  "dropout_add_norm_backward_bf16": [p] * 6 + [i64] * 2 + [u64, i32, f32],
+                  "gelu_and_grad_bf16": [p] * 3 + [i64],
+                  **{f"dropout_{a}_{b}": [p, p, i64, u64, i32, f32] for a, b in _DROPOUT_TYPES},
+                  "mul_bf16": [p] * 3 + [i64]}
+    for name, args in signatures.items():
+        getattr(lib, name).argtypes = args
         getattr(lib, name).restype = None
     return lib
 
@@ -305,3 +455,91 @@ def attention_keep(shape: tuple[int, ...], threshold: int, dtype: torch.dtype, s
     t4 = (t + 3) // 4 * 4
     full = draw(torch.empty((*shape[:-1], t4), dtype=dtype), threshold, seed)
     return full if t4 == t else full[..., :t].contiguous()
+
+
+def _check(tensors: dict[str, tuple[torch.Tensor, torch.dtype]], shape: tuple[int, ...]) -> None:
+    for name, (x, dtype) in tensors.items():
+        if x.dtype != dtype or not x.is_contiguous() or x.device.type != "cpu" or tuple(x.shape) != tuple(shape):
+            raise ValueError(f"fused kernel: {name} must be a contiguous CPU {dtype} tensor of shape {tuple(shape)}")
+
+
+def fused_rows_available(n: int) -> bool:
+    """Whether :func:`dropout_add_norm` runs here for rows of length ``n``."""
+    return 0 < n <= MAX_ROW and compiled() is not None
+
+
+def dropout_add_norm(h: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                     seed: int, threshold: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y = LayerNorm(round(h * scale) * m + r) over the last dim in one pass: h bf16, r and the LayerNorm's
+    weight and bias fp32; m is :func:`draw`'s mask over h's flat elements for ``seed`` (the mask
+    ``keep_bits(h.shape, ...)`` gives), and round(h * scale) * m is exactly dropout's bf16 output.
+    Returns (y, z, stats): z the LayerNorm's fp32 input and stats each row's (mean, 1 / std), for
+    :func:`dropout_add_norm_backward`."""
+    n = h.shape[-1]
+    _check({"h": (h, torch.bfloat16), "r": (r, torch.float32)}, h.shape)
+    _check({"weight": (weight, torch.float32), "bias": (bias, torch.float32)}, (n,))
+    if not fused_rows_available(n):
+        raise ValueError(f"dropout_add_norm: rows of 1 to {MAX_ROW} values, where the kernels are compiled")
+    rows = h.numel() // n
+    y, z = torch.empty(h.shape), torch.empty(h.shape)
+    stats = torch.empty((rows, 2))
+    compiled().dropout_add_norm_bf16(h.data_ptr(), r.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
+                                     z.data_ptr(), stats.data_ptr(), rows, n, seed, int(threshold), float(scale),
+                                     float(eps))
+    return y, z, stats
+
+
+def dropout_add_norm_backward(dy: torch.Tensor, z: torch.Tensor, stats: torch.Tensor, weight: torch.Tensor, seed: int,
+                              threshold: int, scale: float, need_residual: bool = True):
+    """The gradients of :func:`dropout_add_norm` for a frozen LayerNorm: (dh bf16, dr fp32 or None).
+    dr = dz = rstd (g - mean(g) - x mean(g x)), g = dy * weight, x = (z - mean) * rstd; dh = dz rounded to
+    bf16 (autograd's cast at the add), times m and ``scale`` (dropout's backward), rounded again."""
+    n = z.shape[-1]
+    _check({"dy": (dy, torch.float32), "z": (z, torch.float32)}, z.shape)
+    _check({"weight": (weight, torch.float32)}, (n,))
+    rows = z.numel() // n
+    _check({"stats": (stats, torch.float32)}, (rows, 2))
+    dh = torch.empty(z.shape, dtype=torch.bfloat16)
+    dr = torch.empty(z.shape) if need_residual else None
+    compiled().dropout_add_norm_backward_bf16(dy.data_ptr(), z.data_ptr(), stats.data_ptr(), weight.data_ptr(),
+                                              0 if dr is None else dr.data_ptr(), dh.data_ptr(), rows, n, seed,
+                                              int(threshold), float(scale))
+    return dh, dr
+
+
+def gelu_and_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(GELU(x), GELU'(x)) for bf16 ``x`` in one pass: x Phi(x) and Phi(x) + x phi(x) with the exact normal
+    CDF (erf form, 1.5e-7 absolute error), computed in fp32 and rounded to bf16 once each."""
+    _check({"x": (x, torch.bfloat16)}, x.shape)
+    y, d = torch.empty_like(x), torch.empty_like(x)
+    compiled().gelu_and_grad_bf16(x.data_ptr(), y.data_ptr(), d.data_ptr(), x.numel())
+    return y, d
+
+
+def mul(g: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """g * d for bf16 tensors of one shape, in fp32 and rounded once (as torch's bf16 product)."""
+    _check({"g": (g, torch.bfloat16), "d": (d, torch.bfloat16)}, g.shape)
+    out = torch.empty_like(g)
+    compiled().mul_bf16(g.data_ptr(), d.data_ptr(), out.data_ptr(), g.numel())
+    return out
+
+
+_TYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def dropout_available(x_dtype: torch.dtype, y_dtype: torch.dtype) -> bool:
+    """Whether :func:`dropout` runs here from ``x_dtype`` to ``y_dtype``."""
+    return ((_TYPE_NAMES.get(x_dtype), _TYPE_NAMES.get(y_dtype)) in _DROPOUT_TYPES
+            and compiled() is not None)
+
+
+def dropout(x: torch.Tensor, y: torch.Tensor, seed: int, threshold: int, scale: float) -> torch.Tensor:
+    """y = x * m * scale in one pass (computed in fp32, rounded to y's type; dropped values +0), m the
+    mask :func:`draw` makes over x's flat elements for ``seed`` and ``threshold``. Also dropout's backward
+    (x the gradient). Contiguous CPU fp32 / bf16 tensors of one shape; returns y."""
+    if not (x.is_contiguous() and y.is_contiguous() and x.device.type == y.device.type == "cpu"
+            and x.shape == y.shape and dropout_available(x.dtype, y.dtype)):
+        raise ValueError("dropout kernel: contiguous CPU fp32/bf16 tensors of one shape")
+    getattr(compiled(), f"dropout_{_TYPE_NAMES[x.dtype]}_{_TYPE_NAMES[y.dtype]}")(
+        x.data_ptr(), y.data_ptr(), x.numel(), seed, int(threshold), float(scale))
+    return y
