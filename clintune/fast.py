@@ -23,6 +23,12 @@ SDPA falls back to whenever attention dropout is on, and page faults on freshly 
   cast them to at every call, minus the cast (and half the memory). Trainable parameters stay fp32.
   :class:`FrozenLinear` then runs them through oneDNN with the bias inside the product: the same bits as
   ``addmm``, without its pass that first broadcasts the bias into the output.
+* :func:`fuse_passes` fuses the remaining passes over memory by class swaps (bf16 training on CPU only; the
+  original forward otherwise): PEFT's LoRA linear over a :class:`FrozenLinear` (:class:`_LoraLinear`: the
+  update added inside the frozen product, the two input gradients summed in one pass), BERT's sublayer end
+  LayerNorm(dropout(h) + residual) with a frozen LayerNorm (:class:`_DropoutAddNorm`), and the exact GELU,
+  which keeps its derivative from the forward pass (:class:`_GeluKeepGrad`). :class:`_Dropout` itself is
+  one compiled pass each way (:func:`masks.dropout`).
 * :func:`reuse_freed_memory` lets glibc's malloc reuse freed blocks instead of mapping fresh pages.
 
 On CUDA none of this is needed (SDPA's fused kernels do dropout themselves), so :func:`accelerate`
@@ -83,7 +89,8 @@ class _Dropout(torch.autograd.Function):
         ctx.seed, ctx.p = masks.new_seed(), p
         ctx.scale, ctx.in_dtype = 1.0 / (1.0 - p), x.dtype
         y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-        if x.device.type == "cpu" and masks.dropout_available(x.dtype, out_dtype):      # one compiled pass
+        if (x.device.type == "cpu" and masks.dropout_available(x.dtype, out_dtype)       # one compiled pass
+                and not (x.dtype == torch.bfloat16 and out_dtype == torch.float32)):      # (torch.mul rounds first)
             return masks.dropout(x.contiguous(), y, ctx.seed, _threshold(p), ctx.scale)
         keep = keep_bits(x.shape, p, out_dtype, ctx.seed)
         torch.mul(x, ctx.scale, out=y)
@@ -406,6 +413,86 @@ class FrozenLinear(nn.Linear):
         return super().forward(x)
 
 
+class _LoraLinear(torch.autograd.Function):
+    """PEFT's LoRA linear y = x W^T + b + s (drop(x) A^T) B^T, for a frozen bf16 W and b (:class:`FrozenLinear`'s
+    oneDNN product) and fp32 x, A (r, k), B (n, r), under bf16 autocast, in fewer passes over (tokens, n):
+
+    * forward: the LoRA update is added into the frozen product in place (``addmm_``, accumulated in fp32
+      and rounded once) instead of PEFT's product, scaling and sum (three bf16 roundings, two more passes);
+      drop(x) is :class:`_Dropout`'s (the same mask for the same seed) in one pass;
+    * backward, with g = bf16(dy): dU = s g B, dB = s (U^T g)^T, dA = dU^T drop(x), and the input gradient
+      dx = g W + (dU A) m / (1 - p) summed in fp32 in one pass (:func:`masks.dropout_add`), where autograd
+      would cast both parts to fp32 and add them in two more.
+    Saved: drop(x) and U = drop(x) A^T, as PEFT's modules save them, and the mask's seed."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, p, scaling):
+        bf = torch.bfloat16
+        a16, b16 = lora_a.to(bf), lora_b.to(bf)
+        xb = x.to(bf).contiguous()
+        y = torch.ops.mkldnn._linear_pointwise(xb, weight, bias, "none", [], "")
+        ctx.threshold, ctx.scale = _threshold(p), 1.0 / (1.0 - p)
+        if p > 0.0:
+            ctx.seed = masks.new_seed()
+            dropped = masks.dropout(x.contiguous(), torch.empty(x.shape, dtype=bf), ctx.seed, ctx.threshold, ctx.scale)
+        else:                                                    # no dropout (or eval): no numbers drawn
+            ctx.seed, dropped = 0, xb
+        u = torch.matmul(dropped, a16.t())
+        y.view(-1, y.shape[-1]).addmm_(u.view(-1, u.shape[-1]), b16.t(), alpha=scaling)
+        ctx.save_for_backward(weight, a16, b16, dropped, u)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        weight, a16, b16, dropped, u = ctx.saved_tensors
+        g = dy.to(torch.bfloat16).reshape(-1, dy.shape[-1])
+        u2, d2 = u.view(-1, u.shape[-1]), dropped.view(-1, dropped.shape[-1])
+        need_x, _, _, need_a, need_b, _, _ = ctx.needs_input_grad
+        du = torch.mm(g, b16).mul_(ctx.scaling)
+        d_b = torch.mm(u2.t(), g).t().float().mul_(ctx.scaling) if need_b else None   # (U^T g)^T: the faster layout
+        d_a = torch.mm(du.t(), d2).float() if need_a else None
+        dx = None
+        if need_x:                           # not for the first layer's input (the embeddings do not train)
+            dx = masks.dropout_add(torch.mm(g, weight), torch.mm(du, a16), ctx.seed, ctx.threshold, ctx.scale)
+            dx = dx.view(dropped.shape)
+        return dx, None, None, d_a, d_b, None, None
+
+
+def _lora_parts(mod: nn.Module):
+    """(A, B, dropout p, scaling) when a PEFT LoRA linear can take :class:`_LoraLinear` now, else None."""
+    if mod.disable_adapters or mod.merged or len(mod.active_adapters) != 1:
+        return None
+    name = mod.active_adapters[0]
+    if name not in mod.lora_A or name in getattr(mod, "lora_variant", {}):
+        return None
+    a, b, drop = mod.lora_A[name], mod.lora_B[name], mod.lora_dropout[name]
+    if type(a) is not nn.Linear or type(b) is not nn.Linear or a.bias is not None or b.bias is not None:
+        return None
+    if isinstance(drop, FastDropout):
+        p = drop.p if drop.training else 0.0
+    elif isinstance(drop, nn.Identity):
+        p = 0.0
+    else:
+        return None
+    if a.weight.dtype != torch.float32 or b.weight.dtype != torch.float32 or not 0.0 <= p < 1.0:
+        return None
+    return a.weight, b.weight, p, mod.scaling[name]
+
+
+def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    base = self.base_layer
+    if (not args and not kwargs and x.dtype == torch.float32 and x.device.type == "cpu"
+            and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and type(base) is FrozenLinear and base.weight.dtype == torch.bfloat16
+            and (base.bias is None or base.bias.dtype == torch.bfloat16) and masks.compiled() is not None):
+        parts = _lora_parts(self)
+        if parts is not None:
+            a, b, p, scaling = parts
+            return _LoraLinear.apply(x, base.weight, base.bias, a, b, p, scaling)
+    return self._fused_from.forward(self, x, *args, **kwargs)
+
+
 class _DropoutAddNorm(torch.autograd.Function):
     """y = LayerNorm(drop(h) + r) for a frozen LayerNorm, h bf16 and r fp32 (the end of a BERT sublayer under
     bf16 autocast), in one pass forward and one backward (:func:`masks.dropout_add_norm`).
@@ -481,12 +568,16 @@ def _same_code(f, g) -> bool:
 
 def _fusable(mod: nn.Module) -> str | None:
     """"sublayer_end" for a module whose forward is BERT's ``BertSelfOutput.forward`` (dense, dropout,
-    LayerNorm of the sum; also RoBERTa's, CamemBERT's ... copies), "gelu" for transformers' exact GELU."""
+    LayerNorm of the sum; also RoBERTa's, CamemBERT's ... copies), "gelu" for transformers' exact GELU,
+    "lora" for PEFT's LoRA linear over a :class:`FrozenLinear`."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
     from transformers.activations import GELUActivation
     from transformers.models.bert.modeling_bert import BertSelfOutput
 
     if isinstance(mod, GELUActivation) and getattr(mod, "act", None) is nn.functional.gelu:
         return "gelu"
+    if type(mod) is LoraLinear and type(getattr(mod, "base_layer", None)) is FrozenLinear:
+        return "lora"
     if (isinstance(getattr(mod, "LayerNorm", None), nn.LayerNorm) and isinstance(getattr(mod, "dense", None), nn.Module)
             and isinstance(getattr(mod, "dropout", None), (nn.Dropout, FastDropout))
             and _same_code(type(mod).forward, BertSelfOutput.forward)):
@@ -494,7 +585,7 @@ def _fusable(mod: nn.Module) -> str | None:
     return None
 
 
-_FUSED_FORWARDS = {"sublayer_end": _sublayer_end_forward, "gelu": _gelu_forward}
+_FUSED_FORWARDS = {"sublayer_end": _sublayer_end_forward, "gelu": _gelu_forward, "lora": _lora_forward}
 _fused_classes: dict[tuple[type, str], type] = {}
 
 

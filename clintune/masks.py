@@ -1,4 +1,5 @@
-"""Dropout keep-masks at memory speed: a 20-line C loop, compiled once per machine, with a numpy fallback.
+"""Dropout keep-masks at memory speed: a 20-line C loop, compiled once per machine, with a numpy fallback;
+and the fused passes over memory built on it.
 
 A mask needs one uniform number per dropped-out value: about 125 M per LoRA step of MiniLM at 16 x 256
 tokens (every attention probability is dropped out). torch's CPU generator (mt19937, ``bernoulli_``)
@@ -21,6 +22,10 @@ The same shared object holds attention's softmax and dropout fused for bf16 (:fu
 :func:`softmax_keep_backward`): one pass over the scores makes P (softmax in fp32, rounded once) and P m,
 drawing each row's mask inline (row r takes words r w .. r w + w - 1, w = ceil(T / 4), so a row starts on
 a whole word: :func:`attention_keep`); one pass over dP makes dS = P (dP m - rowsum(dP m P)) and P m again.
+The other passes that training makes over memory are there too, each drawing its mask inline from the same
+stream: dropout itself (:func:`dropout`, both directions), a frozen linear's and LoRA's input gradients summed
+through LoRA's dropout (:func:`dropout_add`), a BERT sublayer's dropout + residual + LayerNorm and its
+gradient (:func:`dropout_add_norm`), and GELU with its derivative (:func:`gelu_and_grad`).
 Where PyTorch runs on GNU OpenMP (its Linux wheels), the kernels are built with ``-fopenmp`` and so split
 rows over PyTorch's own threads; Python threads instead lost to the OpenMP threads spinning between
 PyTorch's calls (measured: slower than one thread).
@@ -186,6 +191,24 @@ DROPOUT(dropout_f32_bf16, float, uint16_t, f2f, f2bf_nan)
 DROPOUT(dropout_bf16_bf16, uint16_t, uint16_t, bfl, f2bf_nan)
 DROPOUT(dropout_f32_f32, float, float, f2f, f2f)
 DROPOUT(dropout_bf16_f32, uint16_t, float, bfl, f2f)
+/* out = a + b m s in fp32 for bf16 a and b: a frozen linear's input gradient plus LoRA's through its dropout */
+void dropout_add_bf16_f32(const uint16_t *a, const uint16_t *b, float *out, int64_t n, uint64_t seed,
+                          int32_t threshold, float scale) {
+    const int16_t th = (int16_t) threshold;
+    #pragma omp parallel for schedule(static)
+    for (int64_t s = 0; s < n; s += DROP_PIECE) {
+        uint16_t keep[DROP_PIECE] __attribute__((aligned(64)));
+        const int64_t m = s + DROP_PIECE < n ? DROP_PIECE : n - s, words = (m + 3) / 4;
+        for (int64_t j = 0; j < words; j++) {
+            uint64_t r = mix(seed + (uint64_t) (s / 4 + j + 1) * 0x9E3779B97F4A7C15ULL);
+            keep[4 * j] = (int16_t) r >= th;
+            keep[4 * j + 1] = (int16_t) (r >> 16) >= th;
+            keep[4 * j + 2] = (int16_t) (r >> 32) >= th;
+            keep[4 * j + 3] = (int16_t) (r >> 48) >= th;
+        }
+        for (int64_t i = 0; i < m; i++) out[s + i] = bf2f(a[s + i]) + (keep[i] ? bf2f(b[s + i]) * scale : 0.0f);
+    }
+}
 /* keep[0 .. n) = the mask of flat elements k0 .. k0 + n - 1 of the stream above (as 0xFFFF / 0, for bf16 bits) */
 static inline void span_keep(uint16_t *keep, int64_t k0, int64_t n, uint64_t seed, int16_t th) {
     const int64_t w0 = k0 >> 2, off = k0 & 3, words = (off + n + 3) >> 2;
@@ -360,6 +383,7 @@ def _compile() -> ctypes.CDLL | None:
                   "dropout_add_norm_backward_bf16": [p] * 6 + [i64] * 2 + [u64, i32, f32],
                   "gelu_and_grad_bf16": [p] * 3 + [i64],
                   **{f"dropout_{a}_{b}": [p, p, i64, u64, i32, f32] for a, b in _DROPOUT_TYPES},
+                  "dropout_add_bf16_f32": [p] * 3 + [i64, u64, i32, f32],
                   "mul_bf16": [p] * 3 + [i64]}
     for name, args in signatures.items():
         getattr(lib, name).argtypes = args
@@ -543,3 +567,13 @@ def dropout(x: torch.Tensor, y: torch.Tensor, seed: int, threshold: int, scale: 
     getattr(compiled(), f"dropout_{_TYPE_NAMES[x.dtype]}_{_TYPE_NAMES[y.dtype]}")(
         x.data_ptr(), y.data_ptr(), x.numel(), seed, int(threshold), float(scale))
     return y
+
+
+def dropout_add(a: torch.Tensor, b: torch.Tensor, seed: int, threshold: int, scale: float) -> torch.Tensor:
+    """a + b * m * scale in fp32 for bf16 ``a`` and ``b`` of one shape, m :func:`draw`'s mask for ``seed``: the
+    input gradient of a frozen linear (a) and of LoRA's branch through its dropout (b), summed in one pass."""
+    _check({"a": (a, torch.bfloat16), "b": (b, torch.bfloat16)}, a.shape)
+    out = torch.empty(a.shape)
+    compiled().dropout_add_bf16_f32(a.data_ptr(), b.data_ptr(), out.data_ptr(), a.numel(), seed, int(threshold),
+                                    float(scale))
+    return out

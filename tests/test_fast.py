@@ -391,3 +391,180 @@ def test_bf16_lora_gradients_with_dropout_match_fp32_with_the_same_masks(tiny_ba
         assert a.norm() > 0, part
         rel = float((a - b).norm() / a.norm())
         assert rel < 0.05, (part, rel)
+
+
+def test_fast_dropout_kernel_and_fallback_give_the_same_bits_and_gradients(monkeypatch):
+    """FastDropout's one-pass kernel against its three-pass fallback: the same outputs and input gradients, bit for
+    bit, for fp32 and bf16 values and for LoRA's hand-over to autocast."""
+    if masks.compiled() is None:
+        pytest.skip("no C compiler: the fallback is all there is")
+    x32 = torch.randn(6, 9, 20, generator=torch.Generator().manual_seed(0))
+    for x, to_autocast in ((x32, False), (x32.bfloat16(), False), (x32, True)):
+        results = []
+        for kernel in (True, False):
+            if not kernel:
+                monkeypatch.setattr(masks, "dropout_available", lambda a, b: False)
+            leaf = x.clone().requires_grad_()
+            torch.manual_seed(4)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=to_autocast):
+                y = fast.FastDropout(0.2, to_autocast=to_autocast).train()(leaf)
+            (grad,) = torch.autograd.grad(y, leaf, torch.linspace(-1, 1, y.numel()).view(y.shape).to(y.dtype))
+            results.append((y, grad))
+            monkeypatch.undo()
+        (y1, g1), (y0, g0) = results
+        assert y1.dtype == y0.dtype and torch.equal(y1, y0) and torch.equal(g1, g0)
+        assert (y1 == 0).any() and (y1 != 0).any()
+
+
+def _layer_outputs(model, emb, mask, fused: bool, seed=7):
+    torch.manual_seed(seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))    # (LayerNorm makes |out|^2 flat)
+    (grad,) = torch.autograd.grad((out.float() * weights).sum(), emb)
+    return out.float().detach(), grad
+
+
+def test_fused_sublayer_ends_and_gelu_keep_a_bert_encoders_outputs_and_gradients(tiny_backbone):
+    """A tiny BERT in training mode, every dropout on, bf16 frozen weights under autocast: with the sublayer
+    ends (dropout + residual + LayerNorm) and GELUs fused, the same masks are drawn, and the output and the
+    gradient reaching the embeddings agree with the unfused modules to bf16 noise; the state dict is the same;
+    restore() puts the classes back. Eval mode, and a LayerNorm that trains, take the original forward
+    (bit-equal)."""
+    from clintune.backbones import load_backbone
+
+    if masks.compiled() is None:
+        pytest.skip("no C compiler: nothing is fused")
+    model, tok, _ = load_backbone(tiny_backbone)
+    model.requires_grad_(False)
+    layers = model.config.num_hidden_layers
+    ids = torch.tensor(tok(["heart failure noted today and yesterday", "rash"], padding=True)["input_ids"])
+    mask = (ids != tok.pad_token_id).long()
+    keys = list(model.state_dict())
+    fast.replace_dropout(model)
+    sp = fast.Speedups()
+    sp._weights = fast.frozen_linears_to(model, torch.bfloat16)
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+    model.train()
+    plain = _layer_outputs(model, emb, mask, False)
+    fused = fast.fuse_passes(model)
+    assert len(fused["sublayer_end"]) == 2 * layers and len(fused["gelu"]) == layers
+    assert not any(fast.fuse_passes(model).values())                                       # idempotent
+    sp._classes = [pair for pairs in fused.values() for pair in pairs]
+    got = _layer_outputs(model, emb, mask, True)
+    torch.testing.assert_close(got[0], plain[0], rtol=0.02, atol=0.02)
+    assert float((got[1] - plain[1]).norm() / plain[1].norm()) < 0.02
+    other_seed = _layer_outputs(model, emb, mask, True, seed=8)                             # the masks matter
+    assert float((other_seed[0] - got[0]).norm()) > 10 * float((got[0] - plain[0]).norm())
+    assert list(model.state_dict()) == keys
+
+    end, end_cls = fused["sublayer_end"][0]
+    gelu, gelu_cls = fused["gelu"][0]
+    h = torch.randn(2, 5, model.config.hidden_size).bfloat16()
+    r = torch.randn(2, 5, model.config.hidden_size)
+    u = torch.randn(2, 5, model.config.intermediate_size).bfloat16()
+
+    def both(mod, original, *args):
+        outs = []
+        for cls in (type(mod), original):
+            swapped, mod.__class__ = mod.__class__, cls
+            torch.manual_seed(3)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                outs.append(mod(*args))
+            mod.__class__ = swapped
+        return outs
+
+    model.eval()                                          # inference, no gradients wanted: the original forward
+    for mod, cls, args in ((end, end_cls, (h, r)), (gelu, gelu_cls, (u,))):
+        a, b = both(mod, cls, *args)
+        assert torch.equal(a, b)
+    a, b = both(gelu, gelu_cls, u.requires_grad_())           # with gradients: the kept-derivative GELU
+    assert a.grad_fn is not None and "GeluKeepGrad" in type(a.grad_fn).__name__
+    torch.testing.assert_close(a, b, rtol=2 ** -8, atol=1e-6)
+    model.train()
+    end.LayerNorm.requires_grad_(True)                                           # full fine-tuning: not fused
+    a, b = both(end, end_cls, h, r)
+    assert torch.equal(a, b) and a.requires_grad
+    sp.restore()
+    assert not any(hasattr(type(m), "_fused_from") for m in model.modules())
+
+
+def _lora_module(dropout: float, seed: int = 0):
+    from peft import LoraConfig, get_peft_model
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query = torch.nn.Linear(16, 24)
+
+        def forward(self, x):
+            return self.query(x)
+
+    torch.manual_seed(seed)
+    model = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["query"]))
+    with torch.no_grad():                                                    # non-zero B: gradients reach A
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(generator=torch.Generator().manual_seed(1))
+    fast.replace_dropout(model)
+    fast.frozen_linears_to(model, torch.bfloat16)
+    fast.frozen_linear_class(model)
+    return model
+
+
+@pytest.mark.parametrize("dropout", [0.25, 0.0])
+def test_fused_lora_linear_is_peft_lora_with_the_same_masks(dropout):
+    """PEFT's LoRA linear over a bf16 FrozenLinear, against the fused LoRA function under bf16 autocast: the same
+    dropout masks, the output within one bf16 rounding (the update is added in fp32 and rounded once), and the
+    gradients of x, A and B within bf16 noise; eval mode draws no random numbers."""
+    if masks.compiled() is None or not fast._onednn_linear():
+        pytest.skip("no C compiler or no oneDNN linear: nothing is fused")
+    model = _lora_module(dropout).train()
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(2))
+    dy = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(3))
+    runs = []
+    for fuse in (False, True):
+        if fuse:
+            fused = fast.fuse_passes(model)
+            assert [len(v) for v in fused.values()] == [0, 0, 1]
+        leaf = x.clone().requires_grad_()
+        torch.manual_seed(9)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(leaf)
+        assert y.dtype == torch.bfloat16
+        assert ("LoraLinear" in type(y.grad_fn).__name__) == fuse
+        y.float().backward(dy)
+        runs.append((y.float(), leaf.grad, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+        model.zero_grad(set_to_none=True)
+    (y0, dx0, g0), (y1, dx1, g1) = runs
+    torch.testing.assert_close(y1, y0, rtol=2 ** -7, atol=1e-2)
+    assert float((dx1 - dx0).norm() / dx0.norm()) < 1e-2
+    assert g0.keys() == g1.keys() and len(g0) == 2
+    for name in g0:
+        assert float((g1[name] - g0[name]).norm() / g0[name].norm()) < 1e-2, name
+    if dropout:
+        torch.manual_seed(10)                                                 # other masks: other gradients
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x.clone().requires_grad_()).float().backward(dy)
+        other = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        assert all(float((other[n] - g1[n]).norm() / g1[n].norm()) > 0.05 for n in g1)
+    model.eval()
+    torch.manual_seed(11)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    after = torch.rand(2)
+    torch.manual_seed(11)
+    assert torch.equal(torch.rand(2), after)
+
+
+def test_fused_lora_linear_leaves_other_adapters_to_peft():
+    """A disabled adapter takes PEFT's own forward."""
+    if masks.compiled() is None or not fast._onednn_linear():
+        pytest.skip("no C compiler or no oneDNN linear: nothing is fused")
+    model = _lora_module(0.0).train()
+    fast.fuse_passes(model)
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "LoraLinear" in type(model(x).grad_fn).__name__
+        with model.disable_adapter():
+            assert "LoraLinear" not in type(model(x).grad_fn).__name__

@@ -151,3 +151,124 @@ def test_fused_kernels_refuse_what_they_cannot_do():
     with pytest.raises(ValueError, match="bf16"):
         masks.softmax_keep(x, x, x, 0, 1, 0)
     assert masks.fused_softmax_available(256) and not masks.fused_softmax_available(masks.MAX_ROW + 1)
+
+
+def _ref_dropout(x, y_dtype, seed, thr, scale):
+    """The unfused dropout (fast._Dropout's fallback): the mask drawn as integers, a product, then zeroing."""
+    from clintune import fast
+
+    keep = masks.draw(torch.empty(x.shape, dtype=fast._BITS[y_dtype]), thr, seed)
+    y = torch.mul(x, scale, out=torch.empty(x.shape, dtype=y_dtype))
+    return fast.zero_dropped(y, keep, inplace=True)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (4097,), (3, 5, 4099)])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+                                    (torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+def test_dropout_kernel_is_the_unfused_dropout_bit_for_bit(shape, dtypes):
+    """One pass (mask drawn inline, element k from word k / 4) gives the bits of draw + product + zeroing, for
+    pieces that end inside a word and tensors of several pieces, on one thread or two; NaN stays NaN."""
+    _needs_kernel()
+    x_dtype, y_dtype = dtypes
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(x_dtype)
+    x.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -0.0])[: x.numel()]
+    thr, seed, scale = int(round(0.25 * 65536)) - 32768, 1234567, 1.0 / 0.75
+    got = masks.dropout(x, torch.empty(shape, dtype=y_dtype), seed, thr, scale)
+    if x_dtype == torch.bfloat16 and y_dtype == torch.float32:            # the backward pass: fp32 product
+        from clintune import fast
+
+        keep = masks.draw(torch.empty(shape, dtype=torch.int16), thr, seed)
+        want = fast.zero_dropped(x, keep).float().mul_(scale)
+    else:
+        want = _ref_dropout(x, y_dtype, seed, thr, scale)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    if x.numel() > 1000:
+        assert 0.2 < (got == 0).float().mean() < 0.3
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        again = masks.dropout(x, torch.empty(shape, dtype=y_dtype), seed, thr, scale)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(again, got, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("n", [5, 37, 384])
+def test_dropout_add_norm_is_dropout_then_the_sum_then_layernorm(n):
+    """z = drop(h) + r exactly as unfused; y = LayerNorm(z) within fp32 rounding of torch's; gradients as
+    autograd's through torch's ops with the same mask: dr within fp32 rounding, dh the same bf16 values except
+    where a one-ulp difference in dz crosses a rounding boundary. Rows whose length is not a multiple of 4 start
+    inside a mask word."""
+    _needs_kernel()
+    from clintune import fast
+
+    g = torch.Generator().manual_seed(0)
+    rows = 2 * 13
+    h = (torch.randn(2, 13, n, generator=g) * 3).bfloat16()
+    r = torch.randn(2, 13, n, generator=g)
+    w, b = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g) * 0.1
+    p, seed, eps = 0.1, 777, 1e-12
+    thr, scale = fast._threshold(p), 1.0 / (1.0 - p)
+    y, z, stats = masks.dropout_add_norm(h, r, w, b, eps, seed, thr, scale)
+    dropped = _ref_dropout(h, torch.bfloat16, seed, thr, scale)
+    assert torch.equal(z, dropped.float() + r)
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(z, (n,), w, b, eps), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats[:, 0], z.view(rows, n).mean(1), rtol=1e-5, atol=1e-6)
+
+    keep = masks.draw(torch.empty(h.shape, dtype=torch.int16), thr, seed)
+
+    class RefDrop(torch.autograd.Function):                                 # fast._Dropout's fallback, this mask
+        @staticmethod
+        def forward(ctx, x):
+            return fast.zero_dropped(torch.mul(x, scale), keep)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return fast.zero_dropped(grad, keep).mul_(scale)
+
+    h1, r1 = h.clone().requires_grad_(), r.clone().requires_grad_()
+    dy = torch.randn(h.shape, generator=g)
+    torch.nn.functional.layer_norm(RefDrop.apply(h1) + r1, (n,), w, b, eps).backward(dy)
+    dh, dr = masks.dropout_add_norm_backward(dy, z, stats, w, seed, thr, scale)
+    torch.testing.assert_close(dr, r1.grad, rtol=1e-4, atol=1e-5)
+    assert dh.dtype == torch.bfloat16 and torch.equal(dh == 0, h1.grad == 0)
+    assert (dh == h1.grad).float().mean() > 0.99
+    torch.testing.assert_close(dh.float(), h1.grad.float(), rtol=2 ** -7, atol=1e-5)
+    dh2, none = masks.dropout_add_norm_backward(dy, z, stats, w, seed, thr, scale, need_residual=False)
+    assert none is None and torch.equal(dh2, dh)
+
+
+def test_gelu_and_grad_is_exact_gelu_and_its_derivative_to_bf16():
+    """GELU(x) = x Phi(x) and Phi(x) + x phi(x) against float64, over bf16 inputs from -12 to 12: within one bf16
+    rounding step of the true value (plus 1e-6 near the zeros), and equal to torch's bf16 GELU almost everywhere
+    in [-4, 4]."""
+    _needs_kernel()
+    x = torch.linspace(-12, 12, 200_001).bfloat16()
+    y, d = masks.gelu_and_grad(x)
+    xd = x.double()
+    want_y = torch.nn.functional.gelu(xd)
+    want_d = torch.ops.aten.gelu_backward(torch.ones_like(xd), xd)
+    assert ((y.double() - want_y).abs() <= want_y.abs() * 2 ** -8 + 1e-6).all()
+    assert ((d.double() - want_d).abs() <= want_d.abs() * 2 ** -8 + 1e-6).all()
+    body = x.abs() <= 4                            # beyond, torch's bf16 GELU rounds x Phi(x) to 0 (erf(x) = -1)
+    assert (y[body] == torch.nn.functional.gelu(x)[body]).float().mean() > 0.97
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).bfloat16()
+    assert torch.equal(masks.mul(grad, d), (grad.float() * d.float()).bfloat16())
+
+
+def test_fused_passes_refuse_what_they_cannot_do():
+    _needs_kernel()
+    h = torch.zeros(4, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="r must be"):
+        masks.dropout_add_norm(h, h, torch.ones(8), torch.zeros(8), 1e-5, 1, 0, 1.0)
+    with pytest.raises(ValueError, match="weight must be"):
+        masks.dropout_add_norm(h, h.float(), torch.ones(7), torch.zeros(8), 1e-5, 1, 0, 1.0)
+    with pytest.raises(ValueError, match="x must be"):
+        masks.gelu_and_grad(h.float())
+    with pytest.raises(ValueError, match="dropout kernel"):
+        masks.dropout(h, torch.empty(4, 8, dtype=torch.float16), 1, 0, 1.0)
+    with pytest.raises(ValueError, match="dropout kernel"):
+        masks.dropout(h.t(), torch.empty(8, 4, dtype=torch.bfloat16), 1, 0, 1.0)
+    assert masks.fused_rows_available(384) and not masks.fused_rows_available(masks.MAX_ROW + 1)
+    assert masks.dropout_available(torch.float32, torch.bfloat16)
+    assert not masks.dropout_available(torch.float16, torch.float16)
