@@ -158,8 +158,21 @@ void softmax_keep_backward_bf16(uint16_t *dp, const uint16_t *probs, uint16_t *k
     }
 }
 
+/* keep[0 .. n) = the mask of flat elements k0 .. k0 + n - 1 of the stream above (as 0xFFFF / 0, for bf16 bits) */
+static inline void span_keep(uint16_t *keep, int64_t k0, int64_t n, uint64_t seed, int16_t th) {
+    const int64_t w0 = k0 >> 2, off = k0 & 3, words = (off + n + 3) >> 2;
+    uint16_t buf[MAXT + 8] __attribute__((aligned(64)));
+    for (int64_t j = 0; j < words; j++) {
+        uint64_t r = mix(seed + (uint64_t) (w0 + j + 1) * 0x9E3779B97F4A7C15ULL);
+        buf[4 * j] = (uint16_t) -((int16_t) r >= th);
+        buf[4 * j + 1] = (uint16_t) -((int16_t) (r >> 16) >= th);
+        buf[4 * j + 2] = (uint16_t) -((int16_t) (r >> 32) >= th);
+        buf[4 * j + 3] = (uint16_t) -((int16_t) (r >> 48) >= th);
+    }
+    memcpy(keep, buf + off, (size_t) n * sizeof(uint16_t));
+}
 /* Dropout y = x m s and its backward dx = dy m s in one pass over n values each, the mask drawn inline from the
-   stream above (element k from word k / 4, as the KEEP loops), in pieces of 4096 (whole words) over the threads.
+   stream above (element k from word k / 4, as the KEEP loops: span_keep), in pieces of 4096 over the threads.
    LOADx reads a value as fp32, STOREy rounds it to y's type; a dropped value is +0. */
 #define DROP_PIECE 4096
 #define DROPOUT(NAME, TX, TY, LOADX, STOREY)                                                   \
@@ -168,14 +181,8 @@ void NAME(const TX *x, TY *y, int64_t n, uint64_t seed, int32_t threshold, float
     _Pragma("omp parallel for schedule(static)")                                                \
     for (int64_t s = 0; s < n; s += DROP_PIECE) {                                               \
         uint16_t keep[DROP_PIECE] __attribute__((aligned(64)));                                 \
-        const int64_t m = s + DROP_PIECE < n ? DROP_PIECE : n - s, words = (m + 3) / 4;         \
-        for (int64_t j = 0; j < words; j++) {                                                   \
-            uint64_t r = mix(seed + (uint64_t) (s / 4 + j + 1) * 0x9E3779B97F4A7C15ULL);        \
-            keep[4 * j] = (int16_t) r >= th;                                                     \
-            keep[4 * j + 1] = (int16_t) (r >> 16) >= th;                                         \
-            keep[4 * j + 2] = (int16_t) (r >> 32) >= th;                                         \
-            keep[4 * j + 3] = (int16_t) (r >> 48) >= th;                                         \
-        }                                                                                       \
+        const int64_t m = s + DROP_PIECE < n ? DROP_PIECE : n - s;                              \
+        span_keep(keep, s, m, seed, th);                                                        \
         const TX *xs = x + s;                                                                   \
         TY *ys = y + s;                                                                         \
         for (int64_t i = 0; i < m; i++) { float v = LOADX(xs[i]) * scale; ys[i] = keep[i] ? STOREY(v) : 0; } \
@@ -198,29 +205,10 @@ void dropout_add_bf16_f32(const uint16_t *a, const uint16_t *b, float *out, int6
     #pragma omp parallel for schedule(static)
     for (int64_t s = 0; s < n; s += DROP_PIECE) {
         uint16_t keep[DROP_PIECE] __attribute__((aligned(64)));
-        const int64_t m = s + DROP_PIECE < n ? DROP_PIECE : n - s, words = (m + 3) / 4;
-        for (int64_t j = 0; j < words; j++) {
-            uint64_t r = mix(seed + (uint64_t) (s / 4 + j + 1) * 0x9E3779B97F4A7C15ULL);
-            keep[4 * j] = (int16_t) r >= th;
-            keep[4 * j + 1] = (int16_t) (r >> 16) >= th;
-            keep[4 * j + 2] = (int16_t) (r >> 32) >= th;
-            keep[4 * j + 3] = (int16_t) (r >> 48) >= th;
-        }
+        const int64_t m = s + DROP_PIECE < n ? DROP_PIECE : n - s;
+        span_keep(keep, s, m, seed, th);
         for (int64_t i = 0; i < m; i++) out[s + i] = bf2f(a[s + i]) + (keep[i] ? bf2f(b[s + i]) * scale : 0.0f);
     }
-}
-/* keep[0 .. n) = the mask of flat elements k0 .. k0 + n - 1 of the stream above (as 0xFFFF / 0, for bf16 bits) */
-static inline void span_keep(uint16_t *keep, int64_t k0, int64_t n, uint64_t seed, int16_t th) {
-    const int64_t w0 = k0 >> 2, off = k0 & 3, words = (off + n + 3) >> 2;
-    uint16_t buf[MAXT + 8] __attribute__((aligned(64)));
-    for (int64_t j = 0; j < words; j++) {
-        uint64_t r = mix(seed + (uint64_t) (w0 + j + 1) * 0x9E3779B97F4A7C15ULL);
-        buf[4 * j] = (uint16_t) -((int16_t) r >= th);
-        buf[4 * j + 1] = (uint16_t) -((int16_t) (r >> 16) >= th);
-        buf[4 * j + 2] = (uint16_t) -((int16_t) (r >> 32) >= th);
-        buf[4 * j + 3] = (uint16_t) -((int16_t) (r >> 48) >= th);
-    }
-    memcpy(keep, buf + off, (size_t) n * sizeof(uint16_t));
 }
 /* A transformer sublayer's end, z = round(h s) m + r, y = (z - mean) rstd w + b over rows of length n
    (h bf16, the rest fp32; m the stream's mask over h's flat elements, s = 1 / (1 - p)); z and (mean, rstd)
