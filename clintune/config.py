@@ -323,7 +323,8 @@ class TrainConfig:
     fast: bool = option(True, "speed-ups that keep the maths: the last layer for the first token only when the "
                         "head reads only that (--pooling cls); on CPU fast dropout masks, cache-sized attention "
                         "chunks with dropout, fused attention without gradients, bf16 storage of frozen "
-                        "weights under bf16, reuse of freed memory (--no-fast: plain PyTorch)",
+                        "weights under bf16, fused LoRA linears, dropout + residual + LayerNorm and GELU passes "
+                        "in bf16 training, reuse of freed memory (--no-fast: plain PyTorch)",
                         group="runtime")
     cache: bool = option(True, "with --method frozen, encode each text once and train the head from cached "
                          "features (--no-cache re-encodes every epoch)", group="runtime")
