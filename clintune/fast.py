@@ -485,7 +485,7 @@ def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if (not args and not kwargs and x.dtype == torch.float32 and x.device.type == "cpu"
             and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
             and type(base) is FrozenLinear and base.weight.dtype == torch.bfloat16
-            and (base.bias is None or base.bias.dtype == torch.bfloat16) and masks.compiled() is not None):
+            and (base.bias is None or base.bias.dtype == torch.bfloat16)):
         parts = _lora_parts(self)
         if parts is not None:
             a, b, p, scaling = parts
@@ -590,9 +590,10 @@ _fused_classes: dict[tuple[type, str], type] = {}
 
 
 def fuse_passes(model: nn.Module) -> dict[str, list[tuple[nn.Module, type]]]:
-    """Class-swap BERT sublayer ends to :class:`_DropoutAddNorm` and exact GELUs to :class:`_GeluKeepGrad`
-    (both used only in bf16 training on CPU, the original forward otherwise); return, per kind, the
-    (module, original class) pairs. Nothing where the kernels are not compiled."""
+    """Class-swap PEFT's LoRA linears over a :class:`FrozenLinear` to :class:`_LoraLinear`, BERT sublayer ends
+    to :class:`_DropoutAddNorm` and exact GELUs to :class:`_GeluKeepGrad` (used only in bf16 training on CPU,
+    the original forward otherwise); return, per kind, the (module, original class) pairs. Nothing where the
+    kernels are not compiled."""
     swapped: dict[str, list] = {kind: [] for kind in _FUSED_FORWARDS}
     if masks.compiled() is None:
         return swapped

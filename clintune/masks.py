@@ -96,15 +96,18 @@ static inline float exp_neg(float x) {          /* e^x for x <= 0, -inf -> 0: 2^
     float s; memcpy(&s, &e, 4);
     return x < -87.0f ? 0.0f : q * s;
 }
-static inline void row_keep(uint16_t *keep, int64_t row, int64_t t, uint64_t seed, int16_t th) {
-    const int64_t w = (t + 3) / 4;
-    for (int64_t j = 0; j < w; j++) {
-        uint64_t r = mix(seed + (uint64_t) (row * w + j + 1) * 0x9E3779B97F4A7C15ULL);
-        keep[4 * j] = (uint16_t) -((int16_t) r >= th);
-        keep[4 * j + 1] = (uint16_t) -((int16_t) (r >> 16) >= th);
-        keep[4 * j + 2] = (uint16_t) -((int16_t) (r >> 32) >= th);
-        keep[4 * j + 3] = (uint16_t) -((int16_t) (r >> 48) >= th);
+/* keep[0 .. n) = the mask of flat elements k0 .. k0 + n - 1 of the stream above (as 0xFFFF / 0, for bf16 bits) */
+static inline void span_keep(uint16_t *keep, int64_t k0, int64_t n, uint64_t seed, int16_t th) {
+    const int64_t w0 = k0 >> 2, off = k0 & 3, words = (off + n + 3) >> 2;
+    uint16_t buf[MAXT + 8] __attribute__((aligned(64)));
+    for (int64_t j = 0; j < words; j++) {
+        uint64_t r = mix(seed + (uint64_t) (w0 + j + 1) * 0x9E3779B97F4A7C15ULL);
+        buf[4 * j] = (uint16_t) -((int16_t) r >= th);
+        buf[4 * j + 1] = (uint16_t) -((int16_t) (r >> 16) >= th);
+        buf[4 * j + 2] = (uint16_t) -((int16_t) (r >> 32) >= th);
+        buf[4 * j + 3] = (uint16_t) -((int16_t) (r >> 48) >= th);
     }
+    memcpy(keep, buf + off, (size_t) n * sizeof(uint16_t));
 }
 /* probs = softmax(scores) (fp32 inside, rounded once), kept = probs where kept else +0 */
 void softmax_keep_bf16(const uint16_t *scores, uint16_t *probs, uint16_t *kept, int64_t rows, int64_t t,
@@ -130,7 +133,7 @@ void softmax_keep_bf16(const uint16_t *scores, uint16_t *probs, uint16_t *kept, 
         float sum = 0.0f;
         for (int l = 0; l < 16; l++) sum += acc[l];
         const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-        row_keep(keep, row0 + r, t, seed, (int16_t) threshold);
+        span_keep(keep, (row0 + r) * ((t + 3) / 4) * 4, t, seed, (int16_t) threshold);   /* whole words */
         uint16_t *p = probs + r * t, *d = kept + r * t;
         for (int64_t j = 0; j < t; j++) { uint16_t pb = f2bf(buf[j] * inv); p[j] = pb; d[j] = pb & keep[j]; }
     }
@@ -143,7 +146,7 @@ void softmax_keep_backward_bf16(uint16_t *dp, const uint16_t *probs, uint16_t *k
         uint16_t keep[MAXT + 4] __attribute__((aligned(64)));
         uint16_t *g = dp + r * t, *d = kept + r * t;
         const uint16_t *p = probs + r * t;
-        row_keep(keep, row0 + r, t, seed, (int16_t) threshold);
+        span_keep(keep, (row0 + r) * ((t + 3) / 4) * 4, t, seed, (int16_t) threshold);   /* whole words */
         float acc[16] = {0};
         int64_t i = 0;
         for (; i + 16 <= t; i += 16)
@@ -158,19 +161,6 @@ void softmax_keep_backward_bf16(uint16_t *dp, const uint16_t *probs, uint16_t *k
     }
 }
 
-/* keep[0 .. n) = the mask of flat elements k0 .. k0 + n - 1 of the stream above (as 0xFFFF / 0, for bf16 bits) */
-static inline void span_keep(uint16_t *keep, int64_t k0, int64_t n, uint64_t seed, int16_t th) {
-    const int64_t w0 = k0 >> 2, off = k0 & 3, words = (off + n + 3) >> 2;
-    uint16_t buf[MAXT + 8] __attribute__((aligned(64)));
-    for (int64_t j = 0; j < words; j++) {
-        uint64_t r = mix(seed + (uint64_t) (w0 + j + 1) * 0x9E3779B97F4A7C15ULL);
-        buf[4 * j] = (uint16_t) -((int16_t) r >= th);
-        buf[4 * j + 1] = (uint16_t) -((int16_t) (r >> 16) >= th);
-        buf[4 * j + 2] = (uint16_t) -((int16_t) (r >> 32) >= th);
-        buf[4 * j + 3] = (uint16_t) -((int16_t) (r >> 48) >= th);
-    }
-    memcpy(keep, buf + off, (size_t) n * sizeof(uint16_t));
-}
 /* Dropout y = x m s and its backward dx = dy m s in one pass over n values each, the mask drawn inline from the
    stream above (element k from word k / 4, as the KEEP loops: span_keep), in pieces of 4096 over the threads.
    LOADx reads a value as fp32, STOREy rounds it to y's type; a dropped value is +0. */
