@@ -227,7 +227,7 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype):
     "has a -inf" flags). Made once per forward pass: every layer gets the same mask tensor."""
     if mask is None:
         return None, None
-    key = (id(mask), mask._version, dtype)
+    key = (id(mask), -1 if mask.is_inference() else mask._version, dtype)   # inference tensors have no version
     if _BIAS.get("key") != key or _BIAS.get("mask") is not mask:
         if mask.dtype == torch.bool:
             bias = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
@@ -238,12 +238,45 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype):
     return _BIAS["bias"], _BIAS["padded"]
 
 
+def _chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                       scale: float) -> torch.Tensor:
+    """softmax(Q K^T * scale + bias) V without gradients, bf16 on CPU: (B, h, T, d) -> (B, T, h, d).
+
+    The training forward of :class:`_DropoutAttention` with p = 0: a chunk of examples at a time, so that the
+    (chunk, h, T, T) scores stay in cache while they are normalised (PyTorch's softmax, accumulated in fp32)
+    and multiplied by V. Profiled on 2 Zen 4 cores at 16 x 12 heads x 256 tokens x 32: 11.4 ms against 15.3
+    ms for PyTorch's fused CPU kernel (``scaled_dot_product_attention``), whose 32-wide blocks run slowly;
+    prediction spent a quarter of its time there. The scores are rounded to bf16 before the softmax, as in
+    training (the same maths as the model was trained with).
+    """
+    with torch.autocast("cpu", enabled=False):
+        b, h, t, _ = q.shape
+        chunk = max(1, _CHUNK_ELEMENTS // (h * t * t))
+        bias, padded = _additive(mask, q.dtype)
+        if bias is not None and bias.shape[0] != b:
+            bias, padded = bias.expand(b, *bias.shape[1:]), padded * b
+        q = q * scale
+        out = torch.empty((b, t, h, q.shape[-1]), dtype=q.dtype)
+        probs = torch.empty((min(chunk, b), h, t, t), dtype=q.dtype)
+        for s in range(0, b, chunk):
+            e = min(s + chunk, b)
+            scores = torch.matmul(q[s:e], k[s:e].transpose(-1, -2))
+            if bias is not None and any(padded[s:e]):
+                scores.add_(bias[s:e])
+            p = probs[: e - s]
+            torch.ops.aten._softmax.out(scores, -1, False, out=p)
+            out[s:e] = torch.matmul(p, v[s:e]).transpose(1, 2)
+        return out
+
+
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """(B, h, T, d) query/key/value -> ((B, T, h, d) output, None); mask: bool (B, 1, T, T), True = attend.
 
     Only for plain bidirectional self-attention (modules that say ``is_causal = False``, as BERT-family
     encoders do); anything else goes to transformers' SDPA attention unchanged.
-    Without gradients: PyTorch's fused SDPA. Training with dropout on CPU: :class:`_DropoutAttention`.
+    Without gradients: bf16 on CPU :func:`masks.attention` (where compiled) or :func:`_chunked_attention`,
+    otherwise PyTorch's fused SDPA. Training with
+    dropout on CPU: :class:`_DropoutAttention`.
     Otherwise (gradients without dropout) the unfused form: on CPU the fused kernel's backward is slower
     than two matrix products, softmax and their gradients.
     """
@@ -255,12 +288,15 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if not needs_grad:
+        if query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.bfloat16:
+            out = masks.attention(query, key, value, attention_mask, scale)   # AVX-512 BF16 kernel, if here
+            return (out if out is not None else _chunked_attention(query, key, value, attention_mask, scale)), None
         out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling)
         return out.transpose(1, 2).contiguous(), None
     if not module.training:
         dropout = 0.0
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if dropout > 0.0 and query.device.type == "cpu" and query.dtype == key.dtype == value.dtype:
         bias, padded = _additive(attention_mask, query.dtype)
         out = _DropoutAttention.apply(query, key, value, bias, padded, dropout, scale)
@@ -296,7 +332,8 @@ def replace_dropout(model: nn.Module) -> int:
     for prefix, mod in model.named_modules():
         for name, child in list(mod.named_children()):
             if type(child) is nn.Dropout:
-                setattr(mod, name, FastDropout(child.p, to_autocast=prefix.rsplit(".", 1)[-1] == "lora_dropout"))
+                fd = FastDropout(child.p, to_autocast=prefix.rsplit(".", 1)[-1] == "lora_dropout")
+                setattr(mod, name, fd.train(child.training))        # an eval model stays in eval
                 n += 1
     return n
 

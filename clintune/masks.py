@@ -25,7 +25,9 @@ a whole word: :func:`attention_keep`); one pass over dP makes dS = P (dP m - row
 The other passes that training makes over memory are there too, each drawing its mask inline from the same
 stream: dropout itself (:func:`dropout`, both directions), a frozen linear's and LoRA's input gradients summed
 through LoRA's dropout (:func:`dropout_add`), a BERT sublayer's dropout + residual + LayerNorm and its
-gradient (:func:`dropout_add_norm`), and GELU with its derivative (:func:`gelu_and_grad`).
+gradient (:func:`dropout_add_norm`), and GELU with its derivative (:func:`gelu_and_grad`). Where the CPU has
+AVX-512 BF16, prediction's attention is one kernel too (:func:`attention`: QK^T, softmax and PV per example and
+head in cache, with bf16 dot-product instructions).
 Where PyTorch runs on GNU OpenMP (its Linux wheels), the kernels are built with ``-fopenmp`` and so split
 rows over PyTorch's own threads; Python threads instead lost to the OpenMP threads spinning between
 PyTorch's calls (measured: slower than one thread).
@@ -294,6 +296,131 @@ void mul_bf16(const uint16_t *g, const uint16_t *d, uint16_t *out, int64_t n) {
         for (int64_t i = s; i < e; i++) out[i] = f2bf(bf2f(g[i]) * bf2f(d[i]));
     }
 }
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#include <stdlib.h>
+int attention_bf16_available(void) { return 1; }
+static inline __m512 exp_neg16(__m512 x) {      /* exp_neg on 16 lanes: the same polynomial, -inf -> 0 */
+    __m512 y = _mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _mm512_set1_ps(-126.0f));
+    __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(y, n);
+    __m512 q = _mm512_set1_ps(1.5403530393381609e-4f);
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(1.3333558146428443e-3f));
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(9.6181291076284772e-3f));
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(5.5504108664821580e-2f));
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(2.4022650695910071e-1f));
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(6.9314718055994531e-1f));
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(1.0f));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    __m512 r = _mm512_mul_ps(q, _mm512_castsi512_ps(e));
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ), r);
+}
+/* Attention without gradients, one (example, head) per task: K packed so that one AVX-512 BF16 dot product
+   (vdpbf16ps) makes 16 keys' partial scores for a pair of dimensions of a broadcast query, V packed so that one
+   makes 16 output dimensions for a pair of keys. S = Q K^T * scale in fp32 for R query rows at a time (in L1),
+   masked (mask[b, i, j] == 0 -> -inf), softmax in fp32 (exp_neg) rounded once to bf16 P, O = P V in fp32
+   rounded once; written to out[b, i, h, :]. */
+#define ATTENTION(D, R)                                                                                       \
+static void attention_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask,          \
+                          uint16_t *out, int64_t nb, int64_t nh, int64_t t, const int64_t *st, float scale) {     \
+    const int64_t tp = (t + 15) / 16 * 16, dp = D / 2, nv = D / 16;                                                \
+    _Pragma("omp parallel for schedule(static) collapse(2)")                                                   \
+    for (int64_t b = 0; b < nb; b++)                                                                         \
+    for (int64_t h = 0; h < nh; h++) {                                                                       \
+        uint32_t *kp = aligned_alloc(64, (size_t) (tp * dp + tp / 2 * D) * 4), *vp = kp + tp * dp;           \
+        float S[R * MAXA] __attribute__((aligned(64)));                                                      \
+        uint16_t P[R * MAXA] __attribute__((aligned(64))), qt[R * D] __attribute__((aligned(64)));           \
+        const uint16_t *qb = q + b * st[0] + h * st[1], *kb = k + b * st[3] + h * st[4], *vb = v + b * st[6] + h * st[7]; \
+        for (int64_t j = 0; j < tp; j++)                                                                     \
+            for (int64_t c = 0; c < dp; c++) {                                                               \
+                uint32_t w = 0;                                                                              \
+                if (j < t) memcpy(&w, kb + j * st[5] + 2 * c, 4);                                            \
+                kp[(j / 16) * dp * 16 + c * 16 + j % 16] = w;                                                \
+            }                                                                                                \
+        for (int64_t jp = 0; jp < tp / 2; jp++)                                                              \
+            for (int64_t c = 0; c < D; c++) {                                                                \
+                uint32_t lo = 2 * jp < t ? vb[2 * jp * st[8] + c] : 0, hi = 2 * jp + 1 < t ? vb[(2 * jp + 1) * st[8] + c] : 0; \
+                vp[jp * D + c] = lo | hi << 16;                                                              \
+            }                                                                                                \
+        for (int64_t i0 = 0; i0 < t; i0 += R) {                                                              \
+            const int64_t rows = t - i0 < R ? t - i0 : R;                                                    \
+            memset(qt, 0, sizeof(qt));                                                                       \
+            for (int64_t r = 0; r < rows; r++) memcpy(qt + r * D, qb + (i0 + r) * st[2], D * 2);             \
+            for (int64_t j0 = 0; j0 < tp; j0 += 16) {                                                        \
+                __m512 acc[R];                                                                               \
+                for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                                    \
+                const uint32_t *kc = kp + (j0 / 16) * dp * 16;                                               \
+                for (int64_t c = 0; c < dp; c++) {                                                           \
+                    __m512bh kv = (__m512bh) _mm512_load_si512(kc + c * 16);                                 \
+                    for (int r = 0; r < R; r++) {                                                            \
+                        int32_t qq; memcpy(&qq, qt + r * D + 2 * c, 4);                                      \
+                        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh) _mm512_set1_epi32(qq), kv);             \
+                    }                                                                                        \
+                }                                                                                            \
+                for (int r = 0; r < R; r++) _mm512_store_ps(S + r * tp + j0, _mm512_mul_ps(acc[r], _mm512_set1_ps(scale))); \
+            }                                                                                                \
+            for (int64_t r = 0; r < R; r++) {                                                                \
+                float *s = S + r * tp;                                                                       \
+                uint16_t *p = P + r * tp;                                                                    \
+                if (r >= rows) { memset(p, 0, tp * 2); continue; }                                           \
+                const uint8_t *mr = mask ? mask + b * st[9] + (i0 + r) * st[10] : 0;                         \
+                const __m512 ninf = _mm512_set1_ps(-__builtin_inff());                                       \
+                __m512 vm = ninf;                                                                            \
+                for (int64_t j0 = 0; j0 < tp; j0 += 16) {        /* keys past t or masked out: -inf */        \
+                    const int64_t left = t - j0;                                                             \
+                    __mmask16 keep = left >= 16 ? 0xFFFF : (__mmask16) ((1u << left) - 1);                   \
+                    if (mr) { __m128i mb = _mm_maskz_loadu_epi8(keep, mr + j0); keep &= _mm_test_epi8_mask(mb, mb); } \
+                    __m512 x = _mm512_mask_blend_ps(keep, ninf, _mm512_load_ps(s + j0));                     \
+                    _mm512_store_ps(s + j0, x);                                                              \
+                    vm = _mm512_max_ps(vm, x);                                                               \
+                }                                                                                            \
+                float m = _mm512_reduce_max_ps(vm);                                                          \
+                if (m == -__builtin_inff()) m = 0.0f;          /* a fully masked row: zeros */                \
+                const __m512 vmax = _mm512_set1_ps(m);                                                       \
+                __m512 vsum = _mm512_setzero_ps();                                                           \
+                for (int64_t j0 = 0; j0 < tp; j0 += 16) {                                                    \
+                    __m512 e = exp_neg16(_mm512_sub_ps(_mm512_load_ps(s + j0), vmax));                       \
+                    _mm512_store_ps(s + j0, e);                                                              \
+                    vsum = _mm512_add_ps(vsum, e);                                                           \
+                }                                                                                            \
+                const float sum = _mm512_reduce_add_ps(vsum);                                                \
+                const __m512 inv = _mm512_set1_ps(sum > 0.0f ? 1.0f / sum : 0.0f);                           \
+                for (int64_t j0 = 0; j0 < tp; j0 += 16)          /* round to nearest even, as f2bf */         \
+                    _mm256_storeu_si256((__m256i *) (p + j0),                                                \
+                                        (__m256i) _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(s + j0), inv))); \
+            }                                                                                                \
+            __m512 o[R][D / 16];                                                                             \
+            for (int r = 0; r < R; r++) for (int u = 0; u < D / 16; u++) o[r][u] = _mm512_setzero_ps();      \
+            for (int64_t jp = 0; jp < tp / 2; jp++) {                                                        \
+                __m512bh vv[D / 16];                                                                         \
+                for (int u = 0; u < D / 16; u++) vv[u] = (__m512bh) _mm512_load_si512(vp + jp * D + u * 16); \
+                for (int r = 0; r < R; r++) {                                                                \
+                    int32_t pp; memcpy(&pp, P + r * tp + 2 * jp, 4);                                         \
+                    __m512bh pb = (__m512bh) _mm512_set1_epi32(pp);                                          \
+                    for (int u = 0; u < D / 16; u++) o[r][u] = _mm512_dpbf16_ps(o[r][u], pb, vv[u]);         \
+                }                                                                                            \
+            }                                                                                                \
+            for (int64_t r = 0; r < rows; r++) {                                                             \
+                uint16_t *dst = out + ((b * t + i0 + r) * nh + h) * D;                                       \
+                for (int u = 0; u < D / 16; u++)                                                             \
+                    _mm256_storeu_si256((__m256i *) (dst + u * 16), (__m256i) _mm512_cvtneps_pbh(o[r][u]));  \
+            }                                                                                                \
+        }                                                                                                    \
+        free(kp);                                                                                            \
+        (void) nv;                                                                                           \
+    }                                                                                                        \
+}
+#define MAXA 512
+ATTENTION(32, 8)
+ATTENTION(64, 4)
+/* st: q's (b, h, t) strides, k's, v's, then the mask's (b, i) strides (elements; the last dims are contiguous) */
+void attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask, uint16_t *out,
+                    int64_t nb, int64_t nh, int64_t t, int64_t d, const int64_t *st, float scale) {
+    if (d == 32) attention_32(q, k, v, mask, out, nb, nh, t, st, scale);
+    else attention_64(q, k, v, mask, out, nb, nh, t, st, scale);
+}
+#else
+int attention_bf16_available(void) { return 0; }
+#endif
 """
 
 _DROPOUT_TYPES = (("f32", "bf16"), ("bf16", "bf16"), ("f32", "f32"), ("bf16", "f32"))   # (x, y) of dropout_x_y
@@ -366,6 +493,10 @@ def _compile() -> ctypes.CDLL | None:
     for name, args in signatures.items():
         getattr(lib, name).argtypes = args
         getattr(lib, name).restype = None
+    lib.attention_bf16_available.restype = ctypes.c_int
+    if lib.attention_bf16_available():
+        lib.attention_bf16.argtypes = [p] * 5 + [i64] * 4 + [p, f32]
+        lib.attention_bf16.restype = None
     return lib
 
 
@@ -411,6 +542,43 @@ def reference(n: int, seed: int, threshold: int) -> np.ndarray:
     """The compiled kernel's keep-mask (bool), computed in numpy: for tests."""
     return splitmix64((n + 3) // 4, seed).view(np.int16)[:n] >= threshold
 
+
+
+ATTENTION_MAX_T = 512    # MAXA in the C source: attention()'s longest sequence (BERT-family encoders' limit)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              scale: float) -> torch.Tensor | None:
+    """softmax(Q K^T * scale + bias) V for bf16 (B, h, T, d) q, k, v (d = 32 or 64, T <= 512) on CPU without
+    gradients, as (B, T, h, d); None where the compiled kernel cannot do it (no AVX-512 BF16, other sizes).
+
+    ``mask``: bool, broadcastable to (B, 1, T, T), True = attend (``sdpa_mask``'s form). One pass per (example,
+    head) with everything in cache: S = Q K^T * scale accumulated in fp32 by AVX-512 BF16 dot products, the
+    masked softmax in fp32 rounded once to bf16 P, O = P V accumulated in fp32 and rounded once, written
+    straight into the (B, T, h, d) layout the output projection reads. Unlike the unfused form, the scores are
+    not rounded to bf16 before the softmax (as in PyTorch's fused kernel). A row with no key to attend gives 0.
+    """
+    lib = compiled()
+    if lib is None or not lib.attention_bf16_available():
+        return None
+    b, h, t, d = q.shape
+    if (d not in (32, 64) or t > ATTENTION_MAX_T or k.shape != q.shape or v.shape != q.shape
+            or any(x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.stride(-1) != 1 for x in (q, k, v))):
+        return None
+    strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], 0, 0]
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, b) \
+                or mask.shape[2] not in (1, t) or mask.shape[3] != t:
+            return None
+        if mask.stride(-1) != 1:
+            mask = mask.contiguous()
+        strides[9] = mask.stride(0) if mask.shape[0] > 1 else 0
+        strides[10] = mask.stride(2) if mask.shape[2] > 1 else 0
+    out = torch.empty((b, t, h, d), dtype=torch.bfloat16)
+    st = (ctypes.c_int64 * 11)(*strides)
+    lib.attention_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), None if mask is None else mask.data_ptr(),
+                       out.data_ptr(), b, h, t, d, st, float(scale))
+    return out
 
 
 def fused_softmax_available(t: int) -> bool:

@@ -80,6 +80,31 @@ def test_attention_matches_eager_attention_and_respects_the_mask():
     torch.testing.assert_close(mean, want, rtol=0, atol=0.05)                    # unbiased: E[dropout] = identity
 
 
+def test_inference_attention_in_bf16_is_chunked_softmax_as_close_to_exact_as_sdpa(monkeypatch):
+    q, k, v, mask = _qkv(b=5, h=3, t=24, d=8, seed=3)
+    mask[3, :, :, 10:] = False
+    q, k, v = (x.bfloat16() for x in (q, k, v))
+    mod = _Mod().eval()
+    with torch.inference_mode():                                                # as predict_logits runs it
+        whole, _ = fast.attention(mod, q, k, v, mask, scaling=0.3)
+        monkeypatch.setattr(fast, "_CHUNK_ELEMENTS", 2 * 3 * 24 * 24)            # chunks of 2 examples, 1 left over
+        chunked, _ = fast.attention(mod, q, k, v, mask, scaling=0.3)
+        v2 = v.clone()
+        v2[1, :, 4:] = 1e4                                                      # padded keys' values must not leak
+        v2[3, :, 10:] = -1e4
+        leak, _ = fast.attention(mod, q, k, v2, mask, scaling=0.3)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3).transpose(1, 2)
+    assert whole.shape == (5, 24, 3, 8) and whole.dtype == torch.bfloat16
+    assert torch.equal(whole, chunked) and torch.equal(whole, leak)
+    # the same bits as the unfused bf16 form training uses: bf16 scores, softmax accumulated in fp32, bf16 P
+    scores = torch.matmul(q * 0.3, k.transpose(-1, -2)).masked_fill(~mask, float("-inf"))
+    assert torch.equal(whole, torch.matmul(torch.softmax(scores, -1), v).transpose(1, 2))
+    exact = torch.softmax((q.double() @ k.double().transpose(-1, -2) * 0.3).masked_fill(~mask, float("-inf")), -1)
+    exact = (exact @ v.double()).transpose(1, 2)
+    err, err_sdpa = ((x.double() - exact).abs().max().item() for x in (whole, sdpa))
+    assert err < 2 * err_sdpa + 2 ** -8, (err, err_sdpa)                         # bf16 noise, as SDPA's
+
+
 def test_keep_bits_is_the_keep_mask_draw_as_integers():
     torch.manual_seed(3)
     want = fast.keep_mask((64, 333), 0.25)
@@ -299,6 +324,32 @@ def test_speedups_change_training_only_by_bf16_noise_without_dropout(tiny_backbo
     np.testing.assert_allclose(a, b, atol=5e-3)
     assert (a.argmax(1) == b.argmax(1)).all()
     assert runs[0].record["cost"]["speedups"]["bf16_frozen_linear_tensors"] > 0
+
+
+def test_a_cpu_classifier_predicts_with_the_speedups_and_the_same_probabilities(tiny_backbone, binary_csv,
+                                                                               tmp_path):
+    import shutil
+
+    import yaml
+
+    out = tmp_path / "run"
+    res = clintune.train(tiny_config(tiny_backbone, binary_csv, method="lora", precision="bf16", epochs=1,
+                                     out=str(out)))
+    slow = tmp_path / "slow"
+    shutil.copytree(out, slow)
+    cfg = yaml.safe_load((slow / "config.yaml").read_text())
+    (slow / "config.yaml").write_text(yaml.safe_dump({**cfg, "fast": False}))
+    a, b = clintune.load(out), clintune.load(slow)
+    assert b.speedups is None and res.classifier.speedups is not None
+    rep = a.speedups.report
+    assert rep["attention"] == "clintune" and rep["bf16_frozen_linear_tensors"] > 0
+    assert all(m.weight.dtype == torch.bfloat16 for m in a.model.modules() if isinstance(m, torch.nn.Linear))
+    texts = ["heart cardiac noted", "rash eczema today", "cardiac", "skin rash rash eczema heart noted today"]
+    pa, pb = a.predict_proba(texts), b.predict_proba(texts)
+    np.testing.assert_allclose(pa, pb, atol=5e-3)                               # bf16 noise: autocast's maths
+    assert (pa.argmax(1) == pb.argmax(1)).all()
+    assert np.array_equal(pa, a.predict_proba(texts))                            # and deterministic
+    np.testing.assert_allclose(res.classifier.predict_proba(texts), pa, atol=1e-6)
 
 
 def test_speedups_with_dropout_learn_as_well(tiny_backbone, binary_csv):
@@ -568,3 +619,32 @@ def test_fused_lora_linear_leaves_other_adapters_to_peft():
         assert "LoraLinear" in type(model(x).grad_fn).__name__
         with model.disable_adapter():
             assert "LoraLinear" not in type(model(x).grad_fn).__name__
+
+
+def test_a_bert_encoder_predicts_the_same_with_clintune_attention_as_with_sdpa(monkeypatch):
+    from transformers import BertConfig, BertModel
+
+    calls = []
+    kernel = masks.attention
+    monkeypatch.setattr(masks, "attention", lambda *a: calls.append(kernel(*a)) or calls[-1])
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,   # heads of 32
+                     intermediate_size=128, max_position_embeddings=64, attn_implementation="sdpa")
+    model = BertModel(cfg).eval()
+    ids = torch.randint(1, 50, (3, 40))
+    am = torch.ones(3, 40, dtype=torch.long)
+    am[1, 25:] = 0
+    am[2, 7:] = 0
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(input_ids=ids, attention_mask=am).last_hidden_state.float()
+        sp = fast.accelerate(model, Runtime(torch.device("cpu"), "fp32"))               # attention only
+        got = model(input_ids=ids, attention_mask=am).last_hidden_state.float()
+    assert sp.report["attention"] == "clintune"
+    assert not any(m.training for m in model.modules())                     # swapped dropouts stay in eval
+    lib = masks.compiled()
+    assert len(calls) == 2 and all((c is not None) == bool(lib and lib.attention_bf16_available()) for c in calls)
+    keep = am.bool()
+    torch.testing.assert_close(got[keep], want[keep], atol=0.06, rtol=0.02)       # bf16 noise through 2 layers
+    sp.restore()
+    assert model.config._attn_implementation == "sdpa"

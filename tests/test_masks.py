@@ -272,3 +272,67 @@ def test_fused_passes_refuse_what_they_cannot_do():
     assert masks.fused_rows_available(384) and not masks.fused_rows_available(masks.MAX_ROW + 1)
     assert masks.dropout_available(torch.float32, torch.bfloat16)
     assert not masks.dropout_available(torch.float16, torch.float16)
+
+
+def _attention_kernel():
+    lib = masks.compiled()
+    if lib is None or not lib.attention_bf16_available():
+        pytest.skip("no AVX-512 BF16 on this CPU: prediction attends with the chunked form (tests/test_fast.py)")
+
+
+def _exact_attention(q, k, v, mask, scale):
+    s = q.double() @ k.double().transpose(-1, -2) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)                                   # a row with no key: zeros
+    return (p @ v.double()).transpose(1, 2)
+
+
+@pytest.mark.parametrize("b,h,t,d", [(3, 2, 37, 32), (2, 3, 16, 64), (2, 12, 130, 32), (1, 1, 1, 64)])
+def test_attention_kernel_is_exact_attention_to_bf16_rounding(b, h, t, d):
+    _attention_kernel()
+    g = torch.Generator().manual_seed(b * t + d)
+    # (B, T, h, d) projections seen as (B, h, T, d), as transformers hands them over
+    q, k, v = (torch.randn(b, t, h, d, generator=g).mul(2).bfloat16().transpose(1, 2) for _ in range(3))
+    lens = torch.randint(1, t + 1, (b,), generator=g)
+    lens[0] = t
+    mask = (torch.arange(t)[None, :] < lens[:, None])[:, None, None, :].expand(b, 1, t, t)
+    scale = d ** -0.5
+    out = masks.attention(q, k, v, mask, scale)
+    assert out.shape == (b, t, h, d) and out.dtype == torch.bfloat16
+    exact = _exact_attention(q, k, v, mask, scale)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2)
+    err, err_sdpa = ((x.double() - exact).abs().max().item() for x in (out, sdpa))
+    assert err <= 2 * err_sdpa + 2 ** -8, (err, err_sdpa)
+    # bf16 output: within a rounding step of the exact value, plus P's rounding
+    assert ((out.double() - exact).abs() <= exact.abs() * 2 ** -7 + 2 ** -7).all()
+    # contiguous inputs and a materialised mask give the same bits; padded keys' values never leak
+    c = [x.contiguous() for x in (q, k, v)]
+    assert torch.equal(masks.attention(*c, mask.contiguous(), scale), out)
+    v2 = v.clone()
+    for i, n in enumerate(lens.tolist()):
+        v2[i, :, n:] = 1e4
+    assert torch.equal(masks.attention(q, k, v2, mask, scale), out)
+
+
+def test_attention_kernel_takes_any_attend_mask_and_declines_what_it_cannot_do():
+    _attention_kernel()
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 2, 20, 32, generator=g).bfloat16() for _ in range(3))
+    mask = torch.rand(2, 1, 20, 20, generator=g) > 0.5
+    mask[1, 0, 3] = False                                                       # a row that attends to nothing
+    out = masks.attention(q, k, v, mask, 0.2)
+    exact = _exact_attention(q, k, v, mask, 0.2)
+    assert torch.equal(out[1, 3], torch.zeros(2, 32, dtype=torch.bfloat16))
+    torch.testing.assert_close(out.double(), exact, atol=2e-2, rtol=2e-2)
+    shared = mask[:1]                                                           # one mask for the batch
+    torch.testing.assert_close(masks.attention(q, k, v, shared, 0.2).double(),
+                               _exact_attention(q, k, v, shared, 0.2), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(masks.attention(q, k, v, None, 0.2).double(),
+                               _exact_attention(q, k, v, None, 0.2), atol=2e-2, rtol=2e-2)
+    assert masks.attention(q.float(), k.float(), v.float(), None, 0.2) is None          # fp32: not this kernel
+    q48 = torch.randn(1, 1, 4, 48).bfloat16()
+    assert masks.attention(q48, q48, q48, None, 0.2) is None                            # head size 48
+    long = torch.randn(1, 1, masks.ATTENTION_MAX_T + 1, 32).bfloat16()
+    assert masks.attention(long, long, long, None, 0.2) is None
+    assert masks.attention(q, k, v, mask.float(), 0.2) is None                          # additive masks
