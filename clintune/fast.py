@@ -15,7 +15,8 @@ SDPA falls back to whenever attention dropout is on, and page faults on freshly 
 * :class:`FastDropout` is ``nn.Dropout`` with that mask: y = x * m / (1 - p); LoRA's input dropouts
   hand their result to ``lora_A`` already in the autocast dtype (the same bits, one pass fewer).
 * :func:`attention` is an attention function for transformers' ``AttentionInterface``: without
-  gradients (inference) it is SDPA (fused); training with dropout it is :class:`_DropoutAttention`,
+  gradients (inference) in bf16 on CPU it is :func:`masks.attention` (one compiled kernel; else
+  :func:`_chunked_attention`), otherwise SDPA (fused); training with dropout it is :class:`_DropoutAttention`,
   which makes, normalises, drops out and uses the scores a few examples at a time while they are in
   cache, in the autocast dtype (in bf16 softmax and dropout are one compiled pass, :mod:`clintune.masks`),
   and keeps P and the mask's seed for an explicit backward pass.
@@ -147,16 +148,15 @@ class _DropoutAttention(torch.autograd.Function):
     and its gradient with :func:`zero_dropped`. Both use :func:`masks.attention_keep`'s mask for a seed.
     Under bf16 autocast this is the same maths as autocast's unfused attention (bf16 products, softmax
     accumulated in fp32), with P rounded to bf16 before, rather than after, its backward. ``bias`` is the
-    additive mask (0 or -inf, broadcast over heads) with ``padded[i]`` saying whether example i has any -inf.
+    additive mask (0 or -inf, one per example, broadcast over heads) with ``padded[i]`` saying whether example
+    i has any -inf (:func:`_additive`).
     """
 
     @staticmethod
     def forward(ctx, q, k, v, bias, padded, p, scale):
         with torch.autocast("cpu", enabled=False):
             b, h, t, _ = q.shape
-            chunk = max(1, _CHUNK_ELEMENTS // (h * t * t))
-            if bias is not None and bias.shape[0] != b:                            # one mask for the batch
-                bias, padded = bias.expand(b, *bias.shape[1:]), padded * b
+            chunk = _examples_per_chunk(h, t)
             q = (q * scale).contiguous()
             k, v = k.contiguous(), v.contiguous()
             out = torch.empty_like(q)
@@ -206,6 +206,11 @@ class _DropoutAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+def _examples_per_chunk(h: int, t: int) -> int:
+    """How many examples' (h, T, T) scores make one cache-sized chunk (at least one)."""
+    return max(1, _CHUNK_ELEMENTS // (h * t * t))
+
+
 def _fused(dtype: torch.dtype, t: int) -> bool:
     return dtype == torch.bfloat16 and masks.fused_softmax_available(t)
 
@@ -222,11 +227,20 @@ def _mask_buffers(fused: bool, probs: torch.Tensor, chunk: int, threshold: int, 
 _BIAS: dict = {}
 
 
-def _additive(mask: torch.Tensor | None, dtype: torch.dtype):
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype, batch: int):
     """Attend-mask (bool, True = attend; or already additive) -> (0 / -inf bias in ``dtype``, per-example
-    "has a -inf" flags). Made once per forward pass: every layer gets the same mask tensor."""
+    "has a -inf" flags), both for ``batch`` examples (one mask for the batch is broadcast over it). Made once
+    per forward pass: every layer gets the same mask tensor."""
     if mask is None:
         return None, None
+    bias, padded = _bias_of(mask, dtype)
+    if bias.shape[0] != batch:                                                   # one mask for the batch
+        return bias.expand(batch, *bias.shape[1:]), padded * batch
+    return bias, padded
+
+
+def _bias_of(mask: torch.Tensor, dtype: torch.dtype):
+    """:func:`_additive`'s bias and flags for the mask as given, cached for the mask tensor."""
     key = (id(mask), -1 if mask.is_inference() else mask._version, dtype)   # inference tensors have no version
     if _BIAS.get("key") != key or _BIAS.get("mask") is not mask:
         if mask.dtype == torch.bool:
@@ -251,10 +265,8 @@ def _chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     """
     with torch.autocast("cpu", enabled=False):
         b, h, t, _ = q.shape
-        chunk = max(1, _CHUNK_ELEMENTS // (h * t * t))
-        bias, padded = _additive(mask, q.dtype)
-        if bias is not None and bias.shape[0] != b:
-            bias, padded = bias.expand(b, *bias.shape[1:]), padded * b
+        chunk = _examples_per_chunk(h, t)
+        bias, padded = _additive(mask, q.dtype, b)
         q = q * scale
         out = torch.empty((b, t, h, q.shape[-1]), dtype=q.dtype)
         probs = torch.empty((min(chunk, b), h, t, t), dtype=q.dtype)
@@ -298,7 +310,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     if not module.training:
         dropout = 0.0
     if dropout > 0.0 and query.device.type == "cpu" and query.dtype == key.dtype == value.dtype:
-        bias, padded = _additive(attention_mask, query.dtype)
+        bias, padded = _additive(attention_mask, query.dtype, query.shape[0])
         out = _DropoutAttention.apply(query, key, value, bias, padded, dropout, scale)
         return out.transpose(1, 2).contiguous(), None
     scores = torch.matmul(query * scale, key.transpose(-1, -2))                    # (B, h, T, T)
@@ -697,8 +709,13 @@ class Speedups:
         self._weights, self._configs, self._classes = [], [], []
 
 
-def accelerate(model: nn.Module, runtime) -> Speedups:
-    """Apply the CPU speed-ups to a model about to train (nothing on GPUs)."""
+def accelerate(model: nn.Module, runtime, restorable: bool = True) -> Speedups:
+    """Apply the CPU speed-ups to a model about to train or predict (nothing on GPUs).
+
+    ``restorable=False`` (a model that only predicts, :class:`~clintune.modeling.Classifier`): the fp32
+    originals of the weights stored in bf16 are let go rather than kept for :meth:`Speedups.restore`, which
+    then puts back the attention and the classes only.
+    """
     sp = Speedups()
     if runtime.device.type != "cpu":
         return sp
@@ -713,9 +730,11 @@ def accelerate(model: nn.Module, runtime) -> Speedups:
     sp.report["dropout_masks"] = "splitmix64-c" if masks.compiled() is not None else "numpy-sfc64"
     sp.report["reuse_freed_memory"] = reuse_freed_memory()
     if runtime.precision == "bf16":
-        sp._weights = frozen_linears_to(model, torch.bfloat16)
-        sp.report["bf16_frozen_linear_tensors"] = len(sp._weights)
-        sp.report["paged_out_fp32_mb"] = round(page_out(t for _, t in sp._weights) / 2 ** 20, 1)
+        weights = frozen_linears_to(model, torch.bfloat16)
+        sp.report["bf16_frozen_linear_tensors"] = len(weights)
+        if restorable:
+            sp._weights = weights
+            sp.report["paged_out_fp32_mb"] = round(page_out(t for _, t in weights) / 2 ** 20, 1)
         if _onednn_linear():
             swapped = frozen_linear_class(model)
             sp._classes += swapped

@@ -322,7 +322,7 @@ static inline __m512 exp_neg16(__m512 x) {      /* exp_neg on 16 lanes: the same
 #define ATTENTION(D, R)                                                                                       \
 static void attention_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask,          \
                           uint16_t *out, int64_t nb, int64_t nh, int64_t t, const int64_t *st, float scale) {     \
-    const int64_t tp = (t + 15) / 16 * 16, dp = D / 2, nv = D / 16;                                                \
+    const int64_t tp = (t + 15) / 16 * 16, dp = D / 2;                                                             \
     _Pragma("omp parallel for schedule(static) collapse(2)")                                                   \
     for (int64_t b = 0; b < nb; b++)                                                                         \
     for (int64_t h = 0; h < nh; h++) {                                                                       \
@@ -406,10 +406,9 @@ static void attention_##D(const uint16_t *q, const uint16_t *k, const uint16_t *
             }                                                                                                \
         }                                                                                                    \
         free(kp);                                                                                            \
-        (void) nv;                                                                                           \
     }                                                                                                        \
 }
-#define MAXA 512
+#define MAXA @MAX_ATT@
 ATTENTION(32, 8)
 ATTENTION(64, 4)
 /* st: q's (b, h, t) strides, k's, v's, then the mask's (b, i) strides (elements; the last dims are contiguous) */
@@ -425,7 +424,8 @@ int attention_bf16_available(void) { return 0; }
 
 _DROPOUT_TYPES = (("f32", "bf16"), ("bf16", "bf16"), ("f32", "f32"), ("bf16", "f32"))   # (x, y) of dropout_x_y
 MAX_ROW = 8192          # the fused kernels' longest row: their stack buffers (MAXT in the C source)
-_SOURCE = _SOURCE.replace("@MAX_ROW@", str(MAX_ROW))
+ATTENTION_MAX_T = 512   # attention()'s longest sequence (BERT-family encoders' limit; MAXA in the C source)
+_SOURCE = _SOURCE.replace("@MAX_ROW@", str(MAX_ROW)).replace("@MAX_ATT@", str(ATTENTION_MAX_T))
 
 _FUNCS = {torch.bool: "keep_u8", torch.uint8: "keep_u8", torch.int16: "keep_i16", torch.int32: "keep_i32",
           torch.int64: "keep_i64"}
@@ -542,9 +542,6 @@ def reference(n: int, seed: int, threshold: int) -> np.ndarray:
     """The compiled kernel's keep-mask (bool), computed in numpy: for tests."""
     return splitmix64((n + 3) // 4, seed).view(np.int16)[:n] >= threshold
 
-
-
-ATTENTION_MAX_T = 512    # MAXA in the C source: attention()'s longest sequence (BERT-family encoders' limit)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

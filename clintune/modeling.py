@@ -174,8 +174,8 @@ class Classifier:
             from .fast import accelerate
 
             # the training speed-ups that hold without gradients: weights stored once in bf16 (autocast would
-            # cast them at every batch) through oneDNN, cache-sized attention chunks, the heap reused
-            self.speedups = accelerate(self.model, self.runtime)
+            # cast them at every batch; no fp32 copy kept) through oneDNN, the attention kernel, the heap reused
+            self.speedups = accelerate(self.model, self.runtime, restorable=False)
 
     @property
     def labels(self) -> list:

@@ -343,6 +343,7 @@ def test_a_cpu_classifier_predicts_with_the_speedups_and_the_same_probabilities(
     assert b.speedups is None and res.classifier.speedups is not None
     rep = a.speedups.report
     assert rep["attention"] == "clintune" and rep["bf16_frozen_linear_tensors"] > 0
+    assert "paged_out_fp32_mb" not in rep                                      # no fp32 originals kept
     assert all(m.weight.dtype == torch.bfloat16 for m in a.model.modules() if isinstance(m, torch.nn.Linear))
     texts = ["heart cardiac noted", "rash eczema today", "cardiac", "skin rash rash eczema heart noted today"]
     pa, pb = a.predict_proba(texts), b.predict_proba(texts)
@@ -356,6 +357,24 @@ def test_speedups_with_dropout_learn_as_well(tiny_backbone, binary_csv):
     acc = [clintune.train(tiny_config(tiny_backbone, binary_csv, method="full", lr=1e-3, epochs=6, patience=0,
                                       fast=f)).metrics["accuracy"] for f in (True, False)]
     assert min(acc) > 0.85 and abs(acc[0] - acc[1]) < 0.08, acc
+
+
+def test_a_model_that_only_predicts_lets_the_fp32_originals_go():
+    import gc
+    import weakref
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4)).requires_grad_(False)
+    original = weakref.ref(model[0].weight.data)
+    sp = fast.accelerate(model, Runtime(torch.device("cpu"), "bf16"), restorable=False)
+    gc.collect()
+    assert original() is None and model[0].weight.dtype == torch.bfloat16
+    assert sp.report["bf16_frozen_linear_tensors"] == 2 and "paged_out_fp32_mb" not in sp.report
+    sp.restore()                                                                # classes back, weights stay bf16
+    assert type(model[0]) is torch.nn.Linear and model[0].weight.dtype == torch.bfloat16
+    kept = torch.nn.Sequential(torch.nn.Linear(8, 4)).requires_grad_(False)
+    w = kept[0].weight.data.clone()
+    fast.accelerate(kept, Runtime(torch.device("cpu"), "bf16")).restore()       # the default: all restored
+    assert torch.equal(kept[0].weight, w)
 
 
 def test_gpu_models_are_left_alone():
