@@ -83,17 +83,17 @@ static inline float bf2f(uint16_t b) { uint32_t u = (uint32_t) b << 16; float f;
 static inline uint16_t f2bf(float f) {                       /* round to nearest even (no NaN reaches here) */
     uint32_t u; memcpy(&u, &f, 4); u += 0x7FFFu + ((u >> 16) & 1u); return (uint16_t) (u >> 16);
 }
-static inline float exp_neg(float x) {          /* e^x for x <= 0, -inf -> 0: 2^n 2^f, |f| <= 1/2, rel. err ~2e-7 */
-    float y = x * 1.44269504088896341f;
+/* e^x for x <= 0, -inf -> 0 (rel. err ~2e-7): with y = x log2(e), n = rint(y) and f = y - n (|f| <= 1/2),
+   e^x = 2^n 2^f and 2^f is the degree-6 polynomial below (Horner, highest coefficient first). exp_neg (one value)
+   and exp_neg16 (16 lanes, the attention kernel) evaluate these same coefficients. */
+static const float EXP2_POLY[7] = {1.5403530393381609e-4f, 1.3333558146428443e-3f, 9.6181291076284772e-3f,
+                                   5.5504108664821580e-2f, 2.4022650695910071e-1f, 6.9314718055994531e-1f, 1.0f};
+#define LOG2E 1.44269504088896341f
+static inline float exp_neg(float x) {
+    float y = x * LOG2E;
     y = y < -126.0f ? -126.0f : y;
-    float n = __builtin_rintf(y), f = y - n;
-    float q = 1.5403530393381609e-4f;
-    q = q * f + 1.3333558146428443e-3f;
-    q = q * f + 9.6181291076284772e-3f;
-    q = q * f + 5.5504108664821580e-2f;
-    q = q * f + 2.4022650695910071e-1f;
-    q = q * f + 6.9314718055994531e-1f;
-    q = q * f + 1.0f;
+    float n = __builtin_rintf(y), f = y - n, q = EXP2_POLY[0];
+    for (int c = 1; c < 7; c++) q = q * f + EXP2_POLY[c];
     uint32_t e = (uint32_t) ((int32_t) n + 127) << 23;
     float s; memcpy(&s, &e, 4);
     return x < -87.0f ? 0.0f : q * s;
@@ -299,17 +299,20 @@ void mul_bf16(const uint16_t *g, const uint16_t *d, uint16_t *out, int64_t n) {
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#define THREADS() omp_get_max_threads()
+#define THREAD() omp_get_thread_num()
+#else
+#define THREADS() 1
+#define THREAD() 0
+#endif
 int attention_bf16_available(void) { return 1; }
 static inline __m512 exp_neg16(__m512 x) {      /* exp_neg on 16 lanes: the same polynomial, -inf -> 0 */
-    __m512 y = _mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _mm512_set1_ps(-126.0f));
+    __m512 y = _mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)), _mm512_set1_ps(-126.0f));
     __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(y, n);
-    __m512 q = _mm512_set1_ps(1.5403530393381609e-4f);
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(1.3333558146428443e-3f));
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(9.6181291076284772e-3f));
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(5.5504108664821580e-2f));
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(2.4022650695910071e-1f));
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(6.9314718055994531e-1f));
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(1.0f));
+    __m512 q = _mm512_set1_ps(EXP2_POLY[0]);
+    for (int c = 1; c < 7; c++) q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(EXP2_POLY[c]));
     __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     __m512 r = _mm512_mul_ps(q, _mm512_castsi512_ps(e));
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ), r);
@@ -320,13 +323,15 @@ static inline __m512 exp_neg16(__m512 x) {      /* exp_neg on 16 lanes: the same
    masked (mask[b, i, j] == 0 -> -inf), softmax in fp32 (exp_neg) rounded once to bf16 P, O = P V in fp32
    rounded once; written to out[b, i, h, :]. */
 #define ATTENTION(D, R)                                                                                       \
-static void attention_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask,          \
-                          uint16_t *out, int64_t nb, int64_t nh, int64_t t, const int64_t *st, float scale) {     \
-    const int64_t tp = (t + 15) / 16 * 16, dp = D / 2;                                                             \
+static int attention_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask,           \
+                         uint16_t *out, int64_t nb, int64_t nh, int64_t t, const int64_t *st, float scale) {      \
+    const int64_t tp = (t + 15) / 16 * 16, dp = D / 2, words = tp * dp + tp / 2 * D;  /* packed K, then V */ \
+    uint32_t *packed = aligned_alloc(64, (size_t) THREADS() * words * 4);       /* one K, V pair per thread */ \
+    if (!packed) return -1;                                                                                  \
     _Pragma("omp parallel for schedule(static) collapse(2)")                                                   \
     for (int64_t b = 0; b < nb; b++)                                                                         \
     for (int64_t h = 0; h < nh; h++) {                                                                       \
-        uint32_t *kp = aligned_alloc(64, (size_t) (tp * dp + tp / 2 * D) * 4), *vp = kp + tp * dp;           \
+        uint32_t *kp = packed + THREAD() * words, *vp = kp + tp * dp;                                        \
         float S[R * MAXA] __attribute__((aligned(64)));                                                      \
         uint16_t P[R * MAXA] __attribute__((aligned(64))), qt[R * D] __attribute__((aligned(64)));           \
         const uint16_t *qb = q + b * st[0] + h * st[1], *kb = k + b * st[3] + h * st[4], *vb = v + b * st[6] + h * st[7]; \
@@ -405,17 +410,18 @@ static void attention_##D(const uint16_t *q, const uint16_t *k, const uint16_t *
                     _mm256_storeu_si256((__m256i *) (dst + u * 16), (__m256i) _mm512_cvtneps_pbh(o[r][u]));  \
             }                                                                                                \
         }                                                                                                    \
-        free(kp);                                                                                            \
     }                                                                                                        \
+    free(packed);                                                                                            \
+    return 0;                                                                                                \
 }
 #define MAXA @MAX_ATT@
 ATTENTION(32, 8)
 ATTENTION(64, 4)
 /* st: q's (b, h, t) strides, k's, v's, then the mask's (b, i) strides (elements; the last dims are contiguous) */
-void attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask, uint16_t *out,
-                    int64_t nb, int64_t nh, int64_t t, int64_t d, const int64_t *st, float scale) {
-    if (d == 32) attention_32(q, k, v, mask, out, nb, nh, t, st, scale);
-    else attention_64(q, k, v, mask, out, nb, nh, t, st, scale);
+int attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask, uint16_t *out,
+                   int64_t nb, int64_t nh, int64_t t, int64_t d, const int64_t *st, float scale) {   /* -1: no memory */
+    return d == 32 ? attention_32(q, k, v, mask, out, nb, nh, t, st, scale)
+                   : attention_64(q, k, v, mask, out, nb, nh, t, st, scale);
 }
 #else
 int attention_bf16_available(void) { return 0; }
@@ -496,7 +502,7 @@ def _compile() -> ctypes.CDLL | None:
     lib.attention_bf16_available.restype = ctypes.c_int
     if lib.attention_bf16_available():
         lib.attention_bf16.argtypes = [p] * 5 + [i64] * 4 + [p, f32]
-        lib.attention_bf16.restype = None
+        lib.attention_bf16.restype = ctypes.c_int
     return lib
 
 
@@ -573,8 +579,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         strides[10] = mask.stride(2) if mask.shape[2] > 1 else 0
     out = torch.empty((b, t, h, d), dtype=torch.bfloat16)
     st = (ctypes.c_int64 * 11)(*strides)
-    lib.attention_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), None if mask is None else mask.data_ptr(),
-                       out.data_ptr(), b, h, t, d, st, float(scale))
+    if lib.attention_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), None if mask is None else mask.data_ptr(),
+                          out.data_ptr(), b, h, t, d, st, float(scale)):
+        raise MemoryError("attention kernel: no memory for its packed keys and values")
     return out
 
 
@@ -583,14 +590,13 @@ def fused_softmax_available(t: int) -> bool:
     return t <= MAX_ROW and compiled() is not None
 
 
-def _rows(*tensors: torch.Tensor) -> tuple[int, int]:
-    t = tensors[0].shape[-1]
-    for x in tensors:
-        if x.dtype != torch.bfloat16 or not x.is_contiguous() or x.device.type != "cpu" or x.shape != tensors[0].shape:
-            raise ValueError("fused softmax: contiguous CPU bf16 tensors of one shape")
-    if t > MAX_ROW:
+def _rows(**tensors: torch.Tensor) -> tuple[int, int]:
+    """(rows, row length) of the fused softmax's bf16 tensors, all of the first one's shape (:func:`_check`)."""
+    shape = next(iter(tensors.values())).shape
+    _check({name: (x, torch.bfloat16) for name, x in tensors.items()}, shape)
+    if shape[-1] > MAX_ROW:
         raise ValueError(f"fused softmax: rows longer than {MAX_ROW}")
-    return tensors[0].numel() // t, t
+    return shape.numel() // shape[-1], shape[-1]
 
 
 def softmax_keep(scores: torch.Tensor, probs: torch.Tensor, kept: torch.Tensor, row0: int, seed: int,
@@ -600,7 +606,7 @@ def softmax_keep(scores: torch.Tensor, probs: torch.Tensor, kept: torch.Tensor, 
     m is :func:`attention_keep`'s mask for rows ``row0, row0 + 1, ...`` of the whole tensor; the softmax is
     accumulated in fp32 and rounded once (a 2^-24-accurate exp, so an entry differs from torch's bf16 softmax
     by at most one rounding step, rarely). A row of -inf gives zeros."""
-    rows, t = _rows(scores, probs, kept)
+    rows, t = _rows(scores=scores, probs=probs, kept=kept)
     compiled().softmax_keep_bf16(scores.data_ptr(), probs.data_ptr(), kept.data_ptr(), rows, t, row0, seed,
                                  int(threshold))
 
@@ -610,7 +616,7 @@ def softmax_keep_backward(grad: torch.Tensor, probs: torch.Tensor, kept: torch.T
     """In place, ``grad`` (dL/d(P m)) becomes dS = P (G - rowsum(G P)) with G = grad * m (the gradient
     through dropout and softmax; fp32 sums, rounded once), and ``kept`` = P * m, the same bits as the
     forward's. The same mask as :func:`softmax_keep` for the same ``row0`` and seed."""
-    rows, t = _rows(grad, probs, kept)
+    rows, t = _rows(grad=grad, probs=probs, kept=kept)
     compiled().softmax_keep_backward_bf16(grad.data_ptr(), probs.data_ptr(), kept.data_ptr(), rows, t, row0, seed,
                                           int(threshold))
 
@@ -627,7 +633,8 @@ def attention_keep(shape: tuple[int, ...], threshold: int, dtype: torch.dtype, s
 def _check(tensors: dict[str, tuple[torch.Tensor, torch.dtype]], shape: tuple[int, ...]) -> None:
     for name, (x, dtype) in tensors.items():
         if x.dtype != dtype or not x.is_contiguous() or x.device.type != "cpu" or tuple(x.shape) != tuple(shape):
-            raise ValueError(f"fused kernel: {name} must be a contiguous CPU {dtype} tensor of shape {tuple(shape)}")
+            raise ValueError(f"fused kernel: {name} must be a contiguous CPU {_TYPE_NAMES.get(dtype, dtype)} tensor "
+                             f"of shape {tuple(shape)}")
 
 
 def fused_rows_available(n: int) -> bool:
