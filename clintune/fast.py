@@ -150,18 +150,32 @@ class _DropoutAttention(torch.autograd.Function):
     accumulated in fp32), with P rounded to bf16 before, rather than after, its backward. ``bias`` is the
     additive mask (0 or -inf, one per example, broadcast over heads) with ``padded[i]`` saying whether example
     i has any -inf (:func:`_additive`).
+    Where the AVX-512 BF16 kernels are compiled (head size 32 or 64, T <= 512, a bool ``mask``), the forward is
+    :func:`masks.attention` with dropout and the backward :func:`masks.attention_backward`, one (example, head)
+    at a time in cache: S and dP are accumulated in fp32 and never rounded to bf16 (closer to the fp32
+    attention that PyTorch's math kernel computes under dropout for Trainer + PEFT), P is kept as above, and
+    every product is rounded once.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, padded, p, scale):
+    def forward(ctx, q, k, v, bias, padded, p, scale, mask=None):
         with torch.autocast("cpu", enabled=False):
             b, h, t, _ = q.shape
             chunk = _examples_per_chunk(h, t)
             q = (q * scale).contiguous()
             k, v = k.contiguous(), v.contiguous()
-            out = torch.empty_like(q)
             probs = torch.empty((b, h, t, t), dtype=q.dtype)
             seed, threshold, fused = masks.new_seed(), _threshold(p), _fused(q.dtype, t)
+            out = None
+            if fused and (mask is None or mask.dtype == torch.bool):   # the whole forward in one kernel, if here
+                out = masks.attention(q, k, v, mask, 1.0, probs=probs, seed=seed, threshold=threshold,
+                                      dropout_scale=1.0 / (1.0 - p))
+            ctx.p, ctx.scale, ctx.chunk, ctx.seed, ctx.threshold, ctx.fused = p, scale, chunk, seed, threshold, fused
+            ctx.kernel = out is not None
+            if out is not None:
+                ctx.save_for_backward(q, k, v, probs)
+                return out.transpose(1, 2)                          # (B, h, T, d) view of the (B, T, h, d) output
+            out = torch.empty_like(q)
             kept, keep = _mask_buffers(fused, probs, chunk, threshold, seed)
             for s in range(0, b, chunk):
                 e = min(s + chunk, b)
@@ -177,7 +191,6 @@ class _DropoutAttention(torch.autograd.Function):
                 torch.matmul(dropped, v[s:e], out=out[s:e])
             out.mul_(1.0 / (1.0 - p))
         ctx.save_for_backward(q, k, v, probs)
-        ctx.p, ctx.scale, ctx.chunk, ctx.seed, ctx.threshold, ctx.fused = p, scale, chunk, seed, threshold, fused
         return out
 
     @staticmethod
@@ -185,6 +198,12 @@ class _DropoutAttention(torch.autograd.Function):
         q, k, v, probs = ctx.saved_tensors
         b, h, t, _ = q.shape
         threshold, fused = ctx.threshold, ctx.fused                  # what the forward did, with the same mask
+        if ctx.kernel:                                               # the whole backward in one kernel too
+            with torch.autocast("cpu", enabled=False):
+                grads = masks.attention_backward(q, k, v, d_out, probs, ctx.seed, threshold, 1.0 / (1.0 - ctx.p),
+                                                 ctx.scale)
+            if grads is not None:
+                return (*grads, None, None, None, None, None)
         kept, keep = _mask_buffers(fused, probs, ctx.chunk, threshold, ctx.seed)
         with torch.autocast("cpu", enabled=False):
             d_out = (d_out * (1.0 / (1.0 - ctx.p))).to(q.dtype).contiguous()
@@ -203,7 +222,7 @@ class _DropoutAttention(torch.autograd.Function):
                 torch.matmul(d_s, k[s:e], out=dq[s:e])
                 torch.matmul(d_s.transpose(-1, -2), q[s:e], out=dk[s:e])
             dq.mul_(ctx.scale)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _examples_per_chunk(h: int, t: int) -> int:
@@ -311,7 +330,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
         dropout = 0.0
     if dropout > 0.0 and query.device.type == "cpu" and query.dtype == key.dtype == value.dtype:
         bias, padded = _additive(attention_mask, query.dtype, query.shape[0])
-        out = _DropoutAttention.apply(query, key, value, bias, padded, dropout, scale)
+        out = _DropoutAttention.apply(query, key, value, bias, padded, dropout, scale, attention_mask)
         return out.transpose(1, 2).contiguous(), None
     scores = torch.matmul(query * scale, key.transpose(-1, -2))                    # (B, h, T, T)
     if attention_mask is not None:

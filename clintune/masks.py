@@ -324,7 +324,8 @@ static inline __m512 exp_neg16(__m512 x) {      /* exp_neg on 16 lanes: the same
    rounded once; written to out[b, i, h, :]. */
 #define ATTENTION(D, R)                                                                                       \
 static int attention_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask,           \
-                         uint16_t *out, int64_t nb, int64_t nh, int64_t t, const int64_t *st, float scale) {      \
+                         uint16_t *out, int64_t nb, int64_t nh, int64_t t, const int64_t *st, float scale,        \
+                         uint16_t *probs, uint64_t seed, int16_t th, float dscale) {                              \
     const int64_t tp = (t + 15) / 16 * 16, dp = D / 2, words = tp * dp + tp / 2 * D;  /* packed K, then V */ \
     uint32_t *packed = aligned_alloc(64, (size_t) THREADS() * words * 4);       /* one K, V pair per thread */ \
     if (!packed) return -1;                                                                                  \
@@ -392,6 +393,13 @@ static int attention_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v
                 for (int64_t j0 = 0; j0 < tp; j0 += 16)          /* round to nearest even, as f2bf */         \
                     _mm256_storeu_si256((__m256i *) (p + j0),                                                \
                                         (__m256i) _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(s + j0), inv))); \
+                if (probs) {                     /* training: keep P for the backward pass, then drop out */  \
+                    const int64_t row = (b * nh + h) * t + i0 + r;                                           \
+                    uint16_t keep[MAXA + 8] __attribute__((aligned(64)));                                    \
+                    memcpy(probs + row * t, p, t * 2);                                                       \
+                    span_keep(keep, row * ((t + 3) / 4) * 4, t, seed, th);                                   \
+                    for (int64_t j = 0; j < t; j++) p[j] &= keep[j];                                         \
+                }                                                                                            \
             }                                                                                                \
             __m512 o[R][D / 16];                                                                             \
             for (int r = 0; r < R; r++) for (int u = 0; u < D / 16; u++) o[r][u] = _mm512_setzero_ps();      \
@@ -404,10 +412,12 @@ static int attention_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v
                     for (int u = 0; u < D / 16; u++) o[r][u] = _mm512_dpbf16_ps(o[r][u], pb, vv[u]);         \
                 }                                                                                            \
             }                                                                                                \
+            const __m512 vds = _mm512_set1_ps(dscale);                                                       \
             for (int64_t r = 0; r < rows; r++) {                                                             \
                 uint16_t *dst = out + ((b * t + i0 + r) * nh + h) * D;                                       \
                 for (int u = 0; u < D / 16; u++)                                                             \
-                    _mm256_storeu_si256((__m256i *) (dst + u * 16), (__m256i) _mm512_cvtneps_pbh(o[r][u]));  \
+                    _mm256_storeu_si256((__m256i *) (dst + u * 16),                                          \
+                                        (__m256i) _mm512_cvtneps_pbh(_mm512_mul_ps(o[r][u], vds)));          \
             }                                                                                                \
         }                                                                                                    \
     }                                                                                                        \
@@ -418,10 +428,158 @@ static int attention_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v
 ATTENTION(32, 8)
 ATTENTION(64, 4)
 /* st: q's (b, h, t) strides, k's, v's, then the mask's (b, i) strides (elements; the last dims are contiguous) */
+/* The backward pass of training's attention (attention_##D with probs), one (example, head) per task with its
+   operands in cache. For R query rows at a time, with G = dP m and dO' = dO / (1 - p):
+     dP = dO' V^T in fp32 (V packed as the forward packs K), G = dP m, dS = P (G - rowsum(G P)) rounded once,
+     dQ = dS K * scale (K packed in pairs of keys, as the forward packs V), and over all the rows
+     dV += (P m)^T dO', dK += dS^T Q' (pairs of rows of P m / dS times pairs of rows of dO' / Q', fp32).
+   q, k, v, probs, dq, dk, dv contiguous; dO's (b, h, t) strides in so (its last dim contiguous). */
+#define ATTENTION_BACKWARD(D, R)                                                                              \
+static int attention_backward_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *dout, \
+                                  const uint16_t *probs, uint16_t *dq, uint16_t *dk, uint16_t *dv, int64_t nb,  \
+                                  int64_t nh, int64_t t, const int64_t *so, float scale, uint64_t seed, int16_t th, \
+                                  float dscale) {                                                             \
+    const int64_t tp = (t + 15) / 16 * 16, dp = D / 2, words = tp * dp + tp / 2 * D + 2 * tp * D;           \
+    uint32_t *heap = aligned_alloc(64, (size_t) THREADS() * words * 4);   /* packed V and K, dV and dK sums */ \
+    if (!heap) return -1;                                                                                    \
+    _Pragma("omp parallel for schedule(static) collapse(2)")                                                   \
+    for (int64_t b = 0; b < nb; b++)                                                                         \
+    for (int64_t h = 0; h < nh; h++) {                                                                       \
+        uint32_t *vk = heap + THREAD() * words, *kv = vk + tp * dp;                                          \
+        float *accv = (float *) (kv + tp / 2 * D), *acck = accv + tp * D;                                    \
+        float S[R * MAXA] __attribute__((aligned(64)));                                                      \
+        uint16_t DS[R * MAXA] __attribute__((aligned(64))), PM[R * MAXA] __attribute__((aligned(64)));       \
+        uint16_t keep[MAXA + 16] __attribute__((aligned(64)));                                               \
+        uint16_t ot[R * D] __attribute__((aligned(64))), qt[R * D] __attribute__((aligned(64)));             \
+        uint32_t op[R / 2 * D] __attribute__((aligned(64))), qp[R / 2 * D] __attribute__((aligned(64)));     \
+        uint32_t pw[R / 2 * MAXA] __attribute__((aligned(64))), sw[R / 2 * MAXA] __attribute__((aligned(64))); \
+        const int64_t bh = b * nh + h;                                                                       \
+        const uint16_t *qb = q + bh * t * D, *kb = k + bh * t * D, *vb = v + bh * t * D;                     \
+        const uint16_t *ob = dout + b * so[0] + h * so[1];                                                   \
+        for (int64_t j = 0; j < tp; j++)                                                                     \
+            for (int64_t c = 0; c < dp; c++) {                                                               \
+                uint32_t w = 0;                                                                              \
+                if (j < t) memcpy(&w, vb + j * D + 2 * c, 4);                                                \
+                vk[(j / 16) * dp * 16 + c * 16 + j % 16] = w;                                                \
+            }                                                                                                \
+        for (int64_t jp = 0; jp < tp / 2; jp++)                                                              \
+            for (int64_t c = 0; c < D; c++) {                                                                \
+                uint32_t lo = 2 * jp < t ? kb[2 * jp * D + c] : 0, hi = 2 * jp + 1 < t ? kb[(2 * jp + 1) * D + c] : 0; \
+                kv[jp * D + c] = lo | hi << 16;                                                              \
+            }                                                                                                \
+        memset(accv, 0, (size_t) tp * D * 8);                                                                \
+        for (int64_t i0 = 0; i0 < t; i0 += R) {                                                              \
+            const int64_t rows = t - i0 < R ? t - i0 : R;                                                    \
+            memset(ot, 0, sizeof(ot));                                                                       \
+            memset(qt, 0, sizeof(qt));                                                                       \
+            for (int64_t r = 0; r < rows; r++) {                                                             \
+                memcpy(ot + r * D, ob + (i0 + r) * so[2], D * 2);                                            \
+                memcpy(qt + r * D, qb + (i0 + r) * D, D * 2);                                                \
+            }                                                                                                \
+            for (int r = 0; r < R / 2; r++)                                                                  \
+                for (int c = 0; c < D; c++) {                                                                \
+                    op[r * D + c] = ot[2 * r * D + c] | (uint32_t) ot[(2 * r + 1) * D + c] << 16;            \
+                    qp[r * D + c] = qt[2 * r * D + c] | (uint32_t) qt[(2 * r + 1) * D + c] << 16;            \
+                }                                                                                            \
+            for (int64_t j0 = 0; j0 < tp; j0 += 16) {                 /* dP = dO' V^T, fp32 */               \
+                __m512 acc[R];                                                                               \
+                for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                                    \
+                const uint32_t *vc = vk + (j0 / 16) * dp * 16;                                               \
+                for (int64_t c = 0; c < dp; c++) {                                                           \
+                    __m512bh vv = (__m512bh) _mm512_load_si512(vc + c * 16);                                 \
+                    for (int r = 0; r < R; r++) {                                                            \
+                        int32_t oo; memcpy(&oo, ot + r * D + 2 * c, 4);                                      \
+                        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh) _mm512_set1_epi32(oo), vv);             \
+                    }                                                                                        \
+                }                                                                                            \
+                for (int r = 0; r < R; r++) _mm512_store_ps(S + r * tp + j0, _mm512_mul_ps(acc[r], _mm512_set1_ps(dscale))); \
+            }                                                                                                \
+            for (int64_t r = 0; r < R; r++) {                        /* dS = P (G - rowsum(G P)), P m */     \
+                uint16_t *ds = DS + r * tp, *pm = PM + r * tp;                                               \
+                if (r >= rows) { memset(ds, 0, tp * 2); memset(pm, 0, tp * 2); continue; }                   \
+                const int64_t row = bh * t + i0 + r;                                                         \
+                const uint16_t *pr = probs + row * t;                                                        \
+                float *g = S + r * tp;                                                                       \
+                span_keep(keep, row * ((t + 3) / 4) * 4, t, seed, th);                                       \
+                float acc[16] = {0};                                                                         \
+                int64_t j = 0;                                                                               \
+                for (; j + 16 <= t; j += 16)                                                                 \
+                    for (int l = 0; l < 16; l++) {                                                           \
+                        float gj = keep[j + l] ? g[j + l] : 0.0f; g[j + l] = gj; acc[l] += gj * bf2f(pr[j + l]); \
+                    }                                                                                        \
+                for (; j < t; j++) { float gj = keep[j] ? g[j] : 0.0f; g[j] = gj; acc[0] += gj * bf2f(pr[j]); } \
+                float dot = 0.0f;                                                                            \
+                for (int l = 0; l < 16; l++) dot += acc[l];                                                  \
+                for (j = 0; j < t; j++) { ds[j] = f2bf(bf2f(pr[j]) * (g[j] - dot)); pm[j] = pr[j] & keep[j]; } \
+                for (; j < tp; j++) { ds[j] = 0; pm[j] = 0; }                                                \
+            }                                                                                                \
+            __m512 o[R][D / 16];                                      /* dQ = dS K * scale */                \
+            for (int r = 0; r < R; r++) for (int u = 0; u < D / 16; u++) o[r][u] = _mm512_setzero_ps();      \
+            for (int64_t jp = 0; jp < tp / 2; jp++) {                                                        \
+                __m512bh kk[D / 16];                                                                         \
+                for (int u = 0; u < D / 16; u++) kk[u] = (__m512bh) _mm512_load_si512(kv + jp * D + u * 16); \
+                for (int r = 0; r < R; r++) {                                                                \
+                    int32_t ss; memcpy(&ss, DS + r * tp + 2 * jp, 4);                                        \
+                    __m512bh sb = (__m512bh) _mm512_set1_epi32(ss);                                          \
+                    for (int u = 0; u < D / 16; u++) o[r][u] = _mm512_dpbf16_ps(o[r][u], sb, kk[u]);         \
+                }                                                                                            \
+            }                                                                                                \
+            const __m512 vs = _mm512_set1_ps(scale);                                                         \
+            for (int64_t r = 0; r < rows; r++)                                                               \
+                for (int u = 0; u < D / 16; u++)                                                             \
+                    _mm256_storeu_si256((__m256i *) (dq + (bh * t + i0 + r) * D + u * 16),                   \
+                                        (__m256i) _mm512_cvtneps_pbh(_mm512_mul_ps(o[r][u], vs)));           \
+            for (int r = 0; r < R / 2; r++)                           /* pairs of rows of P m and of dS */   \
+                for (int64_t j = 0; j < t; j++) {                                                            \
+                    pw[r * tp + j] = PM[2 * r * tp + j] | (uint32_t) PM[(2 * r + 1) * tp + j] << 16;         \
+                    sw[r * tp + j] = DS[2 * r * tp + j] | (uint32_t) DS[(2 * r + 1) * tp + j] << 16;         \
+                }                                                                                            \
+            for (int64_t j = 0; j < t; j++) {                         /* dV += (P m)^T dO', dK += dS^T Q' */  \
+                __m512 av[D / 16], ak[D / 16];                                                               \
+                for (int u = 0; u < D / 16; u++) {                                                           \
+                    av[u] = _mm512_load_ps(accv + j * D + u * 16); ak[u] = _mm512_load_ps(acck + j * D + u * 16); \
+                }                                                                                            \
+                for (int r = 0; r < R / 2; r++) {                                                            \
+                    __m512bh wp = (__m512bh) _mm512_set1_epi32(pw[r * tp + j]);                              \
+                    __m512bh ws = (__m512bh) _mm512_set1_epi32(sw[r * tp + j]);                              \
+                    for (int u = 0; u < D / 16; u++) {                                                       \
+                        av[u] = _mm512_dpbf16_ps(av[u], wp, (__m512bh) _mm512_load_si512(op + r * D + u * 16)); \
+                        ak[u] = _mm512_dpbf16_ps(ak[u], ws, (__m512bh) _mm512_load_si512(qp + r * D + u * 16)); \
+                    }                                                                                        \
+                }                                                                                            \
+                for (int u = 0; u < D / 16; u++) {                                                           \
+                    _mm512_store_ps(accv + j * D + u * 16, av[u]); _mm512_store_ps(acck + j * D + u * 16, ak[u]); \
+                }                                                                                            \
+            }                                                                                                \
+        }                                                                                                    \
+        const __m512 vds = _mm512_set1_ps(dscale);                                                           \
+        for (int64_t j = 0; j < t; j++)                                                                      \
+            for (int u = 0; u < D / 16; u++) {                                                               \
+                _mm256_storeu_si256((__m256i *) (dv + (bh * t + j) * D + u * 16),                            \
+                                    (__m256i) _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(accv + j * D + u * 16), vds))); \
+                _mm256_storeu_si256((__m256i *) (dk + (bh * t + j) * D + u * 16),                            \
+                                    (__m256i) _mm512_cvtneps_pbh(_mm512_load_ps(acck + j * D + u * 16)));    \
+            }                                                                                                \
+    }                                                                                                        \
+    free(heap);                                                                                              \
+    return 0;                                                                                                \
+}
+ATTENTION_BACKWARD(32, 8)
+ATTENTION_BACKWARD(64, 4)
+int attention_backward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *dout,
+                            const uint16_t *probs, uint16_t *dq, uint16_t *dk, uint16_t *dv, int64_t nb, int64_t nh,
+                            int64_t t, int64_t d, const int64_t *so, float scale, uint64_t seed, int32_t th,
+                            float dscale) {                                                     /* -1: no memory */
+    return d == 32 ? attention_backward_32(q, k, v, dout, probs, dq, dk, dv, nb, nh, t, so, scale, seed, (int16_t) th, dscale)
+                   : attention_backward_64(q, k, v, dout, probs, dq, dk, dv, nb, nh, t, so, scale, seed, (int16_t) th, dscale);
+}
+/* probs NULL: prediction. Otherwise training: P is also written to probs (B, h, T, T), and P V is made with P m
+   (softmax_keep's mask for the same seed and threshold, rows numbered over (B, h, T)), times dscale = 1 / (1 - p) */
 int attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask, uint16_t *out,
-                   int64_t nb, int64_t nh, int64_t t, int64_t d, const int64_t *st, float scale) {   /* -1: no memory */
-    return d == 32 ? attention_32(q, k, v, mask, out, nb, nh, t, st, scale)
-                   : attention_64(q, k, v, mask, out, nb, nh, t, st, scale);
+                   int64_t nb, int64_t nh, int64_t t, int64_t d, const int64_t *st, float scale,
+                   uint16_t *probs, uint64_t seed, int32_t th, float dscale) {                 /* -1: no memory */
+    return d == 32 ? attention_32(q, k, v, mask, out, nb, nh, t, st, scale, probs, seed, (int16_t) th, dscale)
+                   : attention_64(q, k, v, mask, out, nb, nh, t, st, scale, probs, seed, (int16_t) th, dscale);
 }
 #else
 int attention_bf16_available(void) { return 0; }
@@ -501,8 +659,10 @@ def _compile() -> ctypes.CDLL | None:
         getattr(lib, name).restype = None
     lib.attention_bf16_available.restype = ctypes.c_int
     if lib.attention_bf16_available():
-        lib.attention_bf16.argtypes = [p] * 5 + [i64] * 4 + [p, f32]
+        lib.attention_bf16.argtypes = [p] * 5 + [i64] * 4 + [p, f32, p, u64, i32, f32]
         lib.attention_bf16.restype = ctypes.c_int
+        lib.attention_backward_bf16.argtypes = [p] * 8 + [i64] * 4 + [p, f32, u64, i32, f32]
+        lib.attention_backward_bf16.restype = ctypes.c_int
     return lib
 
 
@@ -550,16 +710,23 @@ def reference(n: int, seed: int, threshold: int) -> np.ndarray:
 
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              scale: float) -> torch.Tensor | None:
-    """softmax(Q K^T * scale + bias) V for bf16 (B, h, T, d) q, k, v (d = 32 or 64, T <= 512) on CPU without
-    gradients, as (B, T, h, d); None where the compiled kernel cannot do it (no AVX-512 BF16, other sizes).
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, *,
+              probs: torch.Tensor | None = None, seed: int = 0, threshold: int = -32768,
+              dropout_scale: float = 1.0) -> torch.Tensor | None:
+    """softmax(Q K^T * scale + bias) V for bf16 (B, h, T, d) q, k, v (d = 32 or 64, T <= 512) on CPU,
+    as (B, T, h, d); None where the compiled kernel cannot do it (no AVX-512 BF16, other sizes).
 
     ``mask``: bool, broadcastable to (B, 1, T, T), True = attend (``sdpa_mask``'s form). One pass per (example,
     head) with everything in cache: S = Q K^T * scale accumulated in fp32 by AVX-512 BF16 dot products, the
     masked softmax in fp32 rounded once to bf16 P, O = P V accumulated in fp32 and rounded once, written
     straight into the (B, T, h, d) layout the output projection reads. Unlike the unfused form, the scores are
-    not rounded to bf16 before the softmax (as in PyTorch's fused kernel). A row with no key to attend gives 0.
+    not rounded to bf16 before the softmax (as in PyTorch's fused kernel, and in its math kernel, which
+    computes in fp32, under dropout). A row with no key to attend gives 0.
+
+    Training's forward (dropout p): with ``probs`` (contiguous bf16 (B, h, T, T)) the kernel also writes P there
+    for the backward pass and multiplies V by P m instead, m :func:`softmax_keep`'s mask for ``seed`` and
+    ``threshold`` (rows numbered over (B, h, T) from 0), and O by ``dropout_scale`` = 1 / (1 - p) before its one
+    rounding: O = (P m) V / (1 - p).
     """
     lib = compiled()
     if lib is None or not lib.attention_bf16_available():
@@ -577,12 +744,48 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
             mask = mask.contiguous()
         strides[9] = mask.stride(0) if mask.shape[0] > 1 else 0
         strides[10] = mask.stride(2) if mask.shape[2] > 1 else 0
+    if probs is not None:
+        _check({"probs": (probs, torch.bfloat16)}, (b, h, t, t))
     out = torch.empty((b, t, h, d), dtype=torch.bfloat16)
     st = (ctypes.c_int64 * 11)(*strides)
     if lib.attention_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), None if mask is None else mask.data_ptr(),
-                          out.data_ptr(), b, h, t, d, st, float(scale)):
+                          out.data_ptr(), b, h, t, d, st, float(scale), None if probs is None else probs.data_ptr(),
+                          seed, int(threshold), float(dropout_scale)):
         raise MemoryError("attention kernel: no memory for its packed keys and values")
     return out
+
+
+def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_out: torch.Tensor, probs: torch.Tensor,
+                       seed: int, threshold: int, dropout_scale: float, scale: float):
+    """The gradients (dQ, dK, dV) of :func:`attention`'s training forward, O = (P m) V / (1 - p) with
+    P = softmax(Q' K^T + bias), for contiguous bf16 (B, h, T, d) ``q`` (Q' = Q * scale, as the forward was given),
+    ``k``, ``v``, the (B, h, T, T) ``probs`` the forward kept and ``d_out`` = dL/dO (any strides with a
+    contiguous last dim); None where the kernel is absent. One pass per (example, head) with everything in cache:
+        dP = dO V^T / (1 - p) (fp32), G = dP m, dS = P (G - rowsum(G P)) (rounded once to bf16),
+        dQ = dS K * scale, dK = dS^T Q', dV = (P m)^T dO / (1 - p),
+    each product by AVX-512 BF16 dot products accumulated in fp32 and rounded once, m redrawn from ``seed``
+    (:func:`softmax_keep`'s mask). Unlike the unfused backward, dP and dO / (1 - p) are not rounded to bf16.
+    """
+    lib = compiled()
+    if lib is None or not lib.attention_bf16_available():
+        return None
+    b, h, t, d = q.shape
+    if d not in (32, 64) or t > ATTENTION_MAX_T:
+        return None
+    _check({"q": (q, torch.bfloat16), "k": (k, torch.bfloat16), "v": (v, torch.bfloat16)}, (b, h, t, d))
+    _check({"probs": (probs, torch.bfloat16)}, (b, h, t, t))
+    if d_out.shape != q.shape or d_out.device.type != "cpu":
+        raise ValueError(f"attention_backward: d_out must be a CPU tensor of shape {tuple(q.shape)}")
+    d_out = d_out.to(torch.bfloat16)
+    if d_out.stride(-1) != 1:
+        d_out = d_out.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    so = (ctypes.c_int64 * 3)(*d_out.stride()[:3])
+    if lib.attention_backward_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), d_out.data_ptr(), probs.data_ptr(),
+                                   dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), b, h, t, d, so, float(scale), seed,
+                                   int(threshold), float(dropout_scale)):
+        raise MemoryError("attention kernel: no memory for its packed keys and values")
+    return dq, dk, dv
 
 
 def fused_softmax_available(t: int) -> bool:

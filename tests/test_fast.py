@@ -202,6 +202,52 @@ def test_fused_bf16_attention_matches_pytorchs_softmax_path(monkeypatch):
     assert results[0][2][2, :, 20:].abs().max() == 0            # padded keys get no gradient
 
 
+def test_training_attention_kernels_keep_scores_in_fp32_and_give_the_formulas_gradients(monkeypatch):
+    """Training's forward in the AVX-512 BF16 kernel (bf16, head size 32 or 64, a bool mask): against
+    softmax(Q K^T s + bias) * m / (1 - p) V in float64 with the very same mask m, its output is closer than the
+    unfused bf16 path's (whose scores are rounded to bf16), and so are the backward kernel's gradients (dP kept
+    in fp32), the formula's to bf16 precision."""
+    lib = masks.compiled()
+    if lib is None or not lib.attention_bf16_available():
+        pytest.skip("no AVX-512 BF16 attention kernel here")
+    b, h, t, p = 3, 2, 45, 0.1
+    for d in (32, 64):
+        g = torch.Generator().manual_seed(d)
+        q, k, v = (torch.randn(b, h, t, d, generator=g).mul(2).bfloat16() for _ in range(3))
+        mask = torch.ones(b, 1, t, t, dtype=torch.bool)
+        mask[1, ..., 30:] = False
+        grad_out = torch.randn(b, t, h, d, generator=g).bfloat16()
+        calls, back = [], []
+        kernel, kernel_back = masks.attention, masks.attention_backward
+        monkeypatch.setattr(masks, "attention", lambda *a, **kw: calls.append(kw.get("probs")) or kernel(*a, **kw))
+        monkeypatch.setattr(masks, "attention_backward", lambda *a: back.append(1) or kernel_back(*a))
+        results = []
+        for use_kernel in (True, False):
+            monkeypatch.setattr(fast, "_fused", lambda dtype, t, f=use_kernel: f)   # off: PyTorch's softmax path
+            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+            torch.manual_seed(5)
+            out, _ = fast.attention(_Mod().train(), *leaves, mask, dropout=p)
+            results.append((out, *torch.autograd.grad(out, leaves, grad_out)))
+        assert len(calls) == 1 and calls[0] is not None and len(back) == 1   # the kernels ran, once, for training
+        torch.manual_seed(5)
+        keep = masks.attention_keep((b, h, t, t), fast._threshold(p), torch.int64, masks.new_seed()).bool()
+        q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+        scores = (q64 @ k64.transpose(-1, -2)) * d ** -0.5
+        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)
+        want = ((probs * keep / (1 - p)) @ v64).transpose(1, 2)
+        want_grads = torch.autograd.grad(want, (q64, k64, v64), grad_out.double())
+        err = [(r[0].double() - want).abs() for r in results]
+        assert err[0].mean() < 0.75 * err[1].mean()                 # fp32 scores: closer (both round Q s, P and O)
+        torch.testing.assert_close(results[0][0].double(), want, rtol=0.02, atol=0.01 * want.abs().max().item())
+        for a, u, w in zip(results[0][1:], results[1][1:], want_grads):
+            assert a.dtype == torch.bfloat16
+            torch.testing.assert_close(a.double(), w, rtol=0.02, atol=0.02 * w.abs().max().item())
+            assert (a.double() - w).abs().mean() < 0.75 * (u.double() - w).abs().mean()   # dP in fp32: closer
+        assert results[0][2][1, :, 30:].abs().max() == 0                      # padded keys get no gradient
+        monkeypatch.setattr(masks, "attention", kernel)
+        monkeypatch.setattr(masks, "attention_backward", kernel_back)
+
+
 def test_dropout_attention_broadcasts_one_mask_over_the_batch():
     b, h, t, d = 3, 2, 5, 4
     q, k, v = (torch.randn(b, h, t, d, dtype=torch.float64).requires_grad_() for _ in range(3))

@@ -336,3 +336,33 @@ def test_attention_kernel_takes_any_attend_mask_and_declines_what_it_cannot_do()
     long = torch.randn(1, 1, masks.ATTENTION_MAX_T + 1, 32).bfloat16()
     assert masks.attention(long, long, long, None, 0.2) is None
     assert masks.attention(q, k, v, mask.float(), 0.2) is None                          # additive masks
+
+
+def test_attention_backward_kernel_is_the_formula_over_a_shared_mask_and_a_row_with_nothing_to_attend():
+    """Training's pair of kernels with one mask for the batch (keys 13.. hidden) and one row that attends to
+    nothing (zeros out, no gradient through it): the gradients of O = (P m) V / (1 - p) to bf16 rounding."""
+    _attention_kernel()
+    g = torch.Generator().manual_seed(8)
+    b, h, t, d, thr, seed = 2, 3, 21, 32, -29491, 77           # threshold -29491: p = 0.05
+    q, k, v = (torch.randn(b, h, t, d, generator=g).bfloat16() for _ in range(3))
+    mask = torch.ones(1, 1, t, t, dtype=torch.bool)
+    mask[..., 13:] = False
+    mask[0, 0, 4] = False
+    probs = torch.empty(b, h, t, t, dtype=torch.bfloat16)
+    out = masks.attention(q, k, v, mask, 1.0, probs=probs, seed=seed, threshold=thr, dropout_scale=1.25)
+    assert torch.equal(out[:, 4], torch.zeros(b, h, d, dtype=torch.bfloat16)) and not probs[:, :, 4].any()
+    d_out = torch.randn(b, t, h, d, generator=g).bfloat16()
+    grads = masks.attention_backward(q, k, v, d_out.transpose(1, 2), probs, seed, thr, 1.25, 0.5)
+    keep = masks.attention_keep((b, h, t, t), thr, torch.bool, seed).double()
+    p64, do = probs.double(), d_out.transpose(1, 2).double() * 1.25
+    dp = (do @ v.double().transpose(-1, -2)) * keep
+    ds = p64 * (dp - (dp * p64).sum(-1, keepdim=True))
+    want = (ds @ k.double() * 0.5, ds.transpose(-1, -2) @ q.double(), (p64 * keep).transpose(-1, -2) @ do)
+    for got, w in zip(grads, want):
+        torch.testing.assert_close(got.double(), w, rtol=0.02, atol=0.01 * w.abs().max().item())
+    assert not grads[1][:, :, 13:].any() and not grads[2][:, :, 13:].any()     # hidden keys: no gradient
+    assert not grads[0][:, :, 4].any()                                         # the empty row: none either
+    q48 = torch.randn(1, 1, 4, 48).bfloat16()
+    assert masks.attention_backward(q48, q48, q48, q48, torch.zeros(1, 1, 4, 4).bfloat16(), 1, 0, 1.0, 1.0) is None
+    with pytest.raises(ValueError, match="probs"):
+        masks.attention_backward(q, k, v, d_out.transpose(1, 2), probs.float(), seed, thr, 1.25, 0.5)
