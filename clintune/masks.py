@@ -317,6 +317,54 @@ static inline __m512 exp_neg16(__m512 x) {      /* exp_neg on 16 lanes: the same
     __m512 r = _mm512_mul_ps(q, _mm512_castsi512_ps(e));
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ), r);
 }
+/* The blocks both attention kernels are made of. pack_keys lays out rows 0..t-1 of x (row stride ld, d wide) so
+   that one AVX-512 BF16 dot product (vdpbf16ps) makes 16 rows' partial dot products with a pair of dimensions of a
+   broadcast row: xp[(j / 16) (d / 2) 16 + c 16 + j % 16] = dimensions (2c, 2c + 1) of row j. pack_pairs lays them
+   out so that one makes 16 dimensions of a weighted sum of two rows: xp[jp d + c] = x[2 jp, c] | x[2 jp + 1, c] << 16.
+   Both write zeros for the rows t..tp-1. */
+static void pack_keys(uint32_t *xp, const uint16_t *x, int64_t t, int64_t tp, int64_t ld, int64_t d) {
+    for (int64_t j = 0; j < tp; j++)
+        for (int64_t c = 0; c < d / 2; c++) {
+            uint32_t w = 0;
+            if (j < t) memcpy(&w, x + j * ld + 2 * c, 4);
+            xp[(j / 16) * (d / 2) * 16 + c * 16 + j % 16] = w;
+        }
+}
+static void pack_pairs(uint32_t *xp, const uint16_t *x, int64_t t, int64_t tp, int64_t ld, int64_t d) {
+    for (int64_t jp = 0; jp < tp / 2; jp++)
+        for (int64_t c = 0; c < d; c++) {
+            uint32_t lo = 2 * jp < t ? x[2 * jp * ld + c] : 0, hi = 2 * jp + 1 < t ? x[(2 * jp + 1) * ld + c] : 0;
+            xp[jp * d + c] = lo | hi << 16;
+        }
+}
+/* ROWS_DOT: S[r, j] = MULT sum_c A[r, c] X[j, c] in fp32 for R rows A (R x D bf16) and XP = pack_keys(X), j < TP.
+   ROWS_TIMES: O[r][u] += sum_j W[r, j] Y[j, 16 u ..] in fp32 registers for R rows W (R x TP bf16) and
+   YP = pack_pairs(Y). */
+#define ROWS_DOT(D, R, S, A, XP, TP, MULT)                                                                    \
+    for (int64_t j0 = 0; j0 < (TP); j0 += 16) {                                                              \
+        __m512 acc_[R];                                                                                      \
+        for (int r = 0; r < R; r++) acc_[r] = _mm512_setzero_ps();                                           \
+        const uint32_t *xc_ = (XP) + (j0 / 16) * (D / 2) * 16;                                               \
+        for (int64_t c = 0; c < D / 2; c++) {                                                                \
+            __m512bh xv_ = (__m512bh) _mm512_load_si512(xc_ + c * 16);                                       \
+            for (int r = 0; r < R; r++) {                                                                    \
+                int32_t a_; memcpy(&a_, (A) + r * D + 2 * c, 4);                                             \
+                acc_[r] = _mm512_dpbf16_ps(acc_[r], (__m512bh) _mm512_set1_epi32(a_), xv_);                 \
+            }                                                                                                \
+        }                                                                                                    \
+        for (int r = 0; r < R; r++) _mm512_store_ps((S) + r * (TP) + j0, _mm512_mul_ps(acc_[r], _mm512_set1_ps(MULT))); \
+    }
+#define ROWS_TIMES(D, R, O, W, YP, TP)                                                                        \
+    for (int r = 0; r < R; r++) for (int u = 0; u < D / 16; u++) O[r][u] = _mm512_setzero_ps();              \
+    for (int64_t jp = 0; jp < (TP) / 2; jp++) {                                                              \
+        __m512bh yv_[D / 16];                                                                                \
+        for (int u = 0; u < D / 16; u++) yv_[u] = (__m512bh) _mm512_load_si512((YP) + jp * D + u * 16);      \
+        for (int r = 0; r < R; r++) {                                                                        \
+            int32_t w_; memcpy(&w_, (W) + r * (TP) + 2 * jp, 4);                                             \
+            __m512bh wb_ = (__m512bh) _mm512_set1_epi32(w_);                                                 \
+            for (int u = 0; u < D / 16; u++) O[r][u] = _mm512_dpbf16_ps(O[r][u], wb_, yv_[u]);              \
+        }                                                                                                    \
+    }
 /* Attention without gradients, one (example, head) per task: K packed so that one AVX-512 BF16 dot product
    (vdpbf16ps) makes 16 keys' partial scores for a pair of dimensions of a broadcast query, V packed so that one
    makes 16 output dimensions for a pair of keys. S = Q K^T * scale in fp32 for R query rows at a time (in L1),
@@ -336,34 +384,13 @@ static int attention_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v
         float S[R * MAXA] __attribute__((aligned(64)));                                                      \
         uint16_t P[R * MAXA] __attribute__((aligned(64))), qt[R * D] __attribute__((aligned(64)));           \
         const uint16_t *qb = q + b * st[0] + h * st[1], *kb = k + b * st[3] + h * st[4], *vb = v + b * st[6] + h * st[7]; \
-        for (int64_t j = 0; j < tp; j++)                                                                     \
-            for (int64_t c = 0; c < dp; c++) {                                                               \
-                uint32_t w = 0;                                                                              \
-                if (j < t) memcpy(&w, kb + j * st[5] + 2 * c, 4);                                            \
-                kp[(j / 16) * dp * 16 + c * 16 + j % 16] = w;                                                \
-            }                                                                                                \
-        for (int64_t jp = 0; jp < tp / 2; jp++)                                                              \
-            for (int64_t c = 0; c < D; c++) {                                                                \
-                uint32_t lo = 2 * jp < t ? vb[2 * jp * st[8] + c] : 0, hi = 2 * jp + 1 < t ? vb[(2 * jp + 1) * st[8] + c] : 0; \
-                vp[jp * D + c] = lo | hi << 16;                                                              \
-            }                                                                                                \
+        pack_keys(kp, kb, t, tp, st[5], D);                                                                  \
+        pack_pairs(vp, vb, t, tp, st[8], D);                                                                 \
         for (int64_t i0 = 0; i0 < t; i0 += R) {                                                              \
             const int64_t rows = t - i0 < R ? t - i0 : R;                                                    \
             memset(qt, 0, sizeof(qt));                                                                       \
             for (int64_t r = 0; r < rows; r++) memcpy(qt + r * D, qb + (i0 + r) * st[2], D * 2);             \
-            for (int64_t j0 = 0; j0 < tp; j0 += 16) {                                                        \
-                __m512 acc[R];                                                                               \
-                for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                                    \
-                const uint32_t *kc = kp + (j0 / 16) * dp * 16;                                               \
-                for (int64_t c = 0; c < dp; c++) {                                                           \
-                    __m512bh kv = (__m512bh) _mm512_load_si512(kc + c * 16);                                 \
-                    for (int r = 0; r < R; r++) {                                                            \
-                        int32_t qq; memcpy(&qq, qt + r * D + 2 * c, 4);                                      \
-                        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh) _mm512_set1_epi32(qq), kv);             \
-                    }                                                                                        \
-                }                                                                                            \
-                for (int r = 0; r < R; r++) _mm512_store_ps(S + r * tp + j0, _mm512_mul_ps(acc[r], _mm512_set1_ps(scale))); \
-            }                                                                                                \
+            ROWS_DOT(D, R, S, qt, kp, tp, scale)                      /* S = Q K^T * scale */                \
             for (int64_t r = 0; r < R; r++) {                                                                \
                 float *s = S + r * tp;                                                                       \
                 uint16_t *p = P + r * tp;                                                                    \
@@ -402,16 +429,7 @@ static int attention_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v
                 }                                                                                            \
             }                                                                                                \
             __m512 o[R][D / 16];                                                                             \
-            for (int r = 0; r < R; r++) for (int u = 0; u < D / 16; u++) o[r][u] = _mm512_setzero_ps();      \
-            for (int64_t jp = 0; jp < tp / 2; jp++) {                                                        \
-                __m512bh vv[D / 16];                                                                         \
-                for (int u = 0; u < D / 16; u++) vv[u] = (__m512bh) _mm512_load_si512(vp + jp * D + u * 16); \
-                for (int r = 0; r < R; r++) {                                                                \
-                    int32_t pp; memcpy(&pp, P + r * tp + 2 * jp, 4);                                         \
-                    __m512bh pb = (__m512bh) _mm512_set1_epi32(pp);                                          \
-                    for (int u = 0; u < D / 16; u++) o[r][u] = _mm512_dpbf16_ps(o[r][u], pb, vv[u]);         \
-                }                                                                                            \
-            }                                                                                                \
+            ROWS_TIMES(D, R, o, P, vp, tp)                            /* O = P V (P m V in training) */      \
             const __m512 vds = _mm512_set1_ps(dscale);                                                       \
             for (int64_t r = 0; r < rows; r++) {                                                             \
                 uint16_t *dst = out + ((b * t + i0 + r) * nh + h) * D;                                       \
@@ -456,17 +474,8 @@ static int attention_backward_##D(const uint16_t *q, const uint16_t *k, const ui
         const int64_t bh = b * nh + h;                                                                       \
         const uint16_t *qb = q + bh * t * D, *kb = k + bh * t * D, *vb = v + bh * t * D;                     \
         const uint16_t *ob = dout + b * so[0] + h * so[1];                                                   \
-        for (int64_t j = 0; j < tp; j++)                                                                     \
-            for (int64_t c = 0; c < dp; c++) {                                                               \
-                uint32_t w = 0;                                                                              \
-                if (j < t) memcpy(&w, vb + j * D + 2 * c, 4);                                                \
-                vk[(j / 16) * dp * 16 + c * 16 + j % 16] = w;                                                \
-            }                                                                                                \
-        for (int64_t jp = 0; jp < tp / 2; jp++)                                                              \
-            for (int64_t c = 0; c < D; c++) {                                                                \
-                uint32_t lo = 2 * jp < t ? kb[2 * jp * D + c] : 0, hi = 2 * jp + 1 < t ? kb[(2 * jp + 1) * D + c] : 0; \
-                kv[jp * D + c] = lo | hi << 16;                                                              \
-            }                                                                                                \
+        pack_keys(vk, vb, t, tp, D, D);                                                                      \
+        pack_pairs(kv, kb, t, tp, D, D);                                                                     \
         memset(accv, 0, (size_t) tp * D * 8);                                                                \
         for (int64_t i0 = 0; i0 < t; i0 += R) {                                                              \
             const int64_t rows = t - i0 < R ? t - i0 : R;                                                    \
@@ -481,19 +490,7 @@ static int attention_backward_##D(const uint16_t *q, const uint16_t *k, const ui
                     op[r * D + c] = ot[2 * r * D + c] | (uint32_t) ot[(2 * r + 1) * D + c] << 16;            \
                     qp[r * D + c] = qt[2 * r * D + c] | (uint32_t) qt[(2 * r + 1) * D + c] << 16;            \
                 }                                                                                            \
-            for (int64_t j0 = 0; j0 < tp; j0 += 16) {                 /* dP = dO' V^T, fp32 */               \
-                __m512 acc[R];                                                                               \
-                for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                                    \
-                const uint32_t *vc = vk + (j0 / 16) * dp * 16;                                               \
-                for (int64_t c = 0; c < dp; c++) {                                                           \
-                    __m512bh vv = (__m512bh) _mm512_load_si512(vc + c * 16);                                 \
-                    for (int r = 0; r < R; r++) {                                                            \
-                        int32_t oo; memcpy(&oo, ot + r * D + 2 * c, 4);                                      \
-                        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh) _mm512_set1_epi32(oo), vv);             \
-                    }                                                                                        \
-                }                                                                                            \
-                for (int r = 0; r < R; r++) _mm512_store_ps(S + r * tp + j0, _mm512_mul_ps(acc[r], _mm512_set1_ps(dscale))); \
-            }                                                                                                \
+            ROWS_DOT(D, R, S, ot, vk, tp, dscale)                     /* dP = dO' V^T, fp32 */               \
             for (int64_t r = 0; r < R; r++) {                        /* dS = P (G - rowsum(G P)), P m */     \
                 uint16_t *ds = DS + r * tp, *pm = PM + r * tp;                                               \
                 if (r >= rows) { memset(ds, 0, tp * 2); memset(pm, 0, tp * 2); continue; }                   \
@@ -513,17 +510,8 @@ static int attention_backward_##D(const uint16_t *q, const uint16_t *k, const ui
                 for (j = 0; j < t; j++) { ds[j] = f2bf(bf2f(pr[j]) * (g[j] - dot)); pm[j] = pr[j] & keep[j]; } \
                 for (; j < tp; j++) { ds[j] = 0; pm[j] = 0; }                                                \
             }                                                                                                \
-            __m512 o[R][D / 16];                                      /* dQ = dS K * scale */                \
-            for (int r = 0; r < R; r++) for (int u = 0; u < D / 16; u++) o[r][u] = _mm512_setzero_ps();      \
-            for (int64_t jp = 0; jp < tp / 2; jp++) {                                                        \
-                __m512bh kk[D / 16];                                                                         \
-                for (int u = 0; u < D / 16; u++) kk[u] = (__m512bh) _mm512_load_si512(kv + jp * D + u * 16); \
-                for (int r = 0; r < R; r++) {                                                                \
-                    int32_t ss; memcpy(&ss, DS + r * tp + 2 * jp, 4);                                        \
-                    __m512bh sb = (__m512bh) _mm512_set1_epi32(ss);                                          \
-                    for (int u = 0; u < D / 16; u++) o[r][u] = _mm512_dpbf16_ps(o[r][u], sb, kk[u]);         \
-                }                                                                                            \
-            }                                                                                                \
+            __m512 o[R][D / 16];                                                                             \
+            ROWS_TIMES(D, R, o, DS, kv, tp)                           /* dQ = dS K * scale */                \
             const __m512 vs = _mm512_set1_ps(scale);                                                         \
             for (int64_t r = 0; r < rows; r++)                                                               \
                 for (int u = 0; u < D / 16; u++)                                                             \
