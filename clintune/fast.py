@@ -37,6 +37,8 @@ only rewrites models that train on CPU.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 from torch import nn
 
@@ -167,7 +169,7 @@ class _DropoutAttention(torch.autograd.Function):
             probs = torch.empty((b, h, t, t), dtype=q.dtype)
             seed, threshold, fused = masks.new_seed(), _threshold(p), _fused(q.dtype, t)
             out = None
-            if fused and (mask is None or mask.dtype == torch.bool):   # the whole forward in one kernel, if here
+            if fused and _attention_kernels() and (mask is None or mask.dtype == torch.bool):   # one kernel
                 out = masks.attention(q, k, v, mask, 1.0, probs=probs, seed=seed, threshold=threshold,
                                       dropout_scale=1.0 / (1.0 - p))
             ctx.p, ctx.scale, ctx.chunk, ctx.seed, ctx.threshold, ctx.fused = p, scale, chunk, seed, threshold, fused
@@ -223,6 +225,20 @@ class _DropoutAttention(torch.autograd.Function):
                 torch.matmul(d_s.transpose(-1, -2), q[s:e], out=dk[s:e])
             dq.mul_(ctx.scale)
         return dq, dk, dv, None, None, None, None, None
+
+
+@lru_cache(maxsize=1)
+def _attention_kernels() -> bool:
+    """Whether attention goes to the compiled AVX-512 BF16 kernels (:func:`masks.attention`,
+    :func:`masks.attention_backward`): where they are built, but not on CPUs with AMX. Their products are AVX-512
+    dot products, measured faster than oneDNN's batched products on Zen 4 (no AMX). With AMX, oneDNN runs its
+    products on the tiles instead (square products at 1.4-2.4 TF/s and these 32-wide attention products at about
+    0.8 on a 2-core Xeon, the most that two cores' AVX-512 units could reach at all), so there the kernels step
+    aside: they were not measured on such a CPU."""
+    from .runtime import cpu_flags
+
+    lib = masks.compiled()
+    return bool(lib is not None and lib.attention_bf16_available() and "amx_bf16" not in cpu_flags())
 
 
 def _examples_per_chunk(h: int, t: int) -> int:
@@ -305,7 +321,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
 
     Only for plain bidirectional self-attention (modules that say ``is_causal = False``, as BERT-family
     encoders do); anything else goes to transformers' SDPA attention unchanged.
-    Without gradients: bf16 on CPU :func:`masks.attention` (where compiled) or :func:`_chunked_attention`,
+    Without gradients: bf16 on CPU :func:`masks.attention` (:func:`_attention_kernels`) or :func:`_chunked_attention`,
     otherwise PyTorch's fused SDPA. Training with
     dropout on CPU: :class:`_DropoutAttention`.
     Otherwise (gradients without dropout) the unfused form: on CPU the fused kernel's backward is slower
@@ -322,7 +338,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if not needs_grad:
         if query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.bfloat16:
-            out = masks.attention(query, key, value, attention_mask, scale)   # AVX-512 BF16 kernel, if here
+            out = masks.attention(query, key, value, attention_mask, scale) if _attention_kernels() else None
             return (out if out is not None else _chunked_attention(query, key, value, attention_mask, scale)), None
         out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling)
         return out.transpose(1, 2).contiguous(), None

@@ -210,6 +210,7 @@ def test_training_attention_kernels_keep_scores_in_fp32_and_give_the_formulas_gr
     lib = masks.compiled()
     if lib is None or not lib.attention_bf16_available():
         pytest.skip("no AVX-512 BF16 attention kernel here")
+    monkeypatch.setattr(fast, "_attention_kernels", lambda: True)                  # on AMX CPUs too
     b, h, t, p = 3, 2, 45, 0.1
     for d in (32, 64):
         g = torch.Generator().manual_seed(d)
@@ -246,6 +247,22 @@ def test_training_attention_kernels_keep_scores_in_fp32_and_give_the_formulas_gr
         assert results[0][2][1, :, 30:].abs().max() == 0                      # padded keys get no gradient
         monkeypatch.setattr(masks, "attention", kernel)
         monkeypatch.setattr(masks, "attention_backward", kernel_back)
+
+
+def test_attention_kernels_step_aside_on_amx(monkeypatch):
+    """On CPUs with AMX, oneDNN's products run on its tiles: the AVX-512 kernels are not used there."""
+    from clintune import runtime
+
+    fast._attention_kernels.cache_clear()
+    try:
+        monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16"}))
+        assert not fast._attention_kernels()
+        fast._attention_kernels.cache_clear()
+        monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+        lib = masks.compiled()
+        assert fast._attention_kernels() == bool(lib and lib.attention_bf16_available())
+    finally:
+        fast._attention_kernels.cache_clear()
 
 
 def test_dropout_attention_broadcasts_one_mask_over_the_batch():
@@ -692,6 +709,8 @@ def test_a_bert_encoder_predicts_the_same_with_clintune_attention_as_with_sdpa(m
     calls = []
     kernel = masks.attention
     monkeypatch.setattr(masks, "attention", lambda *a: calls.append(kernel(*a)) or calls[-1])
+    lib = masks.compiled()
+    monkeypatch.setattr(fast, "_attention_kernels", lambda: bool(lib and lib.attention_bf16_available()))
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,   # heads of 32
@@ -707,8 +726,7 @@ def test_a_bert_encoder_predicts_the_same_with_clintune_attention_as_with_sdpa(m
         got = model(input_ids=ids, attention_mask=am).last_hidden_state.float()
     assert sp.report["attention"] == "clintune"
     assert not any(m.training for m in model.modules())                     # swapped dropouts stay in eval
-    lib = masks.compiled()
-    assert len(calls) == 2 and all((c is not None) == bool(lib and lib.attention_bf16_available()) for c in calls)
+    assert len(calls) == (2 if fast._attention_kernels() else 0) and all(c is not None for c in calls)
     keep = am.bool()
     torch.testing.assert_close(got[keep], want[keep], atol=0.06, rtol=0.02)       # bf16 noise through 2 layers
     sp.restore()
