@@ -169,7 +169,7 @@ class _DropoutAttention(torch.autograd.Function):
             probs = torch.empty((b, h, t, t), dtype=q.dtype)
             seed, threshold, fused = masks.new_seed(), _threshold(p), _fused(q.dtype, t)
             out = None
-            if fused and _attention_kernels() and (mask is None or mask.dtype == torch.bool):   # one kernel
+            if fused and _attention_kernels():             # one kernel (None: a mask or size it does not take)
                 out = masks.attention(q, k, v, mask, 1.0, probs=probs, seed=seed, threshold=threshold,
                                       dropout_scale=1.0 / (1.0 - p))
             ctx.p, ctx.scale, ctx.chunk, ctx.seed, ctx.threshold, ctx.fused = p, scale, chunk, seed, threshold, fused
@@ -200,12 +200,11 @@ class _DropoutAttention(torch.autograd.Function):
         q, k, v, probs = ctx.saved_tensors
         b, h, t, _ = q.shape
         threshold, fused = ctx.threshold, ctx.fused                  # what the forward did, with the same mask
-        if ctx.kernel:                                               # the whole backward in one kernel too
+        if ctx.kernel:                  # the whole backward in one kernel too (it takes whatever the forward took)
             with torch.autocast("cpu", enabled=False):
                 grads = masks.attention_backward(q, k, v, d_out, probs, ctx.seed, threshold, 1.0 / (1.0 - ctx.p),
                                                  ctx.scale)
-            if grads is not None:
-                return (*grads, None, None, None, None, None)
+            return (*grads, None, None, None, None, None)
         kept, keep = _mask_buffers(fused, probs, ctx.chunk, threshold, ctx.seed)
         with torch.autocast("cpu", enabled=False):
             d_out = (d_out * (1.0 / (1.0 - ctx.p))).to(q.dtype).contiguous()

@@ -26,8 +26,8 @@ The other passes that training makes over memory are there too, each drawing its
 stream: dropout itself (:func:`dropout`, both directions), a frozen linear's and LoRA's input gradients summed
 through LoRA's dropout (:func:`dropout_add`), a BERT sublayer's dropout + residual + LayerNorm and its
 gradient (:func:`dropout_add_norm`), and GELU with its derivative (:func:`gelu_and_grad`). Where the CPU has
-AVX-512 BF16, prediction's attention is one kernel too (:func:`attention`: QK^T, softmax and PV per example and
-head in cache, with bf16 dot-product instructions).
+AVX-512 BF16, attention is one kernel too, forward (:func:`attention`: QK^T, softmax, dropout in training, and
+PV per example and head in cache, with bf16 dot-product instructions) and backward (:func:`attention_backward`).
 Where PyTorch runs on GNU OpenMP (its Linux wheels), the kernels are built with ``-fopenmp`` and so split
 rows over PyTorch's own threads; Python threads instead lost to the OpenMP threads spinning between
 PyTorch's calls (measured: slower than one thread).
@@ -365,11 +365,12 @@ static void pack_pairs(uint32_t *xp, const uint16_t *x, int64_t t, int64_t tp, i
             for (int u = 0; u < D / 16; u++) O[r][u] = _mm512_dpbf16_ps(O[r][u], wb_, yv_[u]);              \
         }                                                                                                    \
     }
-/* Attention without gradients, one (example, head) per task: K packed so that one AVX-512 BF16 dot product
+/* Attention, one (example, head) per task: K packed so that one AVX-512 BF16 dot product
    (vdpbf16ps) makes 16 keys' partial scores for a pair of dimensions of a broadcast query, V packed so that one
    makes 16 output dimensions for a pair of keys. S = Q K^T * scale in fp32 for R query rows at a time (in L1),
    masked (mask[b, i, j] == 0 -> -inf), softmax in fp32 (exp_neg) rounded once to bf16 P, O = P V in fp32
-   rounded once; written to out[b, i, h, :]. */
+   rounded once; written to out[b, i, h, :]. Training (probs given): P is also written to probs, and O is made
+   from P m (dropout, softmax_keep's mask) and scaled by dscale = 1 / (1 - p) before its rounding. */
 #define ATTENTION(D, R)                                                                                       \
 static int attention_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask,           \
                          uint16_t *out, int64_t nb, int64_t nh, int64_t t, const int64_t *st, float scale,        \
@@ -445,7 +446,6 @@ static int attention_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v
 #define MAXA @MAX_ATT@
 ATTENTION(32, 8)
 ATTENTION(64, 4)
-/* st: q's (b, h, t) strides, k's, v's, then the mask's (b, i) strides (elements; the last dims are contiguous) */
 /* The backward pass of training's attention (attention_##D with probs), one (example, head) per task with its
    operands in cache. For R query rows at a time, with G = dP m and dO' = dO / (1 - p):
      dP = dO' V^T in fp32 (V packed as the forward packs K), G = dP m, dS = P (G - rowsum(G P)) rounded once,
@@ -561,7 +561,8 @@ int attention_backward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t
     return d == 32 ? attention_backward_32(q, k, v, dout, probs, dq, dk, dv, nb, nh, t, so, scale, seed, (int16_t) th, dscale)
                    : attention_backward_64(q, k, v, dout, probs, dq, dk, dv, nb, nh, t, so, scale, seed, (int16_t) th, dscale);
 }
-/* probs NULL: prediction. Otherwise training: P is also written to probs (B, h, T, T), and P V is made with P m
+/* st: q's (b, h, t) strides, k's, v's, then the mask's (b, i) strides (elements; the last dims are contiguous).
+   probs NULL: prediction. Otherwise training: P is also written to probs (B, h, T, T), and P V is made with P m
    (softmax_keep's mask for the same seed and threshold, rows numbered over (B, h, T)), times dscale = 1 / (1 - p) */
 int attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask, uint16_t *out,
                    int64_t nb, int64_t nh, int64_t t, int64_t d, const int64_t *st, float scale,
@@ -698,6 +699,15 @@ def reference(n: int, seed: int, threshold: int) -> np.ndarray:
 
 
 
+def _attention_lib(d: int, t: int) -> ctypes.CDLL | None:
+    """The compiled kernels where :func:`attention` and :func:`attention_backward` run for head size ``d`` and
+    ``t`` tokens (AVX-512 BF16, d = 32 or 64, t <= ATTENTION_MAX_T), else None."""
+    lib = compiled()
+    if lib is None or not lib.attention_bf16_available() or d not in (32, 64) or t > ATTENTION_MAX_T:
+        return None
+    return lib
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, *,
               probs: torch.Tensor | None = None, seed: int = 0, threshold: int = -32768,
               dropout_scale: float = 1.0) -> torch.Tensor | None:
@@ -716,11 +726,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     ``threshold`` (rows numbered over (B, h, T) from 0), and O by ``dropout_scale`` = 1 / (1 - p) before its one
     rounding: O = (P m) V / (1 - p).
     """
-    lib = compiled()
-    if lib is None or not lib.attention_bf16_available():
-        return None
     b, h, t, d = q.shape
-    if (d not in (32, 64) or t > ATTENTION_MAX_T or k.shape != q.shape or v.shape != q.shape
+    lib = _attention_lib(d, t)
+    if (lib is None or k.shape != q.shape or v.shape != q.shape
             or any(x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.stride(-1) != 1 for x in (q, k, v))):
         return None
     strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], 0, 0]
@@ -754,11 +762,9 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_out:
     each product by AVX-512 BF16 dot products accumulated in fp32 and rounded once, m redrawn from ``seed``
     (:func:`softmax_keep`'s mask). Unlike the unfused backward, dP and dO / (1 - p) are not rounded to bf16.
     """
-    lib = compiled()
-    if lib is None or not lib.attention_bf16_available():
-        return None
     b, h, t, d = q.shape
-    if d not in (32, 64) or t > ATTENTION_MAX_T:
+    lib = _attention_lib(d, t)
+    if lib is None:
         return None
     _check({"q": (q, torch.bfloat16), "k": (k, torch.bfloat16), "v": (v, torch.bfloat16)}, (b, h, t, d))
     _check({"probs": (probs, torch.bfloat16)}, (b, h, t, t))
