@@ -8,9 +8,11 @@ seed 42, every dropout of the checkpoint left on, and the peer's head: BERT's po
 [CLS], starting from the checkpoint's pooler weights) and a linear classifier initialised as
 transformers does, both trained (``--head pooler --pooling cls``). The peer runs in fp32 and in bf16
 (its best setting on this CPU); clintune in bf16, with its default length-bucketed batches and with
-``--no-bucket`` (plain random batches: lower peak memory). Each system trains in its own process.
+``--no-bucket`` (plain random batches: lower peak memory). Each system trains in its own process. A last row
+predicts the test split again with the bf16 run's saved model and ``--quantize int8`` (the encoder's linear
+layers in int8: ``clintune evaluate``, in a process of its own): the same training, another prediction.
 
-    python benchmarks/speed.py [--epochs 3] [--limit N] [--no-peer-fp32] [--no-lean] [--work /tmp/clintune-bench]
+    python benchmarks/speed.py [--epochs 3] [--limit N] [--no-peer-fp32] [--no-lean] [--no-int8] [--work DIR]
 
 Prints one table (train and predict samples/s, peak RSS, F1, MFU) and the ratios against the peer's
 best setting, and writes WORK/speed.json.
@@ -60,6 +62,17 @@ def clintune(train: Path, test: Path, a, work: Path, extra: tuple[str, ...] = ()
             "matmul_peak_tflops": c.get("matmul_peak_tflops"), "train_flops": c.get("train_flops")}
 
 
+def clintune_int8(model_dir: Path, test: Path, work: Path) -> dict:
+    out = work / "int8-evaluate.json"
+    cmd = [sys.executable, "-m", "clintune", "-q", "evaluate", "--model", str(model_dir), "--data", str(test),
+           "--quantize", "int8", "--out", str(out)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    r = json.loads(out.read_text())
+    return {"system": "clintune", "method": "lora", "quantize": "int8", "train_samples_per_s": None,
+            "predict_samples_per_s": r["cost"]["predict_samples_per_s"], "peak_rss_mb": None,
+            "accuracy": r["metrics"]["accuracy"], "f1": r["metrics"]["f1"], "mfu": None}
+
+
 def subsample(train: Path, test: Path, n: int, work: Path) -> tuple[Path, Path]:
     import pandas as pd
 
@@ -76,6 +89,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="train on N examples (quick checks)")
     ap.add_argument("--no-peer-fp32", action="store_true")
     ap.add_argument("--no-lean", action="store_true", help="skip the clintune --no-bucket (lower memory) row")
+    ap.add_argument("--no-int8", action="store_true", help="skip the --quantize int8 prediction row")
     ap.add_argument("--work", default="/tmp/clintune-bench")
     a = ap.parse_args()
     work = Path(a.work)
@@ -93,29 +107,39 @@ def main() -> None:
     rows.append({**clintune(train, test, a, work), "setting": "clintune bf16"})
     if not a.no_lean:
         rows.append({**clintune(train, test, a, work, ("--no-bucket",)), "setting": "  --no-bucket"})
+    if not a.no_int8:
+        rows.append({**clintune_int8(work / "runs" / "speed-clintune", test, work), "setting": "  int8 predict"})
     peak = matmul_peak_flops(torch.bfloat16, remeasure=True) / 1e12   # the better of start and end
     best = max((r for r in rows if r["system"] != "clintune"), key=lambda r: r["train_samples_per_s"])
     ours = next(r for r in rows if r["setting"] == "clintune bf16")
     flops_per_sample = ours["train_flops"] / (ours["n_train"] * a.epochs) if ours.get("train_flops") else None
     for r in rows:  # the same model-FLOP count per sample for everyone (same encoder, same LoRA)
-        if flops_per_sample:
+        if flops_per_sample and r["train_samples_per_s"] is not None:
             r["mfu"] = round(r["train_samples_per_s"] * flops_per_sample / (peak * 1e12), 4)
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"bf16 matmul peak {peak:.2f} TFLOP/s; {ours['n_train']} training notes x {a.epochs} epochs")
     print(f"{'setting':<15} {'train samp/s':>12} {'predict samp/s':>14} {'peak RSS MB':>11} {'F1':>6} {'acc':>6} {'MFU':>6}")
+    def cell(v, fmt: str, width: int) -> str:
+        return f"{'-':>{width}}" if v is None else f"{v:{width}{fmt}}"
+
     for r in rows:
-        print(f"{r['setting']:<15} {r['train_samples_per_s']:12.2f} {r['predict_samples_per_s']:14.2f} "
-              f"{r['peak_rss_mb']:11.0f} {r['f1']:6.3f} {r['accuracy']:6.3f} {r['mfu'] or 0:6.1%}")
+        print(f"{r['setting']:<15} {cell(r['train_samples_per_s'], '.2f', 12)} {r['predict_samples_per_s']:14.2f} "
+              f"{cell(r['peak_rss_mb'], '.0f', 11)} {r['f1']:6.3f} {r['accuracy']:6.3f} {cell(r['mfu'], '.1%', 6)}")
+
     def ratios(r: dict) -> dict:
-        return {"train_speed": r["train_samples_per_s"] / best["train_samples_per_s"],
-                "predict_speed": r["predict_samples_per_s"] / best["predict_samples_per_s"],
-                "peak_rss": r["peak_rss_mb"] / best["peak_rss_mb"], "f1_delta": r["f1"] - best["f1"]}
+        per = lambda k: None if r[k] is None else r[k] / best[k]  # noqa: E731
+        return {"train_speed": per("train_samples_per_s"), "predict_speed": per("predict_samples_per_s"),
+                "peak_rss": per("peak_rss_mb"), "f1_delta": r["f1"] - best["f1"]}
 
     all_ratios = {}
     for r in rows:
         if r["system"] != "clintune":
             continue
         x = all_ratios[r["setting"].strip()] = ratios(r)
+        if x["train_speed"] is None:
+            print(f"{r['setting'].strip()} vs the peer's best ({best['setting']}): predict {x['predict_speed']:.2f}x, "
+                  f"F1 {x['f1_delta']:+.3f} (the clintune bf16 model)")
+            continue
         print(f"{r['setting'].strip()} vs the peer's best ({best['setting']}): train {x['train_speed']:.2f}x, predict "
               f"{x['predict_speed']:.2f}x, peak RSS {x['peak_rss']:.2f}x, F1 {x['f1_delta']:+.3f}, MFU {r['mfu']:.1%} "
               f"of the measured bf16 peak")

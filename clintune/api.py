@@ -22,7 +22,7 @@ from . import __version__
 from .config import TrainConfig, build
 from .cost import CostMeter
 from .data import Examples, LabelMap, Splits, load_examples, prepare_splits, write_table
-from .errors import ClintuneError, DataError
+from .errors import ClintuneError, ConfigError, DataError
 from .methods import METHODS, count_parameters
 from .modeling import FORMAT_VERSION, Classifier, ClintuneModel, assemble, encode_for, load, save_model
 from .record import environment, make_record
@@ -83,6 +83,9 @@ def train(cfg: TrainConfig | None = None, **overrides) -> TrainResult:
     elif overrides:
         cfg = cfg.replace(**overrides)
     runtime = resolve_runtime(cfg.device, cfg.precision, cfg.threads)
+    if cfg.quantize != "none" and runtime.device.type != "cpu":
+        raise ConfigError(f"--quantize {cfg.quantize}: CPU prediction only, and this run uses "
+                          f"{runtime.device.type}; add --device cpu or drop --quantize")
     if cfg.out:
         check_output_dir(cfg.out, cfg.overwrite)
     seed_everything(cfg.seed)
@@ -176,7 +179,7 @@ class _Inputs:
         from .training import FeatureFeed
 
         enc = self.encode("test", self.splits.test)
-        if self.cached:
+        if self.cached and self.cfg.quantize == "none":     # int8 features differ from the cached ones
             feats = self._features("test", self.splits.test)
             return predict_logits(clf.model, FeatureFeed(feats, np.arange(len(self.splits.test))),
                                   self.cfg.eval_batch_size, self.runtime, len(clf.label_map), clf.task.token_level)
@@ -326,9 +329,11 @@ def _outputs_for(clf, ex: Examples):
 
 
 def evaluate(model_dir: str | Path, data: str | Path, *, text_col: str | None = None,
-             label_col: str | None = None, out: str | Path | None = None, classifier: Classifier | None = None) -> dict:
-    """Metrics (with CIs) of a saved model on a labelled file; written to ``out`` if given."""
-    clf = classifier or load(model_dir)
+             label_col: str | None = None, out: str | Path | None = None, classifier: Classifier | None = None,
+             quantize: str | None = None) -> dict:
+    """Metrics (with CIs) of a saved model on a labelled file; written to ``out`` if given. ``quantize``
+    overrides the model's (``"int8"``: :mod:`clintune.quantize`)."""
+    clf = classifier or load(model_dir, quantize=quantize)
     cfg = clf.config
     task = get_task(cfg.task)
     ex = load_examples(data, text_col or cfg.text_col, label_col or cfg.label_col, task=cfg.task,
@@ -348,17 +353,19 @@ def evaluate(model_dir: str | Path, data: str | Path, *, text_col: str | None = 
 
 
 def predict(model_dir: str | Path, data: str | Path, out: str | Path, *, text_col: str | None = None,
-            batch_size: int | None = None, classifier: Classifier | None = None) -> pd.DataFrame:
+            batch_size: int | None = None, classifier: Classifier | None = None,
+            quantize: str | None = None) -> pd.DataFrame:
     """Write ``data``'s rows plus the prediction columns to ``out``.
 
     Classification: ``predicted_label`` and ``prob_<label>``; multilabel: ``predicted_labels``
     (``|``-separated) and ``prob_<label>``; NER: ``entities`` (JSON list of {start, end, label, text},
-    character offsets into the text). NER input in CoNLL format gives one row per sentence.
+    character offsets into the text). NER input in CoNLL format gives one row per sentence. ``quantize``
+    overrides the model's (``"int8"``: :mod:`clintune.quantize`).
     """
     from .data import detect_format
 
     detect_format(out)  # fail on an unknown output format before any work
-    clf = classifier or load(model_dir)
+    clf = classifier or load(model_dir, quantize=quantize)
     cfg = clf.config
     if cfg.task == "ner" and _is_conll(data):
         from .ner import read_conll

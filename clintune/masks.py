@@ -28,6 +28,8 @@ through LoRA's dropout (:func:`dropout_add`), a BERT sublayer's dropout + residu
 gradient (:func:`dropout_add_norm`), and GELU with its derivative (:func:`gelu_and_grad`). Where the CPU has
 AVX-512 BF16, attention is one kernel too, forward (:func:`attention`: QK^T, softmax, dropout in training, and
 PV per example and head in cache, with bf16 dot-product instructions) and backward (:func:`attention_backward`).
+For int8 prediction (:mod:`clintune.quantize`) it also codes a tensor as uint8 in two passes, its range and then
+its codes (:func:`quantize_u8`: PyTorch's per-tensor scheme, without PyTorch's fp32 copy of bf16 input).
 Where PyTorch runs on GNU OpenMP (its Linux wheels), the kernels are built with ``-fopenmp`` and so split
 rows over PyTorch's own threads; Python threads instead lost to the OpenMP threads spinning between
 PyTorch's calls (measured: slower than one thread).
@@ -296,6 +298,57 @@ void mul_bf16(const uint16_t *g, const uint16_t *d, uint16_t *out, int64_t n) {
         for (int64_t i = s; i < e; i++) out[i] = f2bf(bf2f(g[i]) * bf2f(d[i]));
     }
 }
+/* int8 prediction (clintune.quantize): a tensor's range [min(x, 0), max(x, 0)] in one pass (NaN skipped), then
+   its uint8 codes q = clamp(round(x / s) + z, 0, 255) in another (ties to even; NaN -> 0), x fp32 or bf16. */
+#define QUANT_PIECE 8192
+#ifdef __AVX512F__
+#include <immintrin.h>
+static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *) p)), 16));
+}
+/* 16 lanes at a time; vminps / vmaxps return the second operand when one is NaN: NaN is skipped */
+#define RANGE_LANES(LOAD16)                                                                      \
+        __m512 l16 = _mm512_setzero_ps(), h16 = _mm512_setzero_ps();                             \
+        for (; i + 16 <= e; i += 16) {                                                           \
+            __m512 v = LOAD16(x + i); l16 = _mm512_min_ps(v, l16); h16 = _mm512_max_ps(v, h16);  \
+        }                                                                                        \
+        l = _mm512_reduce_min_ps(l16); h = _mm512_reduce_max_ps(h16);
+#else
+#define RANGE_LANES(LOAD16)
+#endif
+#define RANGE_U8(NAME, T, LOAD, LOAD16)                                                          \
+void NAME(const T *x, int64_t n, float *out) {                                                   \
+    float lo = 0.0f, hi = 0.0f;                                                                  \
+    _Pragma("omp parallel for schedule(static) reduction(min:lo) reduction(max:hi)")            \
+    for (int64_t s = 0; s < n; s += QUANT_PIECE) {                                               \
+        const int64_t e = s + QUANT_PIECE < n ? s + QUANT_PIECE : n;                             \
+        int64_t i = s;                                                                           \
+        float l = 0.0f, h = 0.0f;                                                                \
+        RANGE_LANES(LOAD16)                                                                      \
+        for (; i < e; i++) { float v = LOAD(x[i]); l = v < l ? v : l; h = v > h ? v : h; }       \
+        lo = l < lo ? l : lo; hi = h > hi ? h : hi;                                              \
+    }                                                                                            \
+    out[0] = lo; out[1] = hi;                                                                    \
+}
+#define QUANTIZE_U8(NAME, T, LOAD)                                                               \
+void NAME(const T *x, uint8_t *q, int64_t n, float inv_scale, int32_t zero_point) {              \
+    const float z = (float) zero_point;                                                          \
+    _Pragma("omp parallel for schedule(static)")                                                 \
+    for (int64_t s = 0; s < n; s += QUANT_PIECE) {                                               \
+        const int64_t e = s + QUANT_PIECE < n ? s + QUANT_PIECE : n;                             \
+        for (int64_t i = s; i < e; i++) {                                                        \
+            float v = LOAD(x[i]) * inv_scale + z;                                                \
+            v = v >= 0.0f ? v : 0.0f;                                                            \
+            v = v <= 255.0f ? v : 255.0f;                                                        \
+            q[i] = (uint8_t) (int32_t) ((v + 12582912.0f) - 12582912.0f);   /* + 1.5 * 2^23: rounds to even */ \
+        }                                                                                        \
+    }                                                                                            \
+}
+RANGE_U8(range_f32, float, f2f, load16_f32)
+RANGE_U8(range_bf16, uint16_t, bfl, load16_bf16)
+QUANTIZE_U8(quantize_u8_f32, float, f2f)
+QUANTIZE_U8(quantize_u8_bf16, uint16_t, bfl)
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #include <stdlib.h>
@@ -642,7 +695,9 @@ def _compile() -> ctypes.CDLL | None:
                   "gelu_and_grad_bf16": [p] * 3 + [i64],
                   **{f"dropout_{a}_{b}": [p, p, i64, u64, i32, f32] for a, b in _DROPOUT_TYPES},
                   "dropout_add_bf16_f32": [p] * 3 + [i64, u64, i32, f32],
-                  "mul_bf16": [p] * 3 + [i64]}
+                  "mul_bf16": [p] * 3 + [i64],
+                  **{f"range_{t}": [p, i64, p] for t in ("f32", "bf16")},
+                  **{f"quantize_u8_{t}": [p, p, i64, f32, i32] for t in ("f32", "bf16")}}
     for name, args in signatures.items():
         getattr(lib, name).argtypes = args
         getattr(lib, name).restype = None
@@ -924,3 +979,35 @@ def dropout_add(a: torch.Tensor, b: torch.Tensor, seed: int, threshold: int, sca
     compiled().dropout_add_bf16_f32(a.data_ptr(), b.data_ptr(), out.data_ptr(), a.numel(), seed, int(threshold),
                                     float(scale))
     return out
+
+
+def quantize_u8(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """(q, s, z): x's values as uint8 codes with x ~ s (q - z), for a contiguous CPU fp32 or bf16 ``x``.
+
+    The range is widened to hold 0 (so that 0 has an exact code, as padding and ReLU-like zeros need):
+    lo = min(min x, 0), hi = max(max x, 0), s = (hi - lo) / 255, z = round(-lo / s), and
+    q = clamp(round(x / s) + z, 0, 255), rounding ties to even: PyTorch's asymmetric per-tensor scheme
+    (``torch.quantize_per_tensor_dynamic``), in two passes over x (its range, then its codes) without the
+    fp32 copy and the quantized tensor's own copy that path makes for bf16 input. The error is at most s / 2
+    per value. Without the compiled kernels, PyTorch's own passes do the same."""
+    name = _TYPE_NAMES.get(x.dtype)
+    if name is None or not x.is_contiguous() or x.device.type != "cpu":
+        raise ValueError("quantize_u8: a contiguous CPU fp32 or bf16 tensor")
+    lib = compiled()
+    if lib is None:
+        lo, hi = (float(v) for v in torch.aminmax(x.float()))
+    else:
+        out = np.zeros(2, dtype=np.float32)
+        getattr(lib, f"range_{name}")(x.data_ptr(), x.numel(), out.ctypes.data)
+        lo, hi = float(out[0]), float(out[1])
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError("quantize_u8: x holds an infinite value")
+    scale = float(np.float32((hi - lo) / 255.0)) or 1.0
+    zero = int(min(255, max(0, round(-lo / scale))))
+    if lib is None:
+        q = torch.clamp(torch.round(x.float() / scale) + zero, 0, 255).nan_to_num_(0.0).to(torch.uint8)
+    else:
+        q = torch.empty(x.shape, dtype=torch.uint8)
+        getattr(lib, f"quantize_u8_{name}")(x.data_ptr(), q.data_ptr(), x.numel(), float(1.0 / scale), zero)
+    return q, scale, zero

@@ -25,7 +25,7 @@ from .backbones import (BackboneSource, fingerprint, load_backbone, load_tokeniz
 from .batching import encode
 from .config import TrainConfig
 from .data import LabelMap
-from .errors import BackboneError, ModelDirError
+from .errors import BackboneError, ConfigError, ModelDirError
 from .heads import HEADS
 from .methods import METHODS
 from .runtime import Runtime, resolve_runtime
@@ -176,6 +176,14 @@ class Classifier:
             # the training speed-ups that hold without gradients: weights stored once in bf16 (autocast would
             # cast them at every batch; no fp32 copy kept) through oneDNN, the attention kernel, the heap reused
             self.speedups = accelerate(self.model, self.runtime, restorable=False)
+        self.int8_linears = 0
+        if config.quantize == "int8":
+            if self.runtime.device.type != "cpu":
+                raise ConfigError(f"--quantize int8: CPU prediction only, not {self.runtime.device.type}; "
+                                  "load with device='cpu'")
+            from .quantize import quantize_int8
+
+            self.int8_linears = quantize_int8(self.model.encoder)
 
     @property
     def labels(self) -> list:
@@ -255,8 +263,10 @@ def _read_json(path: Path) -> dict:
         raise ModelDirError(f"{path}: corrupt (not valid JSON)") from None
 
 
-def load(directory: str | Path, *, device: str | None = None, precision: str | None = None) -> Classifier:
-    """Reload a model directory written by ``clintune train`` as a :class:`Classifier`."""
+def load(directory: str | Path, *, device: str | None = None, precision: str | None = None,
+         quantize: str | None = None) -> Classifier:
+    """Reload a model directory written by ``clintune train`` as a :class:`Classifier`; ``device``,
+    ``precision`` and ``quantize`` (``"int8"``: :mod:`clintune.quantize`) override what it was trained with."""
     import yaml
 
     d = Path(directory)
@@ -275,8 +285,9 @@ def load(directory: str | Path, *, device: str | None = None, precision: str | N
                                     source=str(d / "config.yaml"))
     except FileNotFoundError:
         raise ModelDirError(f"{d}: incomplete model directory (no config.yaml)") from None
-    if device or precision:
-        cfg = cfg.replace(**({"device": device} if device else {}), **({"precision": precision} if precision else {}))
+    changes = {k: v for k, v in (("device", device), ("precision", precision), ("quantize", quantize)) if v}
+    if changes:
+        cfg = cfg.replace(**changes)
     label_map = LabelMap.from_json(_read_json(d / "labels.json"))
     if meta["method"] == "tfidf":
         from .tfidf import TfidfClassifier, TfidfModel

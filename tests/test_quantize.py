@@ -1,0 +1,141 @@
+"""int8 prediction (--quantize int8): the activation codes, the int8 linear against its formula, which layers
+are replaced, one quantisation per shared input, and the option from the API and the command line."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import clintune
+from clintune import masks
+from clintune.errors import ConfigError
+from clintune.quantize import Int8Linear, _SharedInput, int8_available, quantize_int8
+
+from conftest import tiny_config
+
+needs_int8 = pytest.mark.skipif(not int8_available(), reason="no oneDNN int8 linear in this PyTorch")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernels", [True, False])
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")
+def test_activation_codes_are_pytorchs(dtype, kernels, monkeypatch):
+    if not kernels:
+        monkeypatch.setattr(masks, "compiled", lambda: None)
+    torch.manual_seed(0)
+    for x in (torch.randn(37, 129) * 3 + 0.5, torch.rand(5, 64) + 1.0, -torch.rand(3, 40)):
+        x = x.to(dtype)
+        q, scale, zero = masks.quantize_u8(x)
+        ref = torch.quantize_per_tensor_dynamic(x.float(), torch.quint8, False)
+        assert q.dtype == torch.uint8 and q.shape == x.shape
+        assert scale == pytest.approx(ref.q_scale(), rel=1e-6) and zero == ref.q_zero_point()
+        assert torch.equal(q, ref.int_repr())
+        # every value within half a step of its code; 0 exactly representable
+        assert ((q.float() - zero) * scale - x.float()).abs().max() <= scale / 2 * (1 + 1e-5)
+        assert zero == round(-min(x.float().min().item(), 0.0) / scale)
+
+
+def test_activation_codes_edge_cases():
+    q, scale, zero = masks.quantize_u8(torch.zeros(4, 8))
+    assert (scale, zero) == (1.0, 0) and not q.any()
+    x = torch.tensor([[1.0, float("nan"), -1.0, 0.0]])
+    q, scale, zero = masks.quantize_u8(x)                  # NaN is ignored by the range and coded 0
+    assert scale == pytest.approx(2 / 255, rel=1e-6) and q[0, 1] == 0 and q[0, 3] == zero in (127, 128)
+    assert q[0, 0] == zero + 127 and q[0, 2] == 0
+    with pytest.raises(ValueError, match="infinite"):
+        masks.quantize_u8(torch.tensor([1.0, float("inf")]))
+    with pytest.raises(ValueError, match="contiguous"):
+        masks.quantize_u8(torch.ones(4, 6).t())
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        masks.quantize_u8(torch.ones(3, dtype=torch.float64))
+
+
+@needs_int8
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_computes_its_formula(out_dtype):
+    torch.manual_seed(1)
+    lin = nn.Linear(48, 20)
+    x = torch.randn(2, 7, 48)
+    q8 = Int8Linear.from_linear(lin, _SharedInput())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=out_dtype == torch.bfloat16):
+        y = q8(x)
+    assert y.dtype == out_dtype and y.shape == (2, 7, 20)
+    # by hand, in float64: per-channel symmetric weights, per-tensor asymmetric uint8 inputs
+    w = lin.weight.detach().double()
+    s_w = w.abs().amax(1) / 127
+    q_w = torch.round(w / s_w[:, None]).clamp(-127, 127)
+    xf = x.reshape(-1, 48).double()
+    lo, hi = min(xf.min().item(), 0.0), max(xf.max().item(), 0.0)
+    s_x = float(np.float32((hi - lo) / 255))
+    z = round(-lo / s_x)
+    q_x = torch.clamp(torch.round(xf / s_x) + z, 0, 255)
+    want = (s_x * (q_x - z) @ (q_w * s_w[:, None]).T + lin.bias.double()).reshape(2, 7, 20)
+    tol = 1e-5 if out_dtype == torch.float32 else 1e-2
+    assert torch.allclose(y.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+    # and within the quantisation error of the float layer
+    exact = lin(x).detach().double()
+    assert (y.double() - exact).norm() / exact.norm() < 0.03
+
+
+@needs_int8
+def test_quantize_int8_replaces_the_encoders_linears_only(tiny_backbone, binary_csv, tmp_path):
+    out = tmp_path / "m"
+    clintune.train(tiny_config(tiny_backbone, binary_csv, out=str(out)))
+    plain = clintune.load(out)
+    q8 = clintune.load(out, quantize="int8")
+    # 2 layers x (query, key, value, attention output, intermediate, output); the head's pooler stays
+    n_linear = sum(isinstance(m, nn.Linear) for m in plain.model.encoder.modules())
+    assert q8.int8_linears == n_linear == 2 * 6
+    assert not any(isinstance(m, nn.Linear) for m in q8.model.encoder.modules())
+    assert sum(isinstance(m, Int8Linear) for m in q8.model.encoder.modules()) == n_linear
+    assert not any(isinstance(m, Int8Linear) for m in q8.model.head.modules())
+    texts = ["patient with heart failure and chest pain", "rash on the skin of the arm"] * 4
+    p, p8 = plain.predict_proba(texts), q8.predict_proba(texts)
+    assert np.abs(p - p8).max() < 0.05
+    assert (p.argmax(1) == p8.argmax(1)).all()
+    assert clintune.load(out).int8_linears == 0          # the override does not stick to the directory
+
+
+@needs_int8
+def test_query_key_value_quantise_their_input_once(tiny_backbone, monkeypatch):
+    from transformers import BertModel
+
+    enc = BertModel.from_pretrained(tiny_backbone, add_pooling_layer=False).eval()
+    quantize_int8(enc)
+    calls = []
+    real = masks.quantize_u8
+    monkeypatch.setattr(masks, "quantize_u8", lambda x: calls.append(x.shape) or real(x))
+    with torch.inference_mode():
+        enc(input_ids=torch.tensor([[2, 5, 6, 3]]), attention_mask=torch.ones(1, 4, dtype=torch.long))
+    assert len(calls) == 2 * 4        # per layer: q/k/v once, attention output, intermediate, output
+    # outside inference mode a change in place since is seen
+    shared, x = _SharedInput(), torch.randn(3, 8)
+    a = shared.codes_of(x)
+    assert shared.codes_of(x) is a
+    x.mul_(2)
+    assert shared.codes_of(x) is not a
+
+
+@needs_int8
+def test_quantize_from_the_command_line(tiny_backbone, binary_csv, tmp_path, capsys):
+    from clintune.cli import main
+
+    out = tmp_path / "m"
+    clintune.train(tiny_config(tiny_backbone, binary_csv, out=str(out), quantize="int8"))
+    assert clintune.load(out).int8_linears > 0             # a model trained with --quantize int8 predicts so
+    assert clintune.load(out, quantize="none").int8_linears == 0
+    assert main(["evaluate", "--model", str(out), "--data", binary_csv, "--quantize", "none"]) == 0
+    assert main(["predict", "--model", str(out), "--data", binary_csv, "--out", str(tmp_path / "p.csv"),
+                 "--quantize", "int8"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--model", str(out), "--data", binary_csv, "--quantize", "int4"])
+    assert e.value.code == 2
+
+
+def test_quantize_is_checked():
+    with pytest.raises(ConfigError, match="--quantize"):
+        clintune.TrainConfig(data="x.csv", quantize="int4")
+    with pytest.raises(ConfigError, match="not --method tfidf"):
+        clintune.TrainConfig(data="x.csv", method="tfidf", quantize="int8")
+    with pytest.raises(ConfigError, match="not --device cuda"):
+        clintune.TrainConfig(data="x.csv", device="cuda", quantize="int8")
