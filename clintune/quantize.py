@@ -26,10 +26,8 @@ import functools
 import torch
 from torch import nn
 
-from .errors import ClintuneError
 from . import masks
-
-QUANTIZE = ("none", "int8")
+from .errors import ClintuneError
 
 
 @functools.lru_cache(maxsize=None)
