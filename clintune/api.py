@@ -330,10 +330,10 @@ def _outputs_for(clf, ex: Examples):
 
 def evaluate(model_dir: str | Path, data: str | Path, *, text_col: str | None = None,
              label_col: str | None = None, out: str | Path | None = None, classifier: Classifier | None = None,
-             quantize: str | None = None) -> dict:
+             quantize: str | None = None, device: str | None = None) -> dict:
     """Metrics (with CIs) of a saved model on a labelled file; written to ``out`` if given. ``quantize``
-    overrides the model's (``"int8"``: :mod:`clintune.quantize`)."""
-    clf = classifier or load(model_dir, quantize=quantize)
+    (``"int8"``: :mod:`clintune.quantize`) and ``device`` override the model's."""
+    clf = classifier or load(model_dir, quantize=quantize, device=device)
     cfg = clf.config
     task = get_task(cfg.task)
     ex = load_examples(data, text_col or cfg.text_col, label_col or cfg.label_col, task=cfg.task,
@@ -354,18 +354,18 @@ def evaluate(model_dir: str | Path, data: str | Path, *, text_col: str | None = 
 
 def predict(model_dir: str | Path, data: str | Path, out: str | Path, *, text_col: str | None = None,
             batch_size: int | None = None, classifier: Classifier | None = None,
-            quantize: str | None = None) -> pd.DataFrame:
+            quantize: str | None = None, device: str | None = None) -> pd.DataFrame:
     """Write ``data``'s rows plus the prediction columns to ``out``.
 
     Classification: ``predicted_label`` and ``prob_<label>``; multilabel: ``predicted_labels``
     (``|``-separated) and ``prob_<label>``; NER: ``entities`` (JSON list of {start, end, label, text},
     character offsets into the text). NER input in CoNLL format gives one row per sentence. ``quantize``
-    overrides the model's (``"int8"``: :mod:`clintune.quantize`).
+    (``"int8"``: :mod:`clintune.quantize`) and ``device`` override the model's.
     """
     from .data import detect_format
 
     detect_format(out)  # fail on an unknown output format before any work
-    clf = classifier or load(model_dir, quantize=quantize)
+    clf = classifier or load(model_dir, quantize=quantize, device=device)
     cfg = clf.config
     if cfg.task == "ner" and _is_conll(data):
         from .ner import read_conll

@@ -120,7 +120,7 @@ def _cmd_evaluate(args) -> int:
     from .api import evaluate
 
     res = evaluate(args.model, args.data, text_col=args.text_col, label_col=args.label_col, out=args.out,
-                   quantize=args.quantize)
+                   quantize=args.quantize, device=args.device)
     print(f"{res['data']}: {res['metrics']['n']} examples")
     print(format_metrics(res["metrics"], res["metrics_ci"]))
     print(f"  predict samples/s {res['cost']['predict_samples_per_s']}")
@@ -133,7 +133,7 @@ def _cmd_predict(args) -> int:
     from .api import predict
 
     df = predict(args.model, args.data, args.out, text_col=args.text_col, batch_size=args.batch_size,
-                 quantize=args.quantize)
+                 quantize=args.quantize, device=args.device)
     if "predicted_label" in df:
         counts = df["predicted_label"].astype(str).value_counts().to_dict()
         detail = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
@@ -164,7 +164,7 @@ def _cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .config import QUANTIZE, TrainConfig, add_arguments
+    from .config import DEVICES, QUANTIZE, TrainConfig, add_arguments
 
     p = _Parser(prog="clintune", description="Clinical text classification under tight compute and data limits.")
     p.add_argument("--version", action="version", version=f"clintune {__version__}")
@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, metavar="FILE.json", help="also write the metrics here")
     e.add_argument("--quantize", choices=QUANTIZE, default=None,
                    help="int8: the encoder's linear layers in int8 on CPU (default: the model's; see train --help)")
+    e.add_argument("--device", choices=DEVICES, default=None,
+                   help="(default: where the model trained, the CPU where that GPU is absent)")
     e.set_defaults(func=_cmd_evaluate)
 
     pr = sub.add_parser("predict", help="predict labels and probabilities for a file of notes")
@@ -196,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=None)
     pr.add_argument("--quantize", choices=QUANTIZE, default=None,
                    help="int8: the encoder's linear layers in int8 on CPU (default: the model's; see train --help)")
+    pr.add_argument("--device", choices=DEVICES, default=None,
+                   help="(default: where the model trained, the CPU where that GPU is absent)")
     pr.set_defaults(func=_cmd_predict)
 
     c = sub.add_parser("cache-clear", help="delete the frozen-backbone feature cache (it holds note-derived states)")

@@ -10,6 +10,7 @@ reloaded bit-for-bit: the same inputs give the same probabilities as before savi
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -286,6 +287,12 @@ def load(directory: str | Path, *, device: str | None = None, precision: str | N
     except FileNotFoundError:
         raise ModelDirError(f"{d}: incomplete model directory (no config.yaml)") from None
     changes = {k: v for k, v in (("device", device), ("precision", precision), ("quantize", quantize)) if v}
+    if not device and cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        # trained on a GPU, used where there is none: predict on the CPU (fp16 is GPU-only: the CPU's best)
+        changes["device"] = "cpu"
+        if not precision and cfg.precision == "fp16":
+            changes["precision"] = "auto"
+        logging.getLogger("clintune").info("%s: trained on %s; no GPU here, so it predicts on the CPU", d, cfg.device)
     if changes:
         cfg = cfg.replace(**changes)
     label_map = LabelMap.from_json(_read_json(d / "labels.json"))

@@ -122,6 +122,28 @@ def test_backbone_fingerprint_guards_reload(tiny_backbone, binary_csv, tmp_path)
         clintune.load(out)
 
 
+def test_a_model_trained_on_a_gpu_predicts_on_a_cpu(tiny_backbone, binary_csv, tmp_path):
+    import torch
+    import yaml
+    from clintune.errors import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
+    out = tmp_path / "lora"
+    clintune.train(tiny_config(tiny_backbone, binary_csv, out=str(out), epochs=1))
+    texts = ["patient with heart failure", "rash on the skin"]
+    want = clintune.load(out).predict_proba(texts)
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    cfg.update(device="cuda", precision="fp16")           # as a run on a GPU saves it
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    clf = clintune.load(out)
+    assert clf.runtime.device.type == "cpu" and clf.runtime.precision in ("bf16", "fp32")
+    assert np.abs(clf.predict_proba(texts) - want).max() < 0.02
+    assert clintune.load(out, precision="fp32").runtime.precision == "fp32"
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        clintune.load(out, device="cuda")
+
+
 def test_micro_batches_give_the_same_training(tiny_backbone, binary_csv, tmp_path):
     import shutil
     from transformers import BertConfig
