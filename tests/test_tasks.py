@@ -119,6 +119,10 @@ def test_ner_trains_with_entity_f1_and_predicts_character_spans(tiny_backbone, c
     assert len(df2) == 60
     ev = clintune.evaluate(out, conll / "test.conll")
     assert ev["metrics"]["f1"] == pytest.approx(m["f1"])
+    from clintune.quantize import int8_available
+    if int8_available():            # token-level outputs through the int8 encoder: the same clear entities
+        assert clintune.load(out, quantize="int8").predict([text])[0] == ents
+        assert clintune.evaluate(out, conll / "test.conll", quantize="int8")["metrics"]["f1"] > 0.8
 
 
 def test_ner_reads_jsonl_spans(tmp_path):
