@@ -22,9 +22,10 @@ from . import __version__
 from .config import TrainConfig, build
 from .cost import CostMeter
 from .data import Examples, LabelMap, Splits, load_examples, prepare_splits, write_table
-from .errors import ClintuneError, ConfigError, DataError
+from .errors import ClintuneError, DataError
 from .methods import METHODS, count_parameters
 from .modeling import FORMAT_VERSION, Classifier, ClintuneModel, assemble, encode_for, load, save_model
+from .quantize import require_cpu
 from .record import environment, make_record
 from .runtime import resolve_runtime, seed_everything
 from .store import check_output_dir, staged_dir, write_json
@@ -83,9 +84,7 @@ def train(cfg: TrainConfig | None = None, **overrides) -> TrainResult:
     elif overrides:
         cfg = cfg.replace(**overrides)
     runtime = resolve_runtime(cfg.device, cfg.precision, cfg.threads)
-    if cfg.quantize != "none" and runtime.device.type != "cpu":
-        raise ConfigError(f"--quantize {cfg.quantize}: CPU prediction only, and this run uses "
-                          f"{runtime.device.type}; add --device cpu or drop --quantize")
+    require_cpu(cfg.quantize, runtime.device)     # before training, not after it
     if cfg.out:
         check_output_dir(cfg.out, cfg.overwrite)
     seed_everything(cfg.seed)

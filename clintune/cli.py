@@ -184,10 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text-col", default=None, help="(default: the model's)")
     e.add_argument("--label-col", default=None, help="(default: the model's)")
     e.add_argument("--out", default=None, metavar="FILE.json", help="also write the metrics here")
-    e.add_argument("--quantize", choices=QUANTIZE, default=None,
-                   help="int8: the encoder's linear layers in int8 on CPU (default: the model's; see train --help)")
-    e.add_argument("--device", choices=DEVICES, default=None,
-                   help="(default: where the model trained, the CPU where that GPU is absent)")
     e.set_defaults(func=_cmd_evaluate)
 
     pr = sub.add_parser("predict", help="predict labels and probabilities for a file of notes")
@@ -196,11 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, metavar="FILE", help="output file (.csv/.tsv/.jsonl/.parquet)")
     pr.add_argument("--text-col", default=None, help="(default: the model's)")
     pr.add_argument("--batch-size", type=int, default=None)
-    pr.add_argument("--quantize", choices=QUANTIZE, default=None,
-                   help="int8: the encoder's linear layers in int8 on CPU (default: the model's; see train --help)")
-    pr.add_argument("--device", choices=DEVICES, default=None,
-                   help="(default: where the model trained, the CPU where that GPU is absent)")
     pr.set_defaults(func=_cmd_predict)
+
+    for sp in (e, pr):
+        sp.add_argument("--quantize", choices=QUANTIZE, default=None,
+                        help="int8: the encoder's linear layers in int8 on CPU (default: the model's; see train --help)")
+        sp.add_argument("--device", choices=DEVICES, default=None,
+                        help="(default: where the model trained, the CPU where that GPU is absent)")
 
     c = sub.add_parser("cache-clear", help="delete the frozen-backbone feature cache (it holds note-derived states)")
     c.add_argument("--cache-dir", default=None, help="(default: $CLINTUNE_CACHE_DIR or ~/.cache/clintune/features)")

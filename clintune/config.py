@@ -329,7 +329,7 @@ class TrainConfig:
                         group="runtime")
     quantize: str = option("none", "int8: predict (the test split, clintune predict/evaluate, load) on CPU with the "
                            "encoder's linear layers in int8, weights per channel and each batch's inputs per "
-                           "tensor (oneDNN): about 1.3x faster on CPUs with AVX-512 VNNI; predictions may change "
+                           "tensor (oneDNN): 1.4-1.5x faster measured on a CPU with AVX-512 VNNI; predictions may change "
                            "slightly, so compare with clintune evaluate. Training is unaffected",
                            choices=QUANTIZE, group="runtime")
     cache: bool = option(True, "with --method frozen, encode each text once and train the head from cached "

@@ -26,7 +26,7 @@ from .backbones import (BackboneSource, fingerprint, load_backbone, load_tokeniz
 from .batching import encode
 from .config import TrainConfig
 from .data import LabelMap
-from .errors import BackboneError, ConfigError, ModelDirError
+from .errors import BackboneError, ModelDirError
 from .heads import HEADS
 from .methods import METHODS
 from .runtime import Runtime, resolve_runtime
@@ -179,11 +179,9 @@ class Classifier:
             self.speedups = accelerate(self.model, self.runtime, restorable=False)
         self.int8_linears = 0
         if config.quantize == "int8":
-            if self.runtime.device.type != "cpu":
-                raise ConfigError(f"--quantize int8: CPU prediction only, not {self.runtime.device.type}; "
-                                  "load with device='cpu'")
-            from .quantize import quantize_int8
+            from .quantize import quantize_int8, require_cpu
 
+            require_cpu(config.quantize, self.runtime.device)
             self.int8_linears = quantize_int8(self.model.encoder)
 
     @property

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import masks
-from .errors import ClintuneError
+from .errors import ClintuneError, ConfigError
 
 
 @functools.lru_cache(maxsize=None)
@@ -97,6 +97,13 @@ class Int8Linear(nn.Module):
         y = torch.ops.onednn.qlinear_pointwise(q.view(-1, self.in_features), scale, zero, self.packed, self.scales,
                                                self.zeros, self.bias, 1.0, 0, out, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
+
+
+def require_cpu(quantize: str, device: torch.device) -> None:
+    """Refuse ``quantize`` other than "none" for prediction on anything but the CPU (one line to the user)."""
+    if quantize != "none" and device.type != "cpu":
+        raise ConfigError(f"--quantize {quantize}: CPU prediction only, not {device.type}; use --device cpu "
+                          "(device='cpu' from Python) or drop --quantize")
 
 
 def quantize_int8(encoder: nn.Module) -> int:

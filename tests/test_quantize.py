@@ -139,3 +139,8 @@ def test_quantize_is_checked():
         clintune.TrainConfig(data="x.csv", method="tfidf", quantize="int8")
     with pytest.raises(ConfigError, match="not --device cuda"):
         clintune.TrainConfig(data="x.csv", device="cuda", quantize="int8")
+    from clintune.quantize import require_cpu
+    require_cpu("none", torch.device("cuda"))
+    require_cpu("int8", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="CPU prediction only, not cuda"):
+        require_cpu("int8", torch.device("cuda"))
