@@ -35,23 +35,23 @@ sys.path.insert(0, str(HERE))
 import bench_data as datasets  # noqa: E402
 
 
-def peer(train: Path, test: Path, a, bf16: bool) -> dict:
+def peer(train: Path, test: Path, a, bf16: bool, seed: int = 42) -> dict:
     cmd = [sys.executable, str(datasets.need_shared() / "bench" / "peer_hf_trainer.py"), "--train", str(train),
            "--test", str(test), "--method", "lora", "--epochs", str(a.epochs), "--batch-size", "16",
-           "--max-length", "256", "--lr", "3e-4", "--rank", "8", "--seed", "42"] + (["--bf16"] if bf16 else [])
+           "--max-length", "256", "--lr", "3e-4", "--rank", "8", "--seed", str(seed)] + (["--bf16"] if bf16 else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     line = [l for l in out.stdout.splitlines() if l.startswith("{")][-1]
     return json.loads(line)
 
 
-def clintune(train: Path, test: Path, a, work: Path, extra: tuple[str, ...] = ()) -> dict:
-    out = work / "runs" / ("speed-clintune" + "".join(extra).replace("--", "-"))
+def clintune(train: Path, test: Path, a, work: Path, extra: tuple[str, ...] = (), seed: int = 42) -> dict:
+    out = work / "runs" / ("speed-clintune" + "".join(extra).replace("--", "-") + ("" if seed == 42 else f"-seed{seed}"))
     rec = datasets.train(out, [
         "--data", str(train), "--test-data", str(test), "--backbone", "minilm", "--method", "lora", "--head", "pooler",
         "--pooling", "cls", "--lora-r", "8", "--lora-alpha", "8", "--lora-dropout", "0.1",
         "--target-modules", "query,key,value", "--epochs", str(a.epochs), "--batch-size", "16",
         "--eval-batch-size", "64", "--max-length", "256", "--lr", "3e-4", "--weight-decay", "0",
-        "--warmup-ratio", "0", "--max-grad-norm", "1", "--val-size", "0", "--patience", "0", "--seed", "42",
+        "--warmup-ratio", "0", "--max-grad-norm", "1", "--val-size", "0", "--patience", "0", "--seed", str(seed),
         "--precision", "bf16", *extra])
     c, m = rec["cost"], rec["metrics"]
     return {"system": "clintune", "method": "lora", "bf16": True, "n_train": rec["data"]["n_train"], "epochs": a.epochs,

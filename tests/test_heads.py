@@ -101,6 +101,55 @@ def test_pooler_head_has_no_dropout_before_its_dense_layer():
         assert bool((g != 0).all()) is all_reach
 
 
+def test_lora_pooler_model_is_transformers_peft_classifier(tiny_backbone):
+    """`--method lora --head pooler --pooling cls` is the model a Hugging Face Trainer + PEFT user trains
+    (BertForSequenceClassification, LoRA on query/key/value, pooler and classifier in modules_to_save):
+    the same trainable parameters, and with the same values the same logits and gradients (fp32, dropout
+    off; clintune's last layer computes the [CLS] row only)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from clintune.modeling import assemble
+
+    torch.manual_seed(0)
+    cfg = tiny_config(tiny_backbone, "unused.csv", head="pooler", pooling="cls", lora_r=4, lora_alpha=8,
+                      target_modules=["query", "key", "value"])
+    ours = assemble(cfg, K).model
+    assert ours.first_token_only
+    peer = AutoModelForSequenceClassification.from_pretrained(tiny_backbone, num_labels=K)
+    peer = get_peft_model(peer, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "key", "value"],
+                                           modules_to_save=["classifier", "pooler"]))
+
+    def peer_name(name: str) -> str:
+        if name.startswith("encoder."):
+            return "base_model.model.bert." + name[len("encoder.base_model.model."):]
+        layer, attr = name.split(".")[1:]
+        return {"dense": "base_model.model.bert.pooler.modules_to_save.default.dense.",
+                "out": "base_model.model.classifier.modules_to_save.default."}[layer] + attr
+
+    mine = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    theirs = dict(peer.named_parameters())
+    assert {peer_name(n) for n in mine} == {n for n, p in theirs.items() if p.requires_grad}
+    with torch.no_grad():
+        for n, p in mine.items():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.1)      # LoRA's B starts at zero: give the update a value to compare
+            theirs[peer_name(n)].copy_(p)
+    ids = torch.randint(5, len(VOCAB), (4, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[3, 4:] = 0
+    y = torch.tensor([0, 1, 2, 1])
+    ours.eval(), peer.eval()
+    a = ours(input_ids=ids, attention_mask=mask)
+    b = peer(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.nn.functional.cross_entropy(a, y).backward()
+    torch.nn.functional.cross_entropy(b, y).backward()
+    for n, p in mine.items():
+        torch.testing.assert_close(p.grad, theirs[peer_name(n)].grad, rtol=1e-4, atol=1e-7, msg=n)
+
+
 def test_grn_gate_and_norm_follow_the_formula():
     head = make("grn").eval()
     s = torch.randn(1, 3, H)
