@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -26,6 +25,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_data as datasets  # noqa: E402
 import speed  # noqa: E402
+
+from clintune.store import write_json  # noqa: E402
 
 
 def t_interval(diffs: list[float]) -> tuple[float, float, float]:
@@ -69,9 +70,7 @@ def main() -> None:
             r = (speed.peer(train, test, a, True, seed=seed) if system == "peer"
                  else speed.clintune(train, test, a, work, seed=seed))
             done[key] = {"f1": r["f1"], "accuracy": r["accuracy"], **where()}
-            tmp = store.with_suffix(".tmp")
-            tmp.write_text(json.dumps(done, indent=2))
-            os.replace(tmp, store)                         # never a half-written results file
+            write_json(store, done)                        # atomic: never a half-written results file
             print(f"seed {seed} {system}: F1 {r['f1']:.4f}", flush=True)
     print(f"{'seed':>5} {'peer F1':>8} {'clintune F1':>11} {'diff':>7}")
     diffs = []

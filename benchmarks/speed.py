@@ -59,7 +59,8 @@ def clintune(train: Path, test: Path, a, work: Path, extra: tuple[str, ...] = ()
             "predict_samples_per_s": c["predict_samples_per_s"], "peak_rss_mb": c["peak_rss_mb"],
             "trainable_params": c["trainable_params"], "accuracy": m["accuracy"], "f1": m["f1"],
             "mfu": c.get("mfu"), "train_tflops_per_s": c.get("train_tflops_per_s"),
-            "matmul_peak_tflops": c.get("matmul_peak_tflops"), "train_flops": c.get("train_flops")}
+            "matmul_peak_tflops": c.get("matmul_peak_tflops"), "train_flops": c.get("train_flops"),
+            "model_dir": str(out)}
 
 
 def clintune_int8(model_dir: Path, test: Path, work: Path) -> dict:
@@ -104,14 +105,14 @@ def main() -> None:
     if not a.no_peer_fp32:
         rows.append({**peer(train, test, a, False), "setting": "peer fp32"})
     rows.append({**peer(train, test, a, True), "setting": "peer bf16"})
-    rows.append({**clintune(train, test, a, work), "setting": "clintune bf16"})
+    ours = {**clintune(train, test, a, work), "setting": "clintune bf16"}
+    rows.append(ours)
     if not a.no_lean:
         rows.append({**clintune(train, test, a, work, ("--no-bucket",)), "setting": "  --no-bucket"})
     if not a.no_int8:
-        rows.append({**clintune_int8(work / "runs" / "speed-clintune", test, work), "setting": "  int8 predict"})
+        rows.append({**clintune_int8(Path(ours["model_dir"]), test, work), "setting": "  int8 predict"})
     peak = matmul_peak_flops(torch.bfloat16, remeasure=True) / 1e12   # the better of start and end
     best = max((r for r in rows if r["system"] != "clintune"), key=lambda r: r["train_samples_per_s"])
-    ours = next(r for r in rows if r["setting"] == "clintune bf16")
     flops_per_sample = ours["train_flops"] / (ours["n_train"] * a.epochs) if ours.get("train_flops") else None
     for r in rows:  # the same model-FLOP count per sample for everyone (same encoder, same LoRA)
         if flops_per_sample and r["train_samples_per_s"] is not None:
