@@ -8,7 +8,13 @@ trainings (the same settings: LoRA r=8 on query/key/value, BERT's pooler head, l
 (clintune - peer) with its 95% t-interval over seeds. A seed is shared by the two systems in name only: each
 draws its own initialisation, order and dropout from it.
 
-    python benchmarks/f1_seeds.py [--seeds 42,1,2,3,4] [--epochs 3] [--work DIR]
+    python benchmarks/f1_seeds.py [--seeds 42,1,2,3,4] [--epochs 3] [--work DIR] [--no-fast]
+
+``--no-fast`` also trains clintune with ``--no-fast`` (plain PyTorch: no compiled kernels, torch's own dropout
+masks, every layer whole) at each seed, and reports the fast path against it and it against the peer: whether
+the speed-ups cost F1, apart from what the rest of clintune does. clintune's runs also keep their test AUROC
+(threshold-free, so it moves far less from seed to seed than F1 at the argmax), reported where every seed has
+one; the peer prints no scores to compute it from.
 
 Resumable: each finished (system, seed) result is kept in WORK/f1_seeds.json, with the CPU and the torch and
 transformers versions it came from, and not run again. No timings
@@ -56,37 +62,53 @@ def main() -> None:
     ap.add_argument("--seeds", default="42,1,2,3,4")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--work", default="/tmp/clintune-bench")
+    ap.add_argument("--no-fast", action="store_true", help="also clintune --no-fast at each seed")
     a = ap.parse_args()
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     work = Path(a.work)
     train, test = datasets.medabs(work / "medabs")
     store = work / "f1_seeds.json"
     done = json.loads(store.read_text()) if store.exists() else {}
+    systems = ("peer", "clintune") + (("clintune-no-fast",) if a.no_fast else ())
     for seed in seeds:
-        for system in ("peer", "clintune"):
+        for system in systems:
             key = f"{system}:{seed}:{a.epochs}"
             if key in done:
                 continue
-            r = (speed.peer(train, test, a, True, seed=seed) if system == "peer"
-                 else speed.clintune(train, test, a, work, seed=seed))
+            if system == "peer":
+                r = speed.peer(train, test, a, True, seed=seed)
+            else:
+                r = speed.clintune(train, test, a, work, seed=seed,
+                                   extra=("--no-fast",) if system == "clintune-no-fast" else ())
             done[key] = {"f1": r["f1"], "accuracy": r["accuracy"], **where()}
+            if r.get("auroc") is not None:                 # clintune's record has it; the peer prints no scores
+                done[key]["auroc"] = r["auroc"]
             write_json(store, done)                        # atomic: never a half-written results file
             print(f"seed {seed} {system}: F1 {r['f1']:.4f}", flush=True)
-    print(f"{'seed':>5} {'peer F1':>8} {'clintune F1':>11} {'diff':>7}")
-    diffs = []
-    for seed in seeds:
-        p, c = done[f"peer:{seed}:{a.epochs}"]["f1"], done[f"clintune:{seed}:{a.epochs}"]["f1"]
-        diffs.append(c - p)
-        print(f"{seed:>5} {p:8.4f} {c:11.4f} {c - p:+7.4f}")
-    origins = {json.dumps({k: v for k, v in done[f"{system}:{s}:{a.epochs}"].items() if k not in ("f1", "accuracy")},
-                          sort_keys=True) for s in seeds for system in ("peer", "clintune")}
+    f1 = {system: [done[f"{system}:{s}:{a.epochs}"]["f1"] for s in seeds] for system in systems}
+    print(f"{'seed':>5} " + " ".join(f"{system + ' F1':>{max(11, len(system) + 3)}}" for system in systems)
+          + f" {'clintune - peer':>15}")
+    for i, seed in enumerate(seeds):
+        print(f"{seed:>5} " + " ".join(f"{f1[system][i]:>{max(11, len(system) + 3)}.4f}" for system in systems)
+              + f" {f1['clintune'][i] - f1['peer'][i]:>+15.4f}")
+    origins = {json.dumps({k: v for k, v in done[f"{system}:{s}:{a.epochs}"].items() if k not in ("f1", "accuracy", "auroc")},
+                          sort_keys=True) for s in seeds for system in systems}
     if len(origins) > 1:
         print(f"note: these results come from {len(origins)} machines or software versions: {sorted(origins)}")
-    mean, lo, hi = t_interval(diffs)
-    peer_mean = sum(done[f"peer:{s}:{a.epochs}"]["f1"] for s in seeds) / len(seeds)
-    ours_mean = sum(done[f"clintune:{s}:{a.epochs}"]["f1"] for s in seeds) / len(seeds)
-    print(f"mean over {len(seeds)} seeds: peer {peer_mean:.4f}, clintune {ours_mean:.4f}, difference {mean:+.4f} "
-          f"(95% t-interval {lo:+.4f} to {hi:+.4f})")
+    means = ", ".join(f"{system} {sum(v) / len(v):.4f}" for system, v in f1.items())
+    print(f"mean over {len(seeds)} seeds: {means}")
+    aurocs = {system: [done[f"{system}:{s}:{a.epochs}"].get("auroc") for s in seeds] for system in systems}
+    aurocs = {system: v for system, v in aurocs.items() if None not in v}
+    if aurocs:             # threshold-free: how well each ranks the test notes, where F1 moves with the argmax
+        print("mean AUROC: " + ", ".join(f"{system} {sum(v) / len(v):.4f}" for system, v in aurocs.items()))
+    pairs = [("clintune", "peer")] + ([("clintune", "clintune-no-fast"), ("clintune-no-fast", "peer")]
+                                      if a.no_fast else [])
+    for x, y in pairs:
+        mean, lo, hi = t_interval([u - v for u, v in zip(f1[x], f1[y])])
+        print(f"{x} - {y}: {mean:+.4f} (95% t-interval {lo:+.4f} to {hi:+.4f})")
+        if x in aurocs and y in aurocs:
+            mean, lo, hi = t_interval([u - v for u, v in zip(aurocs[x], aurocs[y])])
+            print(f"{x} - {y}, AUROC: {mean:+.4f} (95% t-interval {lo:+.4f} to {hi:+.4f})")
 
 
 if __name__ == "__main__":

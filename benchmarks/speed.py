@@ -34,6 +34,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_data as datasets  # noqa: E402
 
+from clintune.store import write_json  # noqa: E402
+
 
 def peer(train: Path, test: Path, a, bf16: bool, seed: int = 42) -> dict:
     cmd = [sys.executable, str(datasets.need_shared() / "bench" / "peer_hf_trainer.py"), "--train", str(train),
@@ -58,7 +60,7 @@ def clintune(train: Path, test: Path, a, work: Path, extra: tuple[str, ...] = ()
             "train_seconds": c["train_seconds"], "train_samples_per_s": c["train_samples_per_s"],
             "predict_samples_per_s": c["predict_samples_per_s"], "peak_rss_mb": c["peak_rss_mb"],
             "trainable_params": c["trainable_params"], "accuracy": m["accuracy"], "f1": m["f1"],
-            "mfu": c.get("mfu"), "train_tflops_per_s": c.get("train_tflops_per_s"),
+            "auroc": m.get("auroc"), "mfu": c.get("mfu"), "train_tflops_per_s": c.get("train_tflops_per_s"),
             "matmul_peak_tflops": c.get("matmul_peak_tflops"), "train_flops": c.get("train_flops"),
             "model_dir": str(out)}
 
@@ -145,8 +147,8 @@ def main() -> None:
               f"{x['predict_speed']:.2f}x, peak RSS {x['peak_rss']:.2f}x, F1 {x['f1_delta']:+.3f}, MFU {r['mfu']:.1%} "
               f"of the measured bf16 peak")
     print(f"total {time.time() - t0:.0f} s")
-    (work / "speed.json").write_text(json.dumps({"rows": rows, "ratios": all_ratios["clintune bf16"],
-                                                 "ratios_by_setting": all_ratios, "peak_tflops": peak}, indent=2))
+    write_json(work / "speed.json", {"rows": rows, "ratios": all_ratios["clintune bf16"],   # atomic
+                                     "ratios_by_setting": all_ratios, "peak_tflops": peak})
 
 
 if __name__ == "__main__":
