@@ -12,9 +12,9 @@ draws its own initialisation, order and dropout from it.
 
 ``--no-fast`` also trains clintune with ``--no-fast`` (plain PyTorch: no compiled kernels, torch's own dropout
 masks, every layer whole) at each seed, and reports the fast path against it and it against the peer: whether
-the speed-ups cost F1, apart from what the rest of clintune does. clintune's runs also keep their test AUROC
-(threshold-free, so it moves far less from seed to seed than F1 at the argmax), reported where every seed has
-one; the peer prints no scores to compute it from.
+the speed-ups cost F1, apart from what the rest of clintune does. clintune's runs also keep their test AUROC and
+log loss (they score every probability, so they move far less from seed to seed than F1 at the argmax),
+reported where every seed has them; the peer prints no scores to compute them from.
 
 Resumable: each finished (system, seed) result is kept in WORK/f1_seeds.json, with the CPU and the torch and
 transformers versions it came from, and not run again. No timings
@@ -33,6 +33,10 @@ import bench_data as datasets  # noqa: E402
 import speed  # noqa: E402
 
 from clintune.store import write_json  # noqa: E402
+
+
+#: what clintune's runs also keep beside F1 and accuracy (higher AUROC and lower log loss are better)
+SCORES = {"auroc": "AUROC", "log_loss": "test log loss"}
 
 
 def t_interval(diffs: list[float]) -> tuple[float, float, float]:
@@ -81,8 +85,9 @@ def main() -> None:
                 r = speed.clintune(train, test, a, work, seed=seed,
                                    extra=("--no-fast",) if system == "clintune-no-fast" else ())
             done[key] = {"f1": r["f1"], "accuracy": r["accuracy"], **where()}
-            if r.get("auroc") is not None:                 # clintune's record has it; the peer prints no scores
-                done[key]["auroc"] = r["auroc"]
+            for score in SCORES:                           # clintune's runs have them; the peer prints no scores
+                if r.get(score) is not None:
+                    done[key][score] = r[score]
             write_json(store, done)                        # atomic: never a half-written results file
             print(f"seed {seed} {system}: F1 {r['f1']:.4f}", flush=True)
     f1 = {system: [done[f"{system}:{s}:{a.epochs}"]["f1"] for s in seeds] for system in systems}
@@ -91,24 +96,28 @@ def main() -> None:
     for i, seed in enumerate(seeds):
         print(f"{seed:>5} " + " ".join(f"{f1[system][i]:>{max(11, len(system) + 3)}.4f}" for system in systems)
               + f" {f1['clintune'][i] - f1['peer'][i]:>+15.4f}")
-    origins = {json.dumps({k: v for k, v in done[f"{system}:{s}:{a.epochs}"].items() if k not in ("f1", "accuracy", "auroc")},
+    results = ("f1", "accuracy", *SCORES)
+    origins = {json.dumps({k: v for k, v in done[f"{system}:{s}:{a.epochs}"].items() if k not in results},
                           sort_keys=True) for s in seeds for system in systems}
     if len(origins) > 1:
         print(f"note: these results come from {len(origins)} machines or software versions: {sorted(origins)}")
     means = ", ".join(f"{system} {sum(v) / len(v):.4f}" for system, v in f1.items())
     print(f"mean over {len(seeds)} seeds: {means}")
-    aurocs = {system: [done[f"{system}:{s}:{a.epochs}"].get("auroc") for s in seeds] for system in systems}
-    aurocs = {system: v for system, v in aurocs.items() if None not in v}
-    if aurocs:             # threshold-free: how well each ranks the test notes, where F1 moves with the argmax
-        print("mean AUROC: " + ", ".join(f"{system} {sum(v) / len(v):.4f}" for system, v in aurocs.items()))
+    scores = {score: {system: [done[f"{system}:{s}:{a.epochs}"].get(score) for s in seeds] for system in systems}
+              for score in SCORES}
+    scores = {score: {system: v for system, v in by.items() if None not in v} for score, by in scores.items()}
+    for score, by in scores.items():   # threshold-free: how well each scores the notes, where F1 moves with the argmax
+        if by:
+            print(f"mean {SCORES[score]}: " + ", ".join(f"{system} {sum(v) / len(v):.4f}" for system, v in by.items()))
     pairs = [("clintune", "peer")] + ([("clintune", "clintune-no-fast"), ("clintune-no-fast", "peer")]
                                       if a.no_fast else [])
     for x, y in pairs:
         mean, lo, hi = t_interval([u - v for u, v in zip(f1[x], f1[y])])
         print(f"{x} - {y}: {mean:+.4f} (95% t-interval {lo:+.4f} to {hi:+.4f})")
-        if x in aurocs and y in aurocs:
-            mean, lo, hi = t_interval([u - v for u, v in zip(aurocs[x], aurocs[y])])
-            print(f"{x} - {y}, AUROC: {mean:+.4f} (95% t-interval {lo:+.4f} to {hi:+.4f})")
+        for score, by in scores.items():
+            if x in by and y in by:
+                mean, lo, hi = t_interval([u - v for u, v in zip(by[x], by[y])])
+                print(f"{x} - {y}, {SCORES[score]}: {mean:+.4f} (95% t-interval {lo:+.4f} to {hi:+.4f})")
 
 
 if __name__ == "__main__":

@@ -60,9 +60,27 @@ def clintune(train: Path, test: Path, a, work: Path, extra: tuple[str, ...] = ()
             "train_seconds": c["train_seconds"], "train_samples_per_s": c["train_samples_per_s"],
             "predict_samples_per_s": c["predict_samples_per_s"], "peak_rss_mb": c["peak_rss_mb"],
             "trainable_params": c["trainable_params"], "accuracy": m["accuracy"], "f1": m["f1"],
-            "auroc": m.get("auroc"), "mfu": c.get("mfu"), "train_tflops_per_s": c.get("train_tflops_per_s"),
+            "auroc": m.get("auroc"), "log_loss": test_log_loss(out), "mfu": c.get("mfu"),
+            "train_tflops_per_s": c.get("train_tflops_per_s"),
             "matmul_peak_tflops": c.get("matmul_peak_tflops"), "train_flops": c.get("train_flops"),
             "model_dir": str(out)}
+
+
+def test_log_loss(run: Path) -> float | None:
+    """Mean negative log-likelihood of the gold labels in RUN/test_predictions.csv (scikit-learn's ``log_loss``):
+    it scores every predicted probability, not only which side of the argmax it falls, so it tells two
+    trainings apart with fewer seeds than F1 does."""
+    import pandas as pd
+    from sklearn.metrics import log_loss
+
+    path = run / "test_predictions.csv"
+    if not path.exists():
+        return None
+    t = pd.read_csv(path, dtype={"gold": str})
+    cols = [c for c in t.columns if c.startswith("prob_")]
+    prob = t[cols].to_numpy()
+    prob = prob / prob.sum(axis=1, keepdims=True)                  # the file's rounding: rows sum to 1 +- 1e-7
+    return float(log_loss(t["gold"], prob, labels=[c[len("prob_"):] for c in cols]))
 
 
 def clintune_int8(model_dir: Path, test: Path, work: Path) -> dict:
