@@ -8,9 +8,11 @@ trainings (the same settings: LoRA r=8 on query/key/value, BERT's pooler head, l
 (clintune - peer) with its 95% t-interval over seeds. A seed is shared by the two systems in name only: each
 draws its own initialisation, order and dropout from it.
 
-    python benchmarks/f1_seeds.py [--seeds 42,1,2,3,4] [--epochs 3] [--work DIR] [--no-fast]
+    python benchmarks/f1_seeds.py [--seeds 42,1,2,3,4] [--epochs 3] [--work DIR] [--no-fast] [--fast-off PARTS ...]
 
-``--no-fast`` also trains clintune with ``--no-fast`` (plain PyTorch: no compiled kernels, torch's own dropout
+``--fast-off PARTS`` (repeatable) also trains clintune with those parts of its fast path left out, one system
+per flag, compared with the whole fast path (and with ``--no-fast`` when given): which part, if any, moves the
+scores. ``--no-fast`` also trains clintune with ``--no-fast`` (plain PyTorch: no compiled kernels, torch's own dropout
 masks, every layer whole) at each seed, and reports the fast path against it and it against the peer: whether
 the speed-ups cost F1, apart from what the rest of clintune does. clintune's runs also keep their test AUROC and
 log loss (they score every probability, so they move far less from seed to seed than F1 at the argmax),
@@ -67,13 +69,17 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--work", default="/tmp/clintune-bench")
     ap.add_argument("--no-fast", action="store_true", help="also clintune --no-fast at each seed")
+    ap.add_argument("--fast-off", action="append", default=[], metavar="PARTS",
+                    help="also clintune --fast-off PARTS at each seed (repeatable: one system each)")
     a = ap.parse_args()
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     work = Path(a.work)
     train, test = datasets.medabs(work / "medabs")
     store = work / "f1_seeds.json"
     done = json.loads(store.read_text()) if store.exists() else {}
-    systems = ("peer", "clintune") + (("clintune-no-fast",) if a.no_fast else ())
+    variants = {f"clintune-off-{parts.replace(',', '+')}": ("--fast-off", parts) for parts in a.fast_off}
+    variants.update({"clintune-no-fast": ("--no-fast",)} if a.no_fast else {})
+    systems = ("peer", "clintune", *variants)
     for seed in seeds:
         for system in systems:
             key = f"{system}:{seed}:{a.epochs}"
@@ -82,8 +88,7 @@ def main() -> None:
             if system == "peer":
                 r = speed.peer(train, test, a, True, seed=seed)
             else:
-                r = speed.clintune(train, test, a, work, seed=seed,
-                                   extra=("--no-fast",) if system == "clintune-no-fast" else ())
+                r = speed.clintune(train, test, a, work, seed=seed, extra=variants.get(system, ()))
             done[key] = {"f1": r["f1"], "accuracy": r["accuracy"], **where()}
             for score in SCORES:                           # clintune's runs have them; the peer prints no scores
                 if r.get(score) is not None:
@@ -111,6 +116,9 @@ def main() -> None:
             print(f"mean {SCORES[score]}: " + ", ".join(f"{system} {sum(v) / len(v):.4f}" for system, v in by.items()))
     pairs = [("clintune", "peer")] + ([("clintune", "clintune-no-fast"), ("clintune-no-fast", "peer")]
                                       if a.no_fast else [])
+    for v in variants:                # each part left out against the whole fast path and against plain PyTorch
+        if v != "clintune-no-fast":
+            pairs += [(v, "clintune")] + ([(v, "clintune-no-fast")] if a.no_fast else [])
     for x, y in pairs:
         mean, lo, hi = t_interval([u - v for u, v in zip(f1[x], f1[y])])
         print(f"{x} - {y}: {mean:+.4f} (95% t-interval {lo:+.4f} to {hi:+.4f})")

@@ -47,7 +47,8 @@ def peer(train: Path, test: Path, a, bf16: bool, seed: int = 42) -> dict:
 
 
 def clintune(train: Path, test: Path, a, work: Path, extra: tuple[str, ...] = (), seed: int = 42) -> dict:
-    out = work / "runs" / ("speed-clintune" + "".join(extra).replace("--", "-") + ("" if seed == 42 else f"-seed{seed}"))
+    name = "".join(e if e.startswith("--") else "-" + e.replace(",", "+") for e in extra).replace("--", "-")
+    out = work / "runs" / ("speed-clintune" + name + ("" if seed == 42 else f"-seed{seed}"))
     rec = datasets.train(out, [
         "--data", str(train), "--test-data", str(test), "--backbone", "minilm", "--method", "lora", "--head", "pooler",
         "--pooling", "cls", "--lora-r", "8", "--lora-alpha", "8", "--lora-dropout", "0.1",

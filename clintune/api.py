@@ -193,7 +193,7 @@ def _train_assembled(cfg: TrainConfig, runtime, splits: Splits, asm, t_start: fl
     meter.set_params(*count_parameters(model))
     inputs = _Inputs(cfg, runtime, splits, asm)
     from .fast import Speedups, accelerate
-    speedups = accelerate(model, runtime) if cfg.fast else Speedups()
+    speedups = accelerate(model, runtime, off=cfg.fast_off) if cfg.fast else Speedups()
     with meter.phase("train", len(splits.train)):
         with meter.phase("prepare_inputs"):
             enc_train = inputs.encode("train", splits.train)

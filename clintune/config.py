@@ -205,6 +205,8 @@ POOLINGS = ("mean", "cls")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 QUANTIZE = ("none", "int8")
+FAST_PARTS = ("first_token", "attention", "attention_kernel", "dropout", "bf16_weights", "lora", "sublayer_end",
+              "gelu", "memory")   # clintune.fast.PARTS (checked equal by the tests; not imported: torch-free config)
 VAL_METRICS = ("f1", "f1_macro", "auroc", "accuracy", "loss")
 
 #: Per-method default learning rates (used when --lr is not given). Full fine-tuning of a BERT-size
@@ -327,6 +329,8 @@ class TrainConfig:
                         "weights under bf16, fused LoRA linears, dropout + residual + LayerNorm and GELU passes "
                         "in bf16 training, reuse of freed memory (--no-fast: plain PyTorch)",
                         group="runtime")
+    fast_off: list[str] | None = option(None, "leave out these parts of --fast (comma-separated), to measure what "
+                                        "each changes: " + ", ".join(FAST_PARTS), group="runtime")
     quantize: str = option("none", "int8: predict (the test split, clintune predict/evaluate, load) on CPU with the "
                            "encoder's linear layers in int8, weights per channel and each batch's inputs per "
                            "tensor (oneDNN): 1.4-1.5x faster measured on a CPU with AVX-512 VNNI; predictions may change "
@@ -364,6 +368,9 @@ class TrainConfig:
         check_choice(self, "precision", PRECISIONS)
         check_choice(self, "device", DEVICES)
         check_choice(self, "quantize", QUANTIZE)
+        for part in self.fast_off or ():
+            if part not in FAST_PARTS:
+                raise ConfigError(f"--fast-off: '{part}' is not one of {', '.join(FAST_PARTS)}")
         if self.quantize != "none" and (self.method == "tfidf" or self.device == "cuda"):
             raise ConfigError(f"--quantize {self.quantize}: for encoders predicting on CPU "
                               f"(not --{'method tfidf' if self.method == 'tfidf' else 'device cuda'})")

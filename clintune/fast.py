@@ -37,7 +37,7 @@ only rewrites models that train on CPU.
 """
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 from torch import nn
@@ -45,6 +45,22 @@ from torch import nn
 from . import masks
 
 ATTENTION = "clintune"
+NO_KERNEL = "clintune-no-kernel"       # the same attention without the compiled attention kernels
+
+#: the parts of :func:`accelerate` that ``--fast-off`` can leave out, one at a time, to measure what each changes
+PARTS = {
+    "first_token": "the last layer for the first token only (--pooling cls)",
+    "attention": "clintune's attention (transformers' own instead, with torch's dropout)",
+    "attention_kernel": "the compiled attention kernels (PyTorch's products a chunk at a time instead)",
+    "dropout": "the fast dropout masks (torch's nn.Dropout instead; also leaves out lora and sublayer_end, "
+               "which draw the same masks)",
+    "bf16_weights": "frozen weights stored in bf16 through oneDNN (autocast casts fp32 ones instead; also "
+                    "leaves out lora)",
+    "lora": "the fused LoRA linear (PEFT's)",
+    "sublayer_end": "the fused dropout + residual + LayerNorm (BERT's)",
+    "gelu": "GELU keeping its derivative (PyTorch's)",
+    "memory": "reuse of freed memory (glibc's default)",
+}
 _registered = False
 
 
@@ -160,7 +176,7 @@ class _DropoutAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, padded, p, scale, mask=None):
+    def forward(ctx, q, k, v, bias, padded, p, scale, mask=None, kernels=True):
         with torch.autocast("cpu", enabled=False):
             b, h, t, _ = q.shape
             chunk = _examples_per_chunk(h, t)
@@ -169,7 +185,7 @@ class _DropoutAttention(torch.autograd.Function):
             probs = torch.empty((b, h, t, t), dtype=q.dtype)
             seed, threshold, fused = masks.new_seed(), _threshold(p), _fused(q.dtype, t)
             out = None
-            if fused and _attention_kernels():             # one kernel (None: a mask or size it does not take)
+            if fused and kernels and _attention_kernels():  # one kernel (None: a mask or size it does not take)
                 out = masks.attention(q, k, v, mask, 1.0, probs=probs, seed=seed, threshold=threshold,
                                       dropout_scale=1.0 / (1.0 - p))
             ctx.p, ctx.scale, ctx.chunk, ctx.seed, ctx.threshold, ctx.fused = p, scale, chunk, seed, threshold, fused
@@ -204,7 +220,7 @@ class _DropoutAttention(torch.autograd.Function):
             with torch.autocast("cpu", enabled=False):
                 grads = masks.attention_backward(q, k, v, d_out, probs, ctx.seed, threshold, 1.0 / (1.0 - ctx.p),
                                                  ctx.scale)
-            return (*grads, None, None, None, None, None)
+            return (*grads, None, None, None, None, None, None)
         kept, keep = _mask_buffers(fused, probs, ctx.chunk, threshold, ctx.seed)
         with torch.autocast("cpu", enabled=False):
             d_out = (d_out * (1.0 / (1.0 - ctx.p))).to(q.dtype).contiguous()
@@ -223,7 +239,7 @@ class _DropoutAttention(torch.autograd.Function):
                 torch.matmul(d_s, k[s:e], out=dq[s:e])
                 torch.matmul(d_s.transpose(-1, -2), q[s:e], out=dk[s:e])
             dq.mul_(ctx.scale)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 @lru_cache(maxsize=1)
@@ -315,7 +331,8 @@ def _chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
         return out
 
 
-def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, kernels: bool = True,
+              **kwargs):
     """(B, h, T, d) query/key/value -> ((B, T, h, d) output, None); mask: bool (B, 1, T, T), True = attend.
 
     Only for plain bidirectional self-attention (modules that say ``is_causal = False``, as BERT-family
@@ -324,7 +341,8 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     otherwise PyTorch's fused SDPA. Training with
     dropout on CPU: :class:`_DropoutAttention`.
     Otherwise (gradients without dropout) the unfused form: on CPU the fused kernel's backward is slower
-    than two matrix products, softmax and their gradients.
+    than two matrix products, softmax and their gradients. ``kernels=False`` (:data:`NO_KERNEL`, ``--fast-off
+    attention_kernel``) leaves out the compiled attention kernels: PyTorch's products a chunk at a time.
     """
     if (getattr(module, "is_causal", None) is not False or kwargs.get("is_causal")
             or getattr(module, "num_key_value_groups", 1) != 1 or key.shape[-2] != query.shape[-2]):
@@ -337,7 +355,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if not needs_grad:
         if query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.bfloat16:
-            out = masks.attention(query, key, value, attention_mask, scale) if _attention_kernels() else None
+            out = masks.attention(query, key, value, attention_mask, scale) if kernels and _attention_kernels() else None
             return (out if out is not None else _chunked_attention(query, key, value, attention_mask, scale)), None
         out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling)
         return out.transpose(1, 2).contiguous(), None
@@ -345,7 +363,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
         dropout = 0.0
     if dropout > 0.0 and query.device.type == "cpu" and query.dtype == key.dtype == value.dtype:
         bias, padded = _additive(attention_mask, query.dtype, query.shape[0])
-        out = _DropoutAttention.apply(query, key, value, bias, padded, dropout, scale, attention_mask)
+        out = _DropoutAttention.apply(query, key, value, bias, padded, dropout, scale, attention_mask, kernels)
         return out.transpose(1, 2).contiguous(), None
     scores = torch.matmul(query * scale, key.transpose(-1, -2))                    # (B, h, T, T)
     if attention_mask is not None:
@@ -365,7 +383,9 @@ def register() -> None:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTENTION, attention)
+    AttentionInterface.register(NO_KERNEL, partial(attention, kernels=False))
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    AttentionMaskInterface.register(NO_KERNEL, sdpa_mask)
     _registered = True
 
 
@@ -672,17 +692,17 @@ _FUSED_FORWARDS = {"sublayer_end": _sublayer_end_forward, "gelu": _gelu_forward,
 _fused_classes: dict[tuple[type, str], type] = {}
 
 
-def fuse_passes(model: nn.Module) -> dict[str, list[tuple[nn.Module, type]]]:
+def fuse_passes(model: nn.Module, skip=()) -> dict[str, list[tuple[nn.Module, type]]]:
     """Class-swap PEFT's LoRA linears over a :class:`FrozenLinear` to :class:`_LoraLinear`, BERT sublayer ends
     to :class:`_DropoutAddNorm` and exact GELUs to :class:`_GeluKeepGrad` (used only in bf16 training on CPU,
     the original forward otherwise); return, per kind, the (module, original class) pairs. Nothing where the
-    kernels are not compiled."""
-    swapped: dict[str, list] = {kind: [] for kind in _FUSED_FORWARDS}
+    kernels are not compiled, and none of the kinds in ``skip``."""
+    swapped: dict[str, list] = {kind: [] for kind in _FUSED_FORWARDS if kind not in skip}
     if masks.compiled() is None:
         return swapped
     for mod in model.modules():
         kind = None if hasattr(type(mod), "_fused_from") else _fusable(mod)
-        if kind is None:
+        if kind is None or kind in skip:
             continue
         cls = type(mod)
         if (cls, kind) not in _fused_classes:
@@ -743,37 +763,51 @@ class Speedups:
         self._weights, self._configs, self._classes = [], [], []
 
 
-def accelerate(model: nn.Module, runtime, restorable: bool = True) -> Speedups:
+def accelerate(model: nn.Module, runtime, restorable: bool = True, off=()) -> Speedups:
     """Apply the CPU speed-ups to a model about to train or predict (nothing on GPUs).
 
     ``restorable=False`` (a model that only predicts, :class:`~clintune.modeling.Classifier`): the fp32
     originals of the weights stored in bf16 are let go rather than kept for :meth:`Speedups.restore`, which
-    then puts back the attention and the classes only.
+    then puts back the attention and the classes only. ``off`` names :data:`PARTS` to leave out
+    (``--fast-off``): each keeps the maths up to rounding and the masks' draws, so leaving parts out one at a
+    time tells which, if any, changes a model's accuracy.
     """
+    off = set(off or ())
+    unknown = off - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown --fast-off part(s) {sorted(unknown)}; known: {', '.join(PARTS)}")
     sp = Speedups()
     if runtime.device.type != "cpu":
         return sp
+    if off:
+        sp.report["off"] = sorted(off)
     register()
-    for mod in model.modules():
-        cfg = getattr(mod, "config", None)
-        if cfg is not None and getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager"):
-            sp._configs.append((cfg, cfg._attn_implementation))
-            cfg._attn_implementation = ATTENTION
-    sp.report["attention"] = ATTENTION if sp._configs else "unchanged"
-    sp.report["fast_dropout_modules"] = replace_dropout(model)
-    sp.report["dropout_masks"] = "splitmix64-c" if masks.compiled() is not None else "numpy-sfc64"
-    sp.report["reuse_freed_memory"] = reuse_freed_memory()
+    if "attention" not in off:
+        impl = NO_KERNEL if "attention_kernel" in off else ATTENTION
+        for mod in model.modules():
+            cfg = getattr(mod, "config", None)
+            if cfg is not None and getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager"):
+                sp._configs.append((cfg, cfg._attn_implementation))
+                cfg._attn_implementation = impl
+    sp.report["attention"] = sp._configs[0][0]._attn_implementation if sp._configs else "unchanged"
+    if "dropout" not in off:
+        sp.report["fast_dropout_modules"] = replace_dropout(model)
+        sp.report["dropout_masks"] = "splitmix64-c" if masks.compiled() is not None else "numpy-sfc64"
+    if "memory" not in off:
+        sp.report["reuse_freed_memory"] = reuse_freed_memory()
     if runtime.precision == "bf16":
-        weights = frozen_linears_to(model, torch.bfloat16)
-        sp.report["bf16_frozen_linear_tensors"] = len(weights)
-        if restorable:
-            sp._weights = weights
-            sp.report["paged_out_fp32_mb"] = round(page_out(t for _, t in weights) / 2 ** 20, 1)
-        if _onednn_linear():
-            swapped = frozen_linear_class(model)
-            sp._classes += swapped
-            sp.report["onednn_frozen_linears"] = len(swapped)
-        fused = fuse_passes(model)
+        if "bf16_weights" not in off:
+            weights = frozen_linears_to(model, torch.bfloat16)
+            sp.report["bf16_frozen_linear_tensors"] = len(weights)
+            if restorable:
+                sp._weights = weights
+                sp.report["paged_out_fp32_mb"] = round(page_out(t for _, t in weights) / 2 ** 20, 1)
+            if _onednn_linear():
+                swapped = frozen_linear_class(model)
+                sp._classes += swapped
+                sp.report["onednn_frozen_linears"] = len(swapped)
+        skip = off | ({"lora", "sublayer_end"} if "dropout" in off else set())
+        fused = fuse_passes(model, skip)
         for pairs in fused.values():
             sp._classes += pairs
         sp.report["fused_passes"] = {kind: len(pairs) for kind, pairs in fused.items()}

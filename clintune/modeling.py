@@ -100,7 +100,8 @@ def trim_last_layer(encoder: nn.Module, head: nn.Module, cfg: TrainConfig) -> bo
     encoder at 256 tokens). Part of ``--fast``; True if done."""
     from .prune import first_token_only, head_reads_first_token_only
 
-    return (cfg.fast and METHODS[cfg.method].backbone_trains and head_reads_first_token_only(head)
+    return (cfg.fast and "first_token" not in (cfg.fast_off or ()) and METHODS[cfg.method].backbone_trains
+            and head_reads_first_token_only(head)
             and first_token_only(encoder))
 
 
@@ -176,7 +177,7 @@ class Classifier:
 
             # the training speed-ups that hold without gradients: weights stored once in bf16 (autocast would
             # cast them at every batch; no fp32 copy kept) through oneDNN, the attention kernel, the heap reused
-            self.speedups = accelerate(self.model, self.runtime, restorable=False)
+            self.speedups = accelerate(self.model, self.runtime, restorable=False, off=config.fast_off)
         self.int8_linears = 0
         if config.quantize == "int8":
             from .quantize import quantize_int8, require_cpu

@@ -1,4 +1,6 @@
 """The CPU speed-ups keep the maths: same distribution, same attention, same bits where promised."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -731,3 +733,117 @@ def test_a_bert_encoder_predicts_the_same_with_clintune_attention_as_with_sdpa(m
     torch.testing.assert_close(got[keep], want[keep], atol=0.06, rtol=0.02)       # bf16 noise through 2 layers
     sp.restore()
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_fast_off_parts_are_the_configs_and_unknown_ones_are_refused():
+    from clintune.config import FAST_PARTS
+    from clintune.errors import ConfigError
+
+    assert FAST_PARTS == tuple(fast.PARTS)
+    with pytest.raises(ConfigError, match="--fast-off: 'attn' is not one of"):
+        tiny_config("unused", "unused.csv", fast_off=["attn"])
+    assert tiny_config("unused", "unused.csv").replace(fast_off="gelu,lora").fast_off == ["gelu", "lora"]
+    with pytest.raises(ValueError, match="unknown --fast-off"):
+        fast.accelerate(torch.nn.Linear(2, 2), Runtime(torch.device("cpu"), "bf16"), off=["attn"])
+
+
+@pytest.fixture(scope="module")
+def kernel_backbone(tiny_backbone, tmp_path_factory):
+    """The tiny BERT's tokenizer with a 2-layer encoder of head size 32, which the attention kernels take."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    from conftest import TINY
+
+    d = tmp_path_factory.mktemp("kernel-bert")
+    for f in Path(tiny_backbone).iterdir():
+        if "token" in f.name or f.name.startswith("vocab"):
+            shutil.copy(f, d / f.name)
+    vocab = BertConfig.from_pretrained(tiny_backbone).vocab_size
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=vocab, **{**TINY, "hidden_size": 64, "intermediate_size": 128})).save_pretrained(d)
+    return str(d)
+
+
+def _lora_step(tiny_backbone, off):
+    """One bf16 LoRA step with every dropout on (0.1) and ``off`` left out of the fast path: (the speed-ups'
+    report, the trainable gradients, what accelerate swapped), the model restored afterwards."""
+    from clintune.modeling import assemble
+
+    cfg = tiny_config(tiny_backbone, "unused.csv", method="lora", head="pooler", pooling="cls", lora_r=4,
+                      lora_alpha=4, lora_dropout=0.1, target_modules=["query", "key", "value"])
+    torch.manual_seed(0)
+    asm = assemble(cfg, 2)
+    model = asm.model.train()
+    with torch.no_grad():                                                   # non-zero B: gradients reach A too
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+    enc = asm.tokenizer(["heart failure with reduced ejection fraction noted on echo", "rash", "atrial fibrillation",
+                         "eczema of both hands, itching at night"], padding=True, return_tensors="pt")
+    rt = Runtime(torch.device("cpu"), "bf16")
+    before = {n: type(m) for n, m in model.named_modules()}
+    sp = fast.accelerate(model, rt, off=off)
+    swapped = {n: type(m) for n, m in model.named_modules()}
+    dtypes = {p.dtype for m in model.modules() if type(m) in (torch.nn.Linear, fast.FrozenLinear)
+              for p in m.parameters(recurse=False) if not p.requires_grad}
+    torch.manual_seed(123)
+    with rt.autocast():
+        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    torch.nn.functional.cross_entropy(logits.float(), torch.tensor([0, 1, 0, 1])).backward()
+    grads = {n: p.grad.double() for n, p in model.named_parameters() if p.requires_grad}
+    sp.restore()                                    # everything back but the dropouts (FastDropout stays)
+    assert all(type(m) is before[n] or type(m) is fast.FastDropout for n, m in model.named_modules())
+    assert {m.config._attn_implementation for m in model.modules() if hasattr(m, "config")} == {"sdpa"}
+    return sp.report, grads, swapped, dtypes
+
+
+@pytest.mark.parametrize("part", list(fast.PARTS))
+def test_fast_off_leaves_out_just_that_part_and_keeps_the_gradients(kernel_backbone, part, monkeypatch):
+    """Each --fast-off part: what accelerate does without it (the report, the classes, the weights' dtype,
+    whether the attention kernel runs), and one bf16 LoRA step with every dropout on against the whole fast
+    path from the same seed: where the part left out draws the same masks, the same gradients to bf16 noise;
+    where it draws others (torch's dropout), gradients of the same size."""
+    if masks.compiled() is None:
+        pytest.skip("no C compiler: the kernels and fusions are not there to leave out")
+    ran, real = [], masks.attention                                 # whether the attention kernel did the work
+
+    def attention(*args, **kwargs):
+        out = real(*args, **kwargs)
+        ran.append(out is not None)
+        return out
+
+    monkeypatch.setattr(masks, "attention", attention)
+    report, grads, swapped, dtypes = _lora_step(kernel_backbone, [part])
+    names = {t.__name__ for t in swapped.values()}
+    assert report["off"] == [part]
+    assert (report["attention"] == "unchanged") == (part == "attention")
+    assert (report["attention"] == fast.NO_KERNEL) == (part == "attention_kernel")
+    assert ("FastDropout" in names) == (part != "dropout") and ("fast_dropout_modules" in report) == (part != "dropout")
+    assert (torch.float32 in dtypes) == (part == "bf16_weights") and ("FrozenLinear" in names) == (part != "bf16_weights")
+    fused = report["fused_passes"]
+    assert ("lora" in fused) == (part not in ("lora", "dropout")) and ("sublayer_end" in fused) == (
+        part not in ("sublayer_end", "dropout")) and ("gelu" in fused) == (part != "gelu")
+    assert (fused.get("lora", 0) > 0) == (part not in ("lora", "dropout", "bf16_weights"))
+    assert ("reuse_freed_memory" in report) == (part != "memory")
+    if fast._attention_kernels():
+        assert any(ran) == (part not in ("attention", "attention_kernel"))
+    full = _lora_step(kernel_backbone, [])[1]
+    for name, g in full.items():
+        assert torch.isfinite(grads[name]).all() and grads[name].norm() > 0, name
+    a = torch.cat([g.flatten() for g in full.values()])
+    b = torch.cat([grads[n].flatten() for n in full])
+    if part not in ("attention", "dropout"):
+        # the same masks from the same seeds (these parts draw them the same way): bf16 noise apart
+        assert float((a - b).norm() / a.norm()) < 0.05, part
+    else:   # torch's generator instead of clintune's masks: another draw, the same size of gradient
+        assert 0.5 < float(b.norm() / a.norm()) < 2.0, part
+
+
+def test_fast_off_first_token_keeps_the_whole_last_layer(tiny_backbone):
+    from clintune.modeling import assemble
+
+    cfg = tiny_config(tiny_backbone, "unused.csv", head="pooler", pooling="cls")
+    assert assemble(cfg, 2).model.first_token_only
+    assert not assemble(cfg.replace(fast_off=["first_token"]), 2).model.first_token_only
