@@ -488,26 +488,32 @@ def test_matmul_peak_counts_the_fastest_product_and_keeps_the_better_measurement
     cost._PEAKS.clear()
 
 
+def _lora_model(cfg):
+    """(assembled, model in training mode) for a LoRA ``cfg``, seeded, with non-zero B (gradients reach A too)."""
+    from clintune.modeling import assemble
+
+    torch.manual_seed(0)
+    asm = assemble(cfg, 2)
+    model = asm.model.train()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+    return asm, model
+
+
 def test_bf16_lora_gradients_with_dropout_match_fp32_with_the_same_masks(tiny_backbone):
     """One LoRA step with every dropout on: the bf16 fast path (bf16 frozen weights, bf16 chunked attention)
     against the same path in fp32, drawing the very same masks (same seed): the gradients of every LoRA
     matrix and of the head agree up to bf16 rounding, attention's query/key included (their gradient goes
     through softmax's backward, dP - rowsum(dP * P), computed in bf16)."""
-    from clintune.modeling import assemble
-
     cfg = tiny_config(tiny_backbone, "unused.csv", method="lora", head="mlp", pooling="cls", lora_r=4, lora_alpha=4,
                       lora_dropout=0.1, target_modules=["query", "key", "value"])
     texts = ["heart failure with reduced ejection fraction noted on echo today and yesterday", "rash",
              "atrial fibrillation", "eczema of both hands, itching at night", "chest pain on exertion", "acne"]
     grads = []
     for precision in ("fp32", "bf16"):
-        torch.manual_seed(0)
-        asm = assemble(cfg, 2)
-        model = asm.model.train()
-        with torch.no_grad():                                               # non-zero B: gradients reach A too
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+        asm, model = _lora_model(cfg)
         enc = asm.tokenizer(texts, padding=True, return_tensors="pt")   # padded examples too
         ids, mask = enc["input_ids"], enc["attention_mask"]
         rt = Runtime(torch.device("cpu"), precision)
@@ -769,17 +775,9 @@ def kernel_backbone(tiny_backbone, tmp_path_factory):
 def _lora_step(tiny_backbone, off):
     """One bf16 LoRA step with every dropout on (0.1) and ``off`` left out of the fast path: (the speed-ups'
     report, the trainable gradients, what accelerate swapped), the model restored afterwards."""
-    from clintune.modeling import assemble
-
     cfg = tiny_config(tiny_backbone, "unused.csv", method="lora", head="pooler", pooling="cls", lora_r=4,
                       lora_alpha=4, lora_dropout=0.1, target_modules=["query", "key", "value"])
-    torch.manual_seed(0)
-    asm = assemble(cfg, 2)
-    model = asm.model.train()
-    with torch.no_grad():                                                   # non-zero B: gradients reach A too
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+    asm, model = _lora_model(cfg)
     enc = asm.tokenizer(["heart failure with reduced ejection fraction noted on echo", "rash", "atrial fibrillation",
                          "eczema of both hands, itching at night"], padding=True, return_tensors="pt")
     rt = Runtime(torch.device("cpu"), "bf16")
