@@ -782,14 +782,14 @@ def accelerate(model: nn.Module, runtime, restorable: bool = True, off=()) -> Sp
     if off:
         sp.report["off"] = sorted(off)
     register()
+    impl = NO_KERNEL if "attention_kernel" in off else ATTENTION
     if "attention" not in off:
-        impl = NO_KERNEL if "attention_kernel" in off else ATTENTION
         for mod in model.modules():
             cfg = getattr(mod, "config", None)
             if cfg is not None and getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager"):
                 sp._configs.append((cfg, cfg._attn_implementation))
                 cfg._attn_implementation = impl
-    sp.report["attention"] = sp._configs[0][0]._attn_implementation if sp._configs else "unchanged"
+    sp.report["attention"] = impl if sp._configs else "unchanged"
     if "dropout" not in off:
         sp.report["fast_dropout_modules"] = replace_dropout(model)
         sp.report["dropout_masks"] = "splitmix64-c" if masks.compiled() is not None else "numpy-sfc64"
