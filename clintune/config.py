@@ -321,7 +321,8 @@ class TrainConfig:
     precision: str = option("auto", "auto picks bf16 where the CPU/GPU supports it, else fp32",
                             choices=PRECISIONS, group="runtime")
     device: str = option("auto", "where to train", choices=DEVICES, group="runtime")
-    threads: int | None = option(None, "CPU threads (default: PyTorch's, one per core)", group="runtime")
+    threads: int | None = option(None, "CPU threads (default: OMP_NUM_THREADS if set, else one per core, "
+                                 "fewer under a container's CPU limit)", group="runtime")
     progress: bool = option(True, "show a progress bar with loss and samples/s", group="runtime")
     fast: bool = option(True, "speed-ups that keep the maths: the last layer for the first token only when the "
                         "head reads only that (--pooling cls); on CPU fast dropout masks, cache-sized attention "

@@ -55,7 +55,7 @@ def environment(runtime=None) -> dict:
            "threads": torch.get_num_threads(), "cpu": cpu_name(), "cpu_bf16": cpu_has_native_bf16()}
     if runtime is not None:
         env.update(device=runtime.device.type, device_name=runtime.device_name, precision=runtime.precision,
-                   processes=runtime.world)
+                   processes=runtime.world, threads_from=runtime.threads_from)
     if torch.cuda.is_available():
         env["cuda"] = torch.version.cuda
         env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

@@ -50,12 +50,108 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cgroup_quota_files(mountinfo: str, cgroup: str) -> list[tuple[str, str, str]]:
+    """(directory, kind, mount point) of this process's CPU cgroup in each hierarchy that has the CPU controller
+    (kind "v2": cgroup2; "v1": cgroup v1's cpu controller), from /proc/self/mountinfo and /proc/self/cgroup."""
+    paths = {}                                  # "v2" / "v1" -> the process's cgroup path in that hierarchy
+    with open(cgroup, encoding="utf-8") as f:
+        for line in f:
+            parts = line.rstrip("\n").split(":", 2)
+            if len(parts) != 3:
+                continue
+            if parts[0] == "0" and parts[1] == "":
+                paths["v2"] = parts[2]
+            elif "cpu" in parts[1].split(","):
+                paths["v1"] = parts[2]
+    found = []
+    with open(mountinfo, encoding="utf-8") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, tail = left.split(), right.split()
+            if len(fields) < 5 or len(tail) < 3:
+                continue
+            root, point, fstype, options = fields[3], fields[4], tail[0], tail[2].split(",")
+            kind = "v2" if fstype == "cgroup2" else "v1" if fstype == "cgroup" and "cpu" in options else None
+            if kind is None or kind not in paths:
+                continue
+            path = paths[kind]
+            if root != "/" and not (path == root or path.startswith(root.rstrip("/") + "/")):
+                continue                        # the process's cgroup is outside what this mount shows
+            rel = path[len(root):] if root != "/" else path
+            found.append((os.path.join(point, rel.lstrip("/")), kind, point))
+    return found
+
+
+def cgroup_cpu_limit(mountinfo: str = "/proc/self/mountinfo", cgroup: str = "/proc/self/cgroup") -> float | None:
+    """The CPUs this process may use under a cgroup CPU bandwidth limit (``docker run --cpus``, Kubernetes CPU
+    limits, systemd's CPUQuota), or None where there is none or it cannot be read.
+
+    The limit is quota / period: cgroup v2's ``cpu.max`` ("QUOTA PERIOD", or "max PERIOD" for none), cgroup v1's
+    ``cpu.cfs_quota_us / cpu.cfs_period_us`` (quota -1 for none); the smallest along the process's cgroup and its
+    parents up to the hierarchy's mount, since each of them caps the ones below it."""
+    try:
+        places = _cgroup_quota_files(mountinfo, cgroup)
+    except OSError:
+        return None
+    limits = []
+    for directory, kind, point in places:
+        d = os.path.normpath(directory)
+        top = os.path.normpath(point)
+        while True:
+            try:
+                if kind == "v2":
+                    with open(os.path.join(d, "cpu.max"), encoding="utf-8") as f:
+                        quota, period = (f.read().split() + ["", ""])[:2]
+                    if quota != "max" and float(period) > 0:
+                        limits.append(float(quota) / float(period))
+                else:
+                    with open(os.path.join(d, "cpu.cfs_quota_us"), encoding="utf-8") as f:
+                        quota = float(f.read().strip())
+                    with open(os.path.join(d, "cpu.cfs_period_us"), encoding="utf-8") as f:
+                        period = float(f.read().strip())
+                    if quota > 0 and period > 0:
+                        limits.append(quota / period)
+            except (OSError, ValueError):
+                pass
+            if d == top or len(d) <= len(top):
+                break
+            d = os.path.dirname(d)
+    return min(limits) if limits else None
+
+
+def usable_cpus() -> int:
+    """The cores this process can keep busy: those it may run on (its affinity), capped by a cgroup CPU limit
+    (rounded down, at least 1). PyTorch starts one thread per core of the machine, and a container limited to
+    two CPUs on a 64-core host would otherwise run 32-64 threads that the kernel throttles in turn."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        n = min(n, max(1, int(limit)))
+    return max(1, n)
+
+
+def default_threads() -> tuple[int, str]:
+    """(threads, why) for a run that did not say (``--threads``): OMP_NUM_THREADS when set (PyTorch reads it, as
+    torchrun's one thread per process), else PyTorch's own (one per core) unless :func:`usable_cpus` is fewer
+    ("usable cores": a cgroup CPU limit or the process's affinity)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads(), "OMP_NUM_THREADS"
+    n = usable_cpus()
+    if n < torch.get_num_threads():
+        return n, "usable cores"
+    return torch.get_num_threads(), "PyTorch default"
+
+
 @dataclass
 class Runtime:
     device: torch.device
     precision: str  # resolved: fp32 | bf16 | fp16
     rank: int = 0   # this process among ``world`` (torchrun / accelerate launch); 0 and 1 otherwise
     world: int = 1
+    threads_from: str = "PyTorch default"  # where the CPU thread count came from (--threads, OMP_NUM_THREADS, ...)
 
     @property
     def is_main(self) -> bool:
@@ -113,7 +209,12 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", threads: int 
         raise ConfigError("--precision fp16: not supported for training on CPU; use bf16 or fp32")
     if threads:
         torch.set_num_threads(threads)
-    return Runtime(dev, precision, rank, world)
+        source = "--threads"
+    else:
+        n, source = default_threads()
+        if n != torch.get_num_threads():
+            torch.set_num_threads(n)
+    return Runtime(dev, precision, rank, world, source)
 
 
 def seed_everything(seed: int) -> None:

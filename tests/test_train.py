@@ -25,7 +25,7 @@ def test_each_method_trains_saves_and_reloads_exactly(method, tiny_backbone, bin
     assert rec["status"] == "success" and rec["config"]["method"] == method and rec["config"]["head"] == "mlp"
     assert {"accuracy", "precision", "recall", "f1", "auroc"} <= set(rec["metrics"])
     assert RECORD_COST_KEYS <= set(rec["cost"])
-    assert {"packages", "git_sha", "device", "threads"} <= set(rec["env"])
+    assert {"packages", "git_sha", "device", "threads", "threads_from"} <= set(rec["env"])
     assert rec["metrics"]["accuracy"] > 0.6, rec["metrics"]    # balanced classes: chance is 0.5
     saved = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert "head.safetensors" in saved and not any(s.endswith((".bin", ".pt", ".pkl")) for s in saved)

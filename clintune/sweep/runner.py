@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import signal
 import threading
@@ -50,7 +49,11 @@ class SweepSummary:
 
 
 def default_threads(jobs: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, jobs))
+    """Threads for each of ``jobs`` runs at a time: the cores this process may use (its affinity and any
+    cgroup CPU limit, :func:`clintune.runtime.usable_cpus`) shared out, at least one each."""
+    from ..runtime import usable_cpus
+
+    return max(1, usable_cpus() // max(1, jobs))
 
 
 def _file_sha256(path: Path) -> str:
