@@ -133,7 +133,7 @@ def usable_cpus() -> int:
     return max(1, n)
 
 
-def default_threads() -> tuple[int, str]:
+def auto_threads() -> tuple[int, str]:
     """(threads, why) for a run that did not say (``--threads``): OMP_NUM_THREADS when set (PyTorch reads it, as
     torchrun's one thread per process), else PyTorch's own (one per core) unless :func:`usable_cpus` is fewer
     ("usable cores": a cgroup CPU limit or the process's affinity)."""
@@ -211,7 +211,7 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", threads: int 
         torch.set_num_threads(threads)
         source = "--threads"
     else:
-        n, source = default_threads()
+        n, source = auto_threads()
         if n != torch.get_num_threads():
             torch.set_num_threads(n)
     return Runtime(dev, precision, rank, world, source)
