@@ -82,6 +82,25 @@ def _cgroup_quota_files(mountinfo: str, cgroup: str) -> list[tuple[str, str, str
     return found
 
 
+def _quota(directory: str, kind: str) -> float | None:
+    """One cgroup directory's CPU limit (quota / period), or None: none set, unreadable or malformed."""
+    def read(name: str) -> list[str]:
+        with open(os.path.join(directory, name), encoding="utf-8") as f:
+            return f.read().split()
+
+    try:
+        if kind == "v2":
+            quota, period = (read("cpu.max") + ["", ""])[:2]
+            if quota == "max":
+                return None
+        else:
+            quota, period = read("cpu.cfs_quota_us")[0], read("cpu.cfs_period_us")[0]
+        quota, period = float(quota), float(period)
+    except (OSError, ValueError, IndexError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
 def cgroup_cpu_limit(mountinfo: str = "/proc/self/mountinfo", cgroup: str = "/proc/self/cgroup") -> float | None:
     """The CPUs this process may use under a cgroup CPU bandwidth limit (``docker run --cpus``, Kubernetes CPU
     limits, systemd's CPUQuota), or None where there is none or it cannot be read.
@@ -95,27 +114,13 @@ def cgroup_cpu_limit(mountinfo: str = "/proc/self/mountinfo", cgroup: str = "/pr
         return None
     limits = []
     for directory, kind, point in places:
-        d = os.path.normpath(directory)
-        top = os.path.normpath(point)
+        d, top = os.path.normpath(directory), os.path.normpath(point)
         while True:
-            try:
-                if kind == "v2":
-                    with open(os.path.join(d, "cpu.max"), encoding="utf-8") as f:
-                        quota, period = (f.read().split() + ["", ""])[:2]
-                    if quota != "max" and float(period) > 0:
-                        limits.append(float(quota) / float(period))
-                else:
-                    with open(os.path.join(d, "cpu.cfs_quota_us"), encoding="utf-8") as f:
-                        quota = float(f.read().strip())
-                    with open(os.path.join(d, "cpu.cfs_period_us"), encoding="utf-8") as f:
-                        period = float(f.read().strip())
-                    if quota > 0 and period > 0:
-                        limits.append(quota / period)
-            except (OSError, ValueError):
-                pass
-            if d == top or len(d) <= len(top):
+            limits.append(_quota(d, kind))
+            if len(d) <= len(top):          # the mount point: the top of what this process can see
                 break
             d = os.path.dirname(d)
+    limits = [x for x in limits if x is not None]
     return min(limits) if limits else None
 
 
