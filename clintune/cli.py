@@ -10,7 +10,6 @@ import logging
 import os
 import sys
 import warnings
-from pathlib import Path
 
 from .errors import ClintuneError
 

@@ -26,7 +26,7 @@ def run_demo(out: str | None = "runs/demo", epochs: int | None = None) -> dict:
     res = train(cfg)
     print_train_summary(res.record, out)
     # A few held-out diagnoses (public ICD-10-CM text), with the model's call.
-    from .data import load_examples, prepare_splits
+    from .data import prepare_splits
 
     test = prepare_splits(cfg).test
     picks = list(range(0, len(test), max(1, len(test) // 6)))[:6]

@@ -9,7 +9,6 @@ import torch
 
 import clintune
 from clintune.batching import encode_chunks
-from clintune.config import TrainConfig
 from clintune.data import load_examples
 from clintune.heads import WindowPool
 from clintune.tasks import MultiLabel, get_task

@@ -1,6 +1,5 @@
 """End to end on a tiny BERT: every method trains, saves only what trained, reloads exactly."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
