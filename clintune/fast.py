@@ -24,11 +24,12 @@ SDPA falls back to whenever attention dropout is on, and page faults on freshly 
   cast them to at every call, minus the cast (and half the memory). Trainable parameters stay fp32.
   :class:`FrozenLinear` then runs them through oneDNN with the bias inside the product: the same bits as
   ``addmm``, without its pass that first broadcasts the bias into the output.
-* :func:`fuse_passes` fuses the remaining passes over memory by class swaps (bf16 training on CPU only; the
-  original forward otherwise): PEFT's LoRA linear over a :class:`FrozenLinear` (:class:`_LoraLinear`: the
-  update added inside the frozen product, the two input gradients summed in one pass), BERT's sublayer end
-  LayerNorm(dropout(h) + residual) with a frozen LayerNorm (:class:`_DropoutAddNorm`), and the exact GELU,
-  which keeps its derivative from the forward pass (:class:`_GeluKeepGrad`). :class:`_Dropout` itself is
+* :func:`fuse_passes` fuses the remaining passes over memory by class swaps (bf16 on CPU only; the original
+  forward otherwise): PEFT's LoRA linear over a :class:`FrozenLinear` (:class:`_LoraLinear`: the update
+  added inside the frozen product, the two input gradients summed in one pass), BERT's sublayer end
+  LayerNorm(dropout(h) + residual) with a frozen LayerNorm (:class:`_DropoutAddNorm` in training; in
+  prediction LayerNorm(h + residual) in one pass, :func:`masks.add_norm`), and the exact GELU, which keeps
+  its derivative from the forward pass in training (:class:`_GeluKeepGrad`). :class:`_Dropout` itself is
   one compiled pass each way (:func:`masks.dropout`).
 * :func:`reuse_freed_memory` lets glibc's malloc reuse freed blocks instead of mapping fresh pages.
 
@@ -626,15 +627,19 @@ class _DropoutAddNorm(torch.autograd.Function):
 
 
 def _sublayer_end_forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-    """BERT's ``LayerNorm(dropout(dense(x)) + input)``, by :class:`_DropoutAddNorm` where it applies."""
+    """BERT's ``LayerNorm(dropout(dense(x)) + input)``: by :class:`_DropoutAddNorm` in training, and by one
+    pass (:func:`masks.add_norm`) in prediction, where they apply."""
     h = self.dense(hidden_states)
     ln, drop = self.LayerNorm, self.dropout
-    if (drop.training and 0.0 < drop.p < 1.0 and h.dtype == torch.bfloat16 and input_tensor.dtype == torch.float32
-            and h.device.type == "cpu" and h.shape == input_tensor.shape and ln.weight is not None
-            and ln.bias is not None and not (ln.weight.requires_grad or ln.bias.requires_grad)
+    if (h.dtype == torch.bfloat16 and input_tensor.dtype == torch.float32 and h.device.type == "cpu"
+            and h.shape == input_tensor.shape and ln.weight is not None and ln.bias is not None
+            and not (ln.weight.requires_grad or ln.bias.requires_grad)
             and ln.weight.dtype == ln.bias.dtype == torch.float32 and tuple(ln.normalized_shape) == (h.shape[-1],)
             and masks.fused_rows_available(h.shape[-1])):
-        return _DropoutAddNorm.apply(h, input_tensor, ln.weight, ln.bias, ln.eps, drop.p)
+        if drop.training and 0.0 < drop.p < 1.0:
+            return _DropoutAddNorm.apply(h, input_tensor, ln.weight, ln.bias, ln.eps, drop.p)
+        if not drop.training and not (torch.is_grad_enabled() and (h.requires_grad or input_tensor.requires_grad)):
+            return masks.add_norm(h.contiguous(), input_tensor.contiguous(), ln.weight, ln.bias, ln.eps)
     return ln(drop(h) + input_tensor)
 
 
@@ -694,9 +699,9 @@ _fused_classes: dict[tuple[type, str], type] = {}
 
 def fuse_passes(model: nn.Module, skip=()) -> dict[str, list[tuple[nn.Module, type]]]:
     """Class-swap PEFT's LoRA linears over a :class:`FrozenLinear` to :class:`_LoraLinear`, BERT sublayer ends
-    to :class:`_DropoutAddNorm` and exact GELUs to :class:`_GeluKeepGrad` (used only in bf16 training on CPU,
-    the original forward otherwise); return, per kind, the (module, original class) pairs. Nothing where the
-    kernels are not compiled, and none of the kinds in ``skip``."""
+    to :class:`_DropoutAddNorm` (:func:`masks.add_norm` in prediction) and exact GELUs to
+    :class:`_GeluKeepGrad` (in bf16 on CPU; the original forward otherwise); return, per kind, the (module,
+    original class) pairs. Nothing where the kernels are not compiled, and none of the kinds in ``skip``."""
     swapped: dict[str, list] = {kind: [] for kind in _FUSED_FORWARDS if kind not in skip}
     if masks.compiled() is None:
         return swapped

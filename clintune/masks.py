@@ -206,25 +206,33 @@ void dropout_add_bf16_f32(const uint16_t *a, const uint16_t *b, float *out, int6
 }
 /* A transformer sublayer's end, z = round(h s) m + r, y = (z - mean) rstd w + b over rows of length n
    (h bf16, the rest fp32; m the stream's mask over h's flat elements, s = 1 / (1 - p)); z and (mean, rstd)
-   per row are kept for the backward pass. */
+   per row are kept for the backward pass (stats NULL: not kept; z may be y). With threshold -32768 and s = 1
+   (no dropout: prediction) every element is kept and round(h s) = h, so no mask is drawn. */
 void dropout_add_norm_bf16(const uint16_t *h, const float *r, const float *w, const float *b, float *y, float *z,
                            float *stats, int64_t rows, int64_t n, uint64_t seed, int32_t threshold, float scale,
                            float eps) {
+    const int drop = threshold > -32768 || scale != 1.0f;
     #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < rows; i++) {
         uint16_t keep[MAXT] __attribute__((aligned(64)));
-        span_keep(keep, i * n, n, seed, (int16_t) threshold);
+        if (drop) span_keep(keep, i * n, n, seed, (int16_t) threshold);
         const uint16_t *hi = h + i * n;
         const float *ri = r + i * n;
         float *zi = z + i * n, *yi = y + i * n;
         float acc[16] = {0};
         int64_t j = 0;
-        for (; j + 16 <= n; j += 16)
-            for (int l = 0; l < 16; l++) {
-                float v = bf2f(f2bf(bf2f(hi[j + l]) * scale) & keep[j + l]) + ri[j + l];
-                zi[j + l] = v; acc[l] += v;
-            }
-        for (; j < n; j++) { float v = bf2f(f2bf(bf2f(hi[j]) * scale) & keep[j]) + ri[j]; zi[j] = v; acc[0] += v; }
+        if (drop) {
+            for (; j + 16 <= n; j += 16)
+                for (int l = 0; l < 16; l++) {
+                    float v = bf2f(f2bf(bf2f(hi[j + l]) * scale) & keep[j + l]) + ri[j + l];
+                    zi[j + l] = v; acc[l] += v;
+                }
+            for (; j < n; j++) { float v = bf2f(f2bf(bf2f(hi[j]) * scale) & keep[j]) + ri[j]; zi[j] = v; acc[0] += v; }
+        } else {
+            for (; j + 16 <= n; j += 16)
+                for (int l = 0; l < 16; l++) { float v = bf2f(hi[j + l]) + ri[j + l]; zi[j + l] = v; acc[l] += v; }
+            for (; j < n; j++) { float v = bf2f(hi[j]) + ri[j]; zi[j] = v; acc[0] += v; }
+        }
         float sum = 0.0f;
         for (int l = 0; l < 16; l++) { sum += acc[l]; acc[l] = 0.0f; }
         const float mean = sum / (float) n;
@@ -235,7 +243,7 @@ void dropout_add_norm_bf16(const uint16_t *h, const float *r, const float *w, co
         for (int l = 0; l < 16; l++) var += acc[l];
         const float rstd = 1.0f / __builtin_sqrtf(var / (float) n + eps);
         for (j = 0; j < n; j++) yi[j] = (zi[j] - mean) * rstd * w[j] + b[j];
-        stats[2 * i] = mean; stats[2 * i + 1] = rstd;
+        if (stats) { stats[2 * i] = mean; stats[2 * i + 1] = rstd; }
     }
 }
 /* its gradients: dz = rstd (g - mean(g) - x mean(g x)) with g = dy w and x = (z - mean) rstd (a frozen w);
@@ -913,6 +921,22 @@ def dropout_add_norm(h: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bia
                                      z.data_ptr(), stats.data_ptr(), rows, n, seed, int(threshold), float(scale),
                                      float(eps))
     return y, z, stats
+
+
+def add_norm(h: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = LayerNorm(h + r) over the last dim in one pass, for prediction (h bf16; r, the LayerNorm's weight and
+    bias fp32; y fp32): :func:`dropout_add_norm` without dropout and without keeping anything for a backward
+    pass. PyTorch takes two passes (the add, then ``native_layer_norm``); the sum is the same fp32 sum and the
+    LayerNorm within fp32 rounding of PyTorch's."""
+    n = h.shape[-1]
+    _check({"h": (h, torch.bfloat16), "r": (r, torch.float32)}, h.shape)
+    _check({"weight": (weight, torch.float32), "bias": (bias, torch.float32)}, (n,))
+    if not fused_rows_available(n):
+        raise ValueError(f"add_norm: rows of 1 to {MAX_ROW} values, where the kernels are compiled")
+    y = torch.empty(h.shape)
+    compiled().dropout_add_norm_bf16(h.data_ptr(), r.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
+                                     y.data_ptr(), None, h.numel() // n, n, 0, -32768, 1.0, float(eps))
+    return y
 
 
 def dropout_add_norm_backward(dy: torch.Tensor, z: torch.Tensor, stats: torch.Tensor, weight: torch.Tensor, seed: int,

@@ -15,13 +15,17 @@ This is the scheme of PyTorch's dynamic quantisation and of Q8BERT (Zafrir et al
 al., CVPR 2018, for the affine mapping), with per-channel weights. On CPUs with AVX-512 VNNI an int8 product does
 four multiply-adds per 32-bit lane where bf16 does two: measured on 2 Zen 4 cores, MiniLM's products ran at
 0.74-0.88 int8 TOPS against 0.38-0.41 bf16 TFLOP/s. Several linears reading one tensor (query, key and value)
-quantise it once. Only the encoder is quantised; the head keeps its precision. Predictions may change: a
+quantise it once. A linear followed by a GELU in the feed-forward block (BERT's intermediate layer, DistilBERT's
+``lin1``) applies the GELU inside oneDNN's product as it writes its output (a post-op: the same function, one
+pass over the 4H-wide activations fewer). Only the encoder is quantised; the head keeps its precision.
+Predictions may change: a
 value's error is at most s_x / 2 before the product, so check the metrics (``clintune evaluate --quantize
 int8``) before relying on it. Prediction only: training is unaffected and nothing quantised is saved.
 """
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 from torch import nn
@@ -46,21 +50,23 @@ def int8_available() -> bool:
 
 class _SharedInput:
     """The last input quantised by a model's :class:`Int8Linear` layers and its codes: a layer given the same
-    tensor object reuses them, as the query, key and value layers of a block do. Outside inference mode a
-    change in place since (its version counter) makes them quantise again; in inference mode, which keeps no
-    counter, the encoders' forwards read a layer's input without changing it in between."""
+    tensor object reuses them, as the query, key and value layers of a block do. Keyed on x itself (a weak
+    reference: x is not kept alive; a reshaped view is a new object) and, outside inference mode, on x's
+    version counter (a change in place since makes them quantise again); in inference mode, which keeps no
+    counter, the encoders' forwards read a layer's input without changing it in between. The entry is one
+    tuple, replaced whole, so threads predicting at once never get each other's codes."""
 
     def __init__(self) -> None:
-        self.x: torch.Tensor | None = None
-        self.version = -1
-        self.codes: tuple[torch.Tensor, float, int] | None = None
+        self.entry: tuple | None = None
 
     def codes_of(self, x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
         version = -1 if x.is_inference() else x._version    # inference tensors keep no version counter
-        if self.x is not x or self.version != version:
-            self.codes = masks.quantize_u8(x.contiguous())
-            self.x, self.version = x, version
-        return self.codes
+        entry = self.entry
+        if entry is not None and entry[0]() is x and entry[1] == version:
+            return entry[2]
+        codes = masks.quantize_u8(x.contiguous())
+        self.entry = (weakref.ref(x), version, codes)
+        return codes
 
 
 class Int8Linear(nn.Module):
@@ -71,6 +77,7 @@ class Int8Linear(nn.Module):
                  out_features: int, shared: _SharedInput) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.gelu: str | None = None          # "none" (exact, erf) or "tanh": GELU applied to the output by oneDNN
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
         self.register_buffer("zeros", torch.zeros(out_features, dtype=torch.int32), persistent=False)
@@ -87,7 +94,8 @@ class Int8Linear(nn.Module):
         return cls(packed, scales.contiguous(), bias, lin.in_features, lin.out_features, shared)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        gelu = "" if self.gelu is None else f", then GELU (approximate={self.gelu!r})"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8{gelu}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype not in (torch.float32, torch.bfloat16):
@@ -95,7 +103,8 @@ class Int8Linear(nn.Module):
         q, scale, zero = self._shared.codes_of(x)        # keyed on x itself: a reshaped view is a new object
         out = (torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype)
         y = torch.ops.onednn.qlinear_pointwise(q.view(-1, self.in_features), scale, zero, self.packed, self.scales,
-                                               self.zeros, self.bias, 1.0, 0, out, "none", [], "")
+                                               self.zeros, self.bias, 1.0, 0, out,
+                                               "none" if self.gelu is None else "gelu", [], self.gelu or "")
         return y.view(*x.shape[:-1], self.out_features)
 
 
@@ -106,10 +115,46 @@ def require_cpu(quantize: str, device: torch.device) -> None:
                           "(device='cpu' from Python) or drop --quantize")
 
 
+def _gelu_kind(act: nn.Module) -> str | None:
+    """oneDNN's GELU algorithm computing ``act`` exactly: "none" for the exact (erf) GELU, "tanh" for its tanh
+    approximation; None for any other activation (left as it is)."""
+    from transformers.activations import GELUActivation, GELUTanh
+
+    cls = getattr(type(act), "_fused_from", type(act))     # clintune.fast's training swap keeps the original
+    if cls is GELUActivation and act.act is nn.functional.gelu:
+        return "none"
+    if cls is GELUTanh and isinstance(act.act, functools.partial) and act.act.func is nn.functional.gelu \
+            and act.act.keywords == {"approximate": "tanh"} and not act.act.args:
+        return "tanh"
+    if cls is nn.GELU:
+        return act.approximate
+    return None
+
+
+def _linear_then_gelu(encoder: nn.Module):
+    """(module, linear's name, activation's name, algorithm) for each feed-forward block whose code is a linear
+    then its activation and whose activation is a GELU: BERT's intermediate layer (and its copies in RoBERTa,
+    CamemBERT ...: the same code), DistilBERT's FFN."""
+    from transformers.models.bert.modeling_bert import BertIntermediate
+    from transformers.models.distilbert.modeling_distilbert import FFN
+
+    from .fast import _same_code
+
+    shapes = (("forward", BertIntermediate.forward, "dense", "intermediate_act_fn"),
+              ("ff_chunk", FFN.ff_chunk, "lin1", "activation"))
+    for mod in encoder.modules():
+        for method, code, lin, act in shapes:
+            if _same_code(getattr(type(mod), method, None), code) and isinstance(getattr(mod, act, None), nn.Module):
+                kind = _gelu_kind(getattr(mod, act))
+                if kind is not None and isinstance(getattr(mod, lin, None), Int8Linear):
+                    yield mod, lin, act, kind
+
+
 def quantize_int8(encoder: nn.Module) -> int:
     """Replace every plain linear layer of ``encoder`` (``nn.Linear`` or clintune's ``FrozenLinear``, not
     subclasses whose weights their parents read directly, as ``nn.MultiheadAttention``'s) by an
-    :class:`Int8Linear`; return how many. The bf16/fp32 weights are let go."""
+    :class:`Int8Linear`, with a GELU that follows it in a feed-forward block moved into the product; return
+    how many linears. The bf16/fp32 weights are let go."""
     from .fast import FrozenLinear
 
     if not int8_available():
@@ -121,4 +166,7 @@ def quantize_int8(encoder: nn.Module) -> int:
         parent_name, _, attr = name.rpartition(".")
         parent = encoder.get_submodule(parent_name) if parent_name else encoder
         setattr(parent, attr, Int8Linear.from_linear(mod, shared))
+    for mod, lin, act, kind in list(_linear_then_gelu(encoder)):
+        getattr(mod, lin).gelu = kind
+        setattr(mod, act, nn.Identity())
     return len(targets)

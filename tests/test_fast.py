@@ -615,10 +615,20 @@ def test_fused_sublayer_ends_and_gelu_keep_a_bert_encoders_outputs_and_gradients
             mod.__class__ = swapped
         return outs
 
-    model.eval()                                          # inference, no gradients wanted: the original forward
-    for mod, cls, args in ((end, end_cls, (h, r)), (gelu, gelu_cls, (u,))):
-        a, b = both(mod, cls, *args)
-        assert torch.equal(a, b)
+    model.eval()                                          # inference, no gradients wanted: the original GELU
+    a, b = both(gelu, gelu_cls, u)
+    assert torch.equal(a, b)
+    calls, add_norm = [], masks.add_norm                  # and the sublayer end in one pass, with or without grad
+    masks.add_norm = lambda *args: calls.append(1) or add_norm(*args)
+    try:
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                a, b = both(end, end_cls, h, r)
+            assert a.dtype == b.dtype == torch.float32 and not a.requires_grad
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)           # the LayerNorm's fp32 rounding
+    finally:
+        masks.add_norm = add_norm
+    assert len(calls) == 2
     a, b = both(gelu, gelu_cls, u.requires_grad_())           # with gradients: the kept-derivative GELU
     assert a.grad_fn is not None and "GeluKeepGrad" in type(a.grad_fn).__name__
     torch.testing.assert_close(a, b, rtol=2 ** -8, atol=1e-6)

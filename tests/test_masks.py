@@ -1,6 +1,5 @@
 """Dropout keep-masks: the compiled SplitMix64 kernel is exactly its numpy reference; the fallback and
 the kernel give Bernoulli(1 - p) at the right rate; a failed compile falls back cleanly."""
-import numpy as np
 import pytest
 import torch
 
@@ -254,6 +253,25 @@ def test_gelu_and_grad_is_exact_gelu_and_its_derivative_to_bf16():
     assert (y[body] == torch.nn.functional.gelu(x)[body]).float().mean() > 0.97
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).bfloat16()
     assert torch.equal(masks.mul(grad, d), (grad.float() * d.float()).bfloat16())
+
+
+@pytest.mark.parametrize("n", [5, 37, 384])
+def test_add_norm_is_the_sum_then_layernorm(n):
+    """Prediction's sublayer end: LayerNorm(h + r) with the sum exact and the LayerNorm within fp32 rounding of
+    torch's; the same values as the training kernel with every element kept (p = 0)."""
+    _needs_kernel()
+    g = torch.Generator().manual_seed(1)
+    h = (torch.randn(3, 11, n, generator=g) * 3).bfloat16()
+    r = torch.randn(3, 11, n, generator=g)
+    w, b = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g) * 0.1
+    y = masks.add_norm(h, r, w, b, 1e-12)
+    assert y.dtype == torch.float32 and y.shape == h.shape
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(h.float() + r, (n,), w, b, 1e-12),
+                               rtol=1e-5, atol=1e-5)
+    kept, _, _ = masks.dropout_add_norm(h, r, w, b, 1e-12, 5, -32768, 1.0)
+    assert torch.equal(y, kept)
+    with pytest.raises(ValueError, match="r must be"):
+        masks.add_norm(h, r.bfloat16(), w, b, 1e-12)
 
 
 def test_fused_passes_refuse_what_they_cannot_do():

@@ -87,6 +87,8 @@ def test_quantize_int8_replaces_the_encoders_linears_only(tiny_backbone, binary_
     assert q8.int8_linears == n_linear == 2 * 6
     assert not any(isinstance(m, nn.Linear) for m in q8.model.encoder.modules())
     assert sum(isinstance(m, Int8Linear) for m in q8.model.encoder.modules()) == n_linear
+    # each intermediate layer's GELU (class-swapped by clintune.fast) applied inside its int8 product
+    assert [m.gelu for m in q8.model.encoder.modules() if isinstance(m, Int8Linear) and m.gelu] == ["none"] * 2
     assert not any(isinstance(m, Int8Linear) for m in q8.model.head.modules())
     texts = ["patient with heart failure and chest pain", "rash on the skin of the arm"] * 4
     p, p8 = plain.predict_proba(texts), q8.predict_proba(texts)
@@ -97,6 +99,9 @@ def test_quantize_int8_replaces_the_encoders_linears_only(tiny_backbone, binary_
 
 @needs_int8
 def test_query_key_value_quantise_their_input_once(tiny_backbone, monkeypatch):
+    import gc
+    import weakref
+
     from transformers import BertModel
 
     enc = BertModel.from_pretrained(tiny_backbone, add_pooling_layer=False).eval()
@@ -113,6 +118,67 @@ def test_query_key_value_quantise_their_input_once(tiny_backbone, monkeypatch):
     assert shared.codes_of(x) is a
     x.mul_(2)
     assert shared.codes_of(x) is not a
+    b = shared.codes_of(x)
+    assert shared.codes_of(x.view(3, 8)) is not b          # keyed on the object, not on its storage
+    gone = weakref.ref(x)
+    del x
+    gc.collect()
+    assert gone() is None                                  # the codes do not keep their input alive
+
+
+@needs_int8
+@pytest.mark.parametrize("algorithm", ["none", "tanh"])
+def test_int8_linear_applies_gelu_as_it_writes(algorithm):
+    torch.manual_seed(2)
+    lin = nn.Linear(48, 20)
+    x = torch.randn(5, 48) * 3
+    plain = Int8Linear.from_linear(lin, _SharedInput())
+    fused = Int8Linear.from_linear(lin, _SharedInput())
+    fused.gelu = algorithm
+    want = nn.functional.gelu(plain(x), approximate=algorithm)     # fp32 output: the same codes and products
+    assert torch.allclose(fused(x), want, rtol=1e-6, atol=1e-6)
+    other = "tanh" if algorithm == "none" else "none"              # and it is that GELU, not the other one
+    assert not torch.allclose(fused(x), nn.functional.gelu(plain(x), approximate=other), rtol=1e-6, atol=1e-6)
+
+
+def _tiny_encoder(kind: str, act: str):
+    from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel
+
+    torch.manual_seed(3)
+    if kind == "bert":
+        return BertModel(BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=64, max_position_embeddings=64, hidden_act=act),
+                         add_pooling_layer=False).eval()
+    return DistilBertModel(DistilBertConfig(vocab_size=40, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                            max_position_embeddings=64, activation=act)).eval()
+
+
+@needs_int8
+@pytest.mark.parametrize("kind", ["bert", "distilbert"])
+@pytest.mark.parametrize("act, algorithm", [("gelu", "none"), ("gelu_pytorch_tanh", "tanh"), ("relu", None)])
+def test_feed_forward_gelu_moves_into_the_int8_product(kind, act, algorithm, monkeypatch):
+    import copy
+
+    from clintune import quantize
+
+    enc = _tiny_encoder(kind, act)
+    ref = copy.deepcopy(enc)
+    assert quantize_int8(enc) == 2 * 6
+    with monkeypatch.context() as m:             # ref: the same int8 layers, the activation left where it was
+        m.setattr(quantize, "_linear_then_gelu", lambda encoder: iter(()))
+        assert quantize_int8(ref) == 2 * 6
+    assert [m.gelu for m in enc.modules() if isinstance(m, Int8Linear) and m.gelu] == [algorithm] * 2 * bool(algorithm)
+    ffns = [m for m in enc.modules() if type(m).__name__ in ("BertIntermediate", "FFN")]
+    acts = [m.intermediate_act_fn if kind == "bert" else m.activation for m in ffns]
+    assert len(ffns) == 2 and all(isinstance(a, nn.Identity) == (algorithm is not None) for a in acts)
+    ids = torch.randint(5, 40, (3, 12), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, 7:] = 0
+    with torch.inference_mode():
+        a = enc(input_ids=ids, attention_mask=mask).last_hidden_state
+        b = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)   # fp32: the same function, only where it is applied moved
+    assert quantize._gelu_kind(nn.GELU()) == "none" and quantize._gelu_kind(nn.ReLU()) is None
 
 
 @needs_int8
