@@ -16,11 +16,11 @@ al., CVPR 2018, for the affine mapping), with per-channel weights. On CPUs with 
 four multiply-adds per 32-bit lane where bf16 does two: measured on 2 Zen 4 cores, MiniLM's products ran at
 0.74-0.88 int8 TOPS against 0.38-0.41 bf16 TFLOP/s. Several linears reading one tensor (query, key and value)
 quantise it once. A linear followed by a GELU in the feed-forward block (BERT's intermediate layer, DistilBERT's
-``lin1``) applies the GELU inside oneDNN's product as it writes its output (a post-op: the same function, one
-pass over the 4H-wide activations fewer). Only the encoder is quantised; the head keeps its precision.
-Predictions may change: a
-value's error is at most s_x / 2 before the product, so check the metrics (``clintune evaluate --quantize
-int8``) before relying on it. Prediction only: training is unaffected and nothing quantised is saved.
+``lin1``) applies the GELU inside oneDNN's product as it writes its output (a post-op: the same function, of
+the fp32 sums rather than of their bf16 rounding, and one pass over the 4H-wide activations fewer). Only the
+encoder is quantised; the head keeps its precision. Predictions may change: a value's error is at most s_x / 2
+before the product, so check the metrics (``clintune evaluate --quantize int8``) before relying on it.
+Prediction only: training is unaffected and nothing quantised is saved.
 """
 from __future__ import annotations
 
