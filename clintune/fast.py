@@ -674,15 +674,21 @@ def _same_code(f, g) -> bool:
             and a.co_consts == b.co_consts and a.co_varnames == b.co_varnames)
 
 
+def exact_gelu(mod: nn.Module) -> bool:
+    """Whether ``mod`` is transformers' exact (erf) GELU (``hidden_act="gelu"``), class-swapped here or not."""
+    from transformers.activations import GELUActivation
+
+    return isinstance(mod, GELUActivation) and getattr(mod, "act", None) is nn.functional.gelu
+
+
 def _fusable(mod: nn.Module) -> str | None:
     """"sublayer_end" for a module whose forward is BERT's ``BertSelfOutput.forward`` (dense, dropout,
     LayerNorm of the sum; also RoBERTa's, CamemBERT's ... copies), "gelu" for transformers' exact GELU,
     "lora" for PEFT's LoRA linear over a :class:`FrozenLinear`."""
     from peft.tuners.lora.layer import Linear as LoraLinear
-    from transformers.activations import GELUActivation
     from transformers.models.bert.modeling_bert import BertSelfOutput
 
-    if isinstance(mod, GELUActivation) and getattr(mod, "act", None) is nn.functional.gelu:
+    if exact_gelu(mod):
         return "gelu"
     if type(mod) is LoraLinear and type(getattr(mod, "base_layer", None)) is FrozenLinear:
         return "lora"

@@ -118,15 +118,16 @@ def require_cpu(quantize: str, device: torch.device) -> None:
 def _gelu_kind(act: nn.Module) -> str | None:
     """oneDNN's GELU algorithm computing ``act`` exactly: "none" for the exact (erf) GELU, "tanh" for its tanh
     approximation; None for any other activation (left as it is)."""
-    from transformers.activations import GELUActivation, GELUTanh
+    from transformers.activations import GELUTanh
 
-    cls = getattr(type(act), "_fused_from", type(act))     # clintune.fast's training swap keeps the original
-    if cls is GELUActivation and act.act is nn.functional.gelu:
+    from .fast import exact_gelu
+
+    if exact_gelu(act):
         return "none"
-    if cls is GELUTanh and isinstance(act.act, functools.partial) and act.act.func is nn.functional.gelu \
+    if type(act) is GELUTanh and isinstance(act.act, functools.partial) and act.act.func is nn.functional.gelu \
             and act.act.keywords == {"approximate": "tanh"} and not act.act.args:
         return "tanh"
-    if cls is nn.GELU:
+    if type(act) is nn.GELU:
         return act.approximate
     return None
 
