@@ -339,7 +339,8 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     Only for plain bidirectional self-attention (modules that say ``is_causal = False``, as BERT-family
     encoders do); anything else goes to transformers' SDPA attention unchanged.
     Without gradients: bf16 on CPU :func:`masks.attention` (:func:`_attention_kernels`) or :func:`_chunked_attention`,
-    otherwise PyTorch's fused SDPA. Training with
+    otherwise PyTorch's fused SDPA; a module marked ``int8_attention`` (``--quantize int8``,
+    :func:`clintune.quantize.quantize_int8`) takes :func:`masks.attention_int8` first. Training with
     dropout on CPU: :class:`_DropoutAttention`.
     Otherwise (gradients without dropout) the unfused form: on CPU the fused kernel's backward is slower
     than two matrix products, softmax and their gradients. ``kernels=False`` (:data:`NO_KERNEL`, ``--fast-off
@@ -356,7 +357,12 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if not needs_grad:
         if query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.bfloat16:
-            out = masks.attention(query, key, value, attention_mask, scale) if kernels and _attention_kernels() else None
+            out = None
+            if kernels and _attention_kernels():
+                if getattr(module, "int8_attention", False):         # --quantize int8 (clintune.quantize)
+                    out = masks.attention_int8(query, key, value, attention_mask, scale)
+                if out is None:
+                    out = masks.attention(query, key, value, attention_mask, scale)
             return (out if out is not None else _chunked_attention(query, key, value, attention_mask, scale)), None
         out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling)
         return out.transpose(1, 2).contiguous(), None

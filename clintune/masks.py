@@ -631,8 +631,231 @@ int attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, cons
     return d == 32 ? attention_32(q, k, v, mask, out, nb, nh, t, st, scale, probs, seed, (int16_t) th, dscale)
                    : attention_64(q, k, v, mask, out, nb, nh, t, st, scale, probs, seed, (int16_t) th, dscale);
 }
+/* int8 attention for prediction (clintune.quantize, --quantize int8): the steps of attention_##D with 8-bit
+   products, AVX-512 VNNI's vpdpbusd (four u8 x s8 products per 32-bit lane, where vdpbf16ps makes two bf16
+   ones). Per (example, head), each coded symmetrically from its own range (as the int8 linears code weights):
+     key row j:      k_j ~ s_k[j] (c_j - 128), c_j u8 in [1, 255], s_k[j] = max_c |k_j[c]| / 127;
+     query row i:    q_i ~ s_q[i] a_i, a_i s8;             value column c: v[:, c] ~ s_v[c] w[:, c], w s8;
+     S[i, j] = scale s_q[i] s_k[j] (sum_c c_j[c] a_i[c] - 128 sum_c a_i[c])        (exact integer sums)
+   then the masked softmax in fp32 up to its normalisation, e = exp(S - max_j S) in [0, 1], coded u = round(255 e)
+   (u8; the row's largest is 255), and O[i, c] = s_v[c] sum_j u[i, j] w[j, c] / sum_j u[i, j], rounded once to
+   bf16. The sums stay below 2^31 (T <= 512, d <= 64). */
+#if defined(__AVX512VNNI__)
+int attention_int8_available(void) { return 1; }
+static inline __m512i code16(const uint16_t *x, __m512 inv) {   /* round(x inv) of 16 bf16, nearest even */
+    return _mm512_cvtps_epi32(_mm512_mul_ps(load16_bf16(x), inv));
+}
+static inline float amax_bf16(const uint16_t *x, int64_t d) {   /* max |x[c]|, d a multiple of 16 */
+    __m512 m = _mm512_setzero_ps();
+    for (int64_t c = 0; c < d; c += 16) m = _mm512_max_ps(m, _mm512_abs_ps(load16_bf16(x + c)));
+    return _mm512_reduce_max_ps(m);
+}
+/* 255 2^x for x <= 0 (-inf -> 255 2^-64, nothing to a sum): 2^x = 2^n 2^f, n = rint(x), 2^f by a degree-3
+   polynomial exact at f = 0 (so the row's largest is 255 exactly; relative error 1.0e-4 on |f| <= 1/2, under 0.03
+   of a code), x clamped at -64 */
+static const float EXP2_255[4] = {255.0f * 0.05500893f, 255.0f * 0.242211f, 255.0f * 0.69328296f, 255.0f};
+static inline __m512 exp2_255(__m512 x) {
+    const __m512 y = _mm512_max_ps(x, _mm512_set1_ps(-64.0f));
+    const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(y, n);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(EXP2_255[0]), f, _mm512_set1_ps(EXP2_255[1]));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_255[2]));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_255[3]));
+    return _mm512_scalef_ps(p, n);
+}
+/* a row's codes: round(x 127 / max|x|) (s8, in 32-bit lanes: the caller packs), its scale max|x| / 127 */
+static inline float code_row(const uint16_t *x, int64_t d, __m512i *codes) {
+    const float a = amax_bf16(x, d);
+    const __m512 inv = _mm512_set1_ps(a > 0.0f ? 127.0f / a : 0.0f);
+    for (int64_t u = 0; u < d / 16; u++) codes[u] = code16(x + 16 * u, inv);
+    return a / 127.0f;
+}
+/* keys: kp[(j / 16) (d / 4) 16 + c 16 + j % 16] = c_j[4c .. 4c + 3] (u8), so that one vpdpbusd makes 16 keys'
+   partial sums with four dimensions of a broadcast query; sk[j] = s_k[j]. Rows t..tp-1: code 128 (zero), scale 0 */
+static void pack_keys_i8(uint32_t *kp, float *sk, const uint16_t *x, int64_t t, int64_t tp, int64_t ld, int64_t d) {
+    for (int64_t j = 0; j < tp; j++) {
+        uint8_t row[64] __attribute__((aligned(64)));
+        if (j < t) {
+            __m512i codes[4];
+            sk[j] = code_row(x + j * ld, d, codes);
+            for (int64_t u = 0; u < d / 16; u++)
+                _mm_store_si128((__m128i *) (row + 16 * u),
+                                _mm512_cvtepi32_epi8(_mm512_add_epi32(codes[u], _mm512_set1_epi32(128))));
+        } else {
+            memset(row, 128, d);
+            sk[j] = 0.0f;
+        }
+        uint32_t *dst = kp + (j / 16) * (d / 4) * 16 + j % 16;
+        for (int64_t c = 0; c < d / 4; c++) memcpy(dst + c * 16, row + 4 * c, 4);
+    }
+}
+/* values: vp[(j / 4) d + c] = w[4 (j / 4) .. + 3, c] (s8, byte r from row 4 (j / 4) + r), so that one vpdpbusd
+   makes 16 dimensions of a weighted sum of four rows. Only the keys with bias[j] == 0 (bias NULL: all t) count:
+   s_v from their range, vbar[c] their mean; the others (padding: weight 0) and rows t..tp-1 are coded 0. */
+static void pack_values_i8(uint32_t *vp, float *sv, float *vbar, const uint16_t *x, int64_t t, int64_t tp, int64_t ld,
+                           int64_t d, const float *bias) {
+    __m512 m[4], inv[4], sum[4];
+    int64_t n = 0;
+    for (int64_t u = 0; u < d / 16; u++) m[u] = sum[u] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < t; j++) {
+        const int in = !bias || bias[j] == 0.0f;
+        n += in;
+        for (int64_t u = 0; u < d / 16 && in; u++) {
+            const __m512 y = load16_bf16(x + j * ld + 16 * u);
+            m[u] = _mm512_max_ps(m[u], _mm512_abs_ps(y));
+            sum[u] = _mm512_add_ps(sum[u], y);
+        }
+    }
+    for (int64_t u = 0; u < d / 16; u++) {
+        _mm512_storeu_ps(vbar + 16 * u, _mm512_mul_ps(sum[u], _mm512_set1_ps(n ? 1.0f / (float) n : 0.0f)));
+        _mm512_storeu_ps(sv + 16 * u, _mm512_div_ps(m[u], _mm512_set1_ps(127.0f)));
+        inv[u] = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(m[u], _mm512_setzero_ps(), _CMP_GT_OQ),
+                                     _mm512_set1_ps(127.0f), m[u]);
+    }
+    const __m512i low = _mm512_set1_epi32(0xFF);
+    for (int64_t j0 = 0; j0 < tp; j0 += 4)
+        for (int64_t u = 0; u < d / 16; u++) {
+            __m512i w = _mm512_setzero_si512();
+            for (int64_t r = 0; r < 4 && j0 + r < t; r++) {
+                if (bias && bias[j0 + r] != 0.0f) continue;
+                const __m512i c = _mm512_and_si512(code16(x + (j0 + r) * ld + 16 * u, inv[u]), low);
+                w = _mm512_or_si512(w, _mm512_slli_epi32(c, (unsigned) (8 * r)));
+            }
+            _mm512_store_si512(vp + j0 / 4 * d + 16 * u, w);
+        }
+}
+/* bias[j] = 0 where row mask m lets key j be attended (m NULL: every key), -inf where not and for j = t..tp-1 */
+static void mask_bias(float *bias, const uint8_t *m, int64_t t, int64_t tp) {
+    const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
+    for (int64_t j0 = 0; j0 < tp; j0 += 16) {
+        const int64_t left = t - j0;
+        __mmask16 keep = left >= 16 ? 0xFFFF : left > 0 ? (__mmask16) ((1u << left) - 1) : 0;
+        if (m) { __m128i mb = _mm_maskz_loadu_epi8(keep, m + j0); keep &= _mm_test_epi8_mask(mb, mb); }
+        _mm512_store_ps(bias + j0, _mm512_maskz_mov_ps((__mmask16) ~keep, ninf));
+    }
+}
+#define ATTENTION_INT8(D, R)                                                                                  \
+static int attention_int8_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask,      \
+                              uint16_t *out, int64_t nb, int64_t nh, int64_t t, const int64_t *st, float scale) { \
+    const int64_t tp = (t + 15) / 16 * 16, words = tp * D / 2 + tp * (2 + R) + 2 * D;  /* K, V, sk, biases, sv, vbar */ \
+    uint32_t *packed = aligned_alloc(64, (size_t) THREADS() * words * 4);                                    \
+    if (!packed) return -1;                                                                                  \
+    const float l2 = scale * LOG2E;                                        /* scores in base 2 */             \
+    _Pragma("omp parallel for schedule(static) collapse(2)")                                                   \
+    for (int64_t b = 0; b < nb; b++)                                                                         \
+    for (int64_t h = 0; h < nh; h++) {                                                                       \
+        uint32_t *kp = packed + THREAD() * words, *vp = kp + tp * D / 4;                                     \
+        float *sk = (float *) (vp + tp * D / 4), *bias = sk + tp, *sv = bias + tp * (1 + R);                 \
+        float S[R * MAXA] __attribute__((aligned(64))), sq[R], inv[R], rest[R], *vbar = sv + D;               \
+        uint8_t P[R * MAXA] __attribute__((aligned(64)));                                                    \
+        int8_t qa[R * D] __attribute__((aligned(64)));                                                       \
+        int32_t qs[R];                                                                                       \
+        const float *rb[R];                                                 /* each row's additive mask */    \
+        const uint16_t *qb = q + b * st[0] + h * st[1];                                                      \
+        const uint8_t *mb = mask ? mask + b * st[9] : 0;                                                     \
+        pack_keys_i8(kp, sk, k + b * st[3] + h * st[4], t, tp, st[5], D);                                    \
+        const int each_row = mb && st[10];                          /* a mask that differs between rows */  \
+        if (each_row) {                                      /* then bias: the keys that some row attends */ \
+            uint8_t any[MAXA];                                                                               \
+            memset(any, 0, t);                                                                               \
+            for (int64_t i = 0; i < t; i++) for (int64_t j = 0; j < t; j++) any[j] |= mb[i * st[10] + j];    \
+            mask_bias(bias, any, t, tp);                                                                     \
+        } else mask_bias(bias, mb, t, tp);                                  /* the same for every row */      \
+        pack_values_i8(vp, sv, vbar, v + b * st[6] + h * st[7], t, tp, st[8], D, bias);                      \
+        __m512 svv[D / 16], vbv[D / 16];                                                                     \
+        for (int u = 0; u < D / 16; u++) { svv[u] = _mm512_loadu_ps(sv + 16 * u); vbv[u] = _mm512_loadu_ps(vbar + 16 * u); } \
+        for (int64_t i0 = 0; i0 < t; i0 += R) {                                                              \
+            const int64_t rows = t - i0 < R ? t - i0 : R;                                                    \
+            for (int64_t r = 0; r < R; r++) {                                /* the query rows' codes */      \
+                rb[r] = bias;                                                                                \
+                if (r >= rows) { memset(qa + r * D, 0, D); sq[r] = 0.0f; qs[r] = 0; continue; }              \
+                if (each_row) mask_bias(rb[r] = bias + (1 + r) * tp, mb + (i0 + r) * st[10], t, tp);     \
+                __m512i codes[D / 16], sum = _mm512_setzero_si512();                                         \
+                sq[r] = code_row(qb + (i0 + r) * st[2], D, codes) * l2;                                      \
+                for (int u = 0; u < D / 16; u++) {                                                           \
+                    sum = _mm512_add_epi32(sum, codes[u]);                                                   \
+                    _mm_store_si128((__m128i *) (qa + r * D + 16 * u), _mm512_cvtepi32_epi8(codes[u]));      \
+                }                                                                                            \
+                qs[r] = -128 * _mm512_reduce_add_epi32(sum);                                                 \
+            }                                                                                                \
+            __m512 vm[R];                                                                                    \
+            for (int r = 0; r < R; r++) vm[r] = _mm512_set1_ps(-__builtin_inff());                           \
+            for (int64_t j0 = 0; j0 < tp; j0 += 16) {          /* S = Q K^T scale log2(e) + mask, row max */  \
+                __m512i acc[R];                                                                              \
+                for (int r = 0; r < R; r++) acc[r] = _mm512_set1_epi32(qs[r]);                               \
+                const uint32_t *kc = kp + (j0 / 16) * (D / 4) * 16;                                          \
+                for (int64_t c = 0; c < D / 4; c++) {                                                        \
+                    const __m512i kv = _mm512_load_si512(kc + c * 16);                                       \
+                    for (int r = 0; r < R; r++) {                                                            \
+                        int32_t a_; memcpy(&a_, qa + r * D + 4 * c, 4);                                      \
+                        acc[r] = _mm512_dpbusd_epi32(acc[r], kv, _mm512_set1_epi32(a_));                    \
+                    }                                                                                        \
+                }                                                                                            \
+                const __m512 skv = _mm512_load_ps(sk + j0);                                                  \
+                for (int r = 0; r < R; r++) {                                                                \
+                    const __m512 x = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_mul_ps(skv, _mm512_set1_ps(sq[r])), \
+                                                     _mm512_load_ps(rb[r] + j0));                            \
+                    vm[r] = _mm512_max_ps(vm[r], x);                                                         \
+                    _mm512_store_ps(S + r * tp + j0, x);                                                     \
+                }                                                                                            \
+            }                                                                                                \
+            for (int64_t r = 0; r < R; r++) {                  /* u = round(255 e), e = 2^(S - max S) */      \
+                const float *s = S + r * tp;                                                                 \
+                uint8_t *p = P + r * tp;                                                                     \
+                if (r >= rows) { memset(p, 0, tp); continue; }                                               \
+                float m = _mm512_reduce_max_ps(vm[r]);                                                       \
+                if (m == -__builtin_inff()) m = 0.0f;          /* a fully masked row: zeros */                \
+                const __m512 vmax = _mm512_set1_ps(m);                                                       \
+                __m512i vsum = _mm512_setzero_si512();                                                       \
+                __m512 fsum = _mm512_setzero_ps();                                                           \
+                for (int64_t j0 = 0; j0 < tp; j0 += 16) {                                                    \
+                    const __m512 e = exp2_255(_mm512_sub_ps(_mm512_load_ps(s + j0), vmax));                  \
+                    const __m512i u = _mm512_cvtps_epi32(e);                                                 \
+                    fsum = _mm512_add_ps(fsum, e);                                                           \
+                    vsum = _mm512_add_epi32(vsum, u);                                                        \
+                    _mm_store_si128((__m128i *) (p + j0), _mm512_cvtepi32_epi8(u));                          \
+                }                                                                                            \
+                const float sum = _mm512_reduce_add_ps(fsum);                                                \
+                const int32_t usum = _mm512_reduce_add_epi32(vsum);                                          \
+                inv[r] = usum > 0 ? 1.0f / sum : 0.0f;                                                       \
+                rest[r] = usum > 0 ? sum - (float) usum : 0.0f;       /* the weight the codes left out */     \
+            }                                                                                                \
+            __m512i o[R][D / 16];                                            /* O = P V */                   \
+            for (int r = 0; r < R; r++) for (int u = 0; u < D / 16; u++) o[r][u] = _mm512_setzero_si512();    \
+            for (int64_t jq = 0; jq < tp / 4; jq++) {                                                        \
+                __m512i yv[D / 16];                                                                          \
+                for (int u = 0; u < D / 16; u++) yv[u] = _mm512_load_si512(vp + jq * D + u * 16);            \
+                for (int r = 0; r < R; r++) {                                                                \
+                    int32_t w_; memcpy(&w_, P + r * tp + 4 * jq, 4);                                         \
+                    const __m512i wb = _mm512_set1_epi32(w_);                                                \
+                    for (int u = 0; u < D / 16; u++) o[r][u] = _mm512_dpbusd_epi32(o[r][u], wb, yv[u]);      \
+                }                                                                                            \
+            }                                                                                                \
+            for (int64_t r = 0; r < rows; r++) {                                                             \
+                uint16_t *dst = out + ((b * t + i0 + r) * nh + h) * D;                                       \
+                const __m512 vi = _mm512_set1_ps(inv[r]), vr = _mm512_set1_ps(rest[r]);                      \
+                for (int u = 0; u < D / 16; u++)                                                             \
+                    _mm256_storeu_si256((__m256i *) (dst + u * 16), (__m256i) _mm512_cvtneps_pbh(_mm512_mul_ps( \
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(o[r][u]), svv[u], _mm512_mul_ps(vr, vbv[u])), vi))); \
+            }                                                                                                \
+        }                                                                                                    \
+    }                                                                                                        \
+    free(packed);                                                                                            \
+    return 0;                                                                                                \
+}
+ATTENTION_INT8(32, 8)
+ATTENTION_INT8(64, 4)
+/* attention_bf16's arguments, prediction only */
+int attention_int8(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask, uint16_t *out,
+                   int64_t nb, int64_t nh, int64_t t, int64_t d, const int64_t *st, float scale) {   /* -1: no memory */
+    return d == 32 ? attention_int8_32(q, k, v, mask, out, nb, nh, t, st, scale)
+                   : attention_int8_64(q, k, v, mask, out, nb, nh, t, st, scale);
+}
+#else
+int attention_int8_available(void) { return 0; }
+#endif
 #else
 int attention_bf16_available(void) { return 0; }
+int attention_int8_available(void) { return 0; }
 #endif
 """
 
@@ -715,6 +938,10 @@ def _compile() -> ctypes.CDLL | None:
         lib.attention_bf16.restype = ctypes.c_int
         lib.attention_backward_bf16.argtypes = [p] * 8 + [i64] * 4 + [p, f32, u64, i32, f32]
         lib.attention_backward_bf16.restype = ctypes.c_int
+    lib.attention_int8_available.restype = ctypes.c_int
+    if lib.attention_int8_available():
+        lib.attention_int8.argtypes = [p] * 5 + [i64] * 4 + [p, f32]
+        lib.attention_int8.restype = ctypes.c_int
     return lib
 
 
@@ -771,6 +998,26 @@ def _attention_lib(d: int, t: int) -> ctypes.CDLL | None:
     return lib
 
 
+def _attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
+    """(library, mask with a contiguous last dim, the kernel's 11 strides) for the attention kernels' inputs, or
+    None where they cannot take them: no kernel here, other sizes, dtypes or devices, a mask of another form."""
+    b, h, t, d = q.shape
+    lib = _attention_lib(d, t)
+    if (lib is None or k.shape != q.shape or v.shape != q.shape
+            or any(x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.stride(-1) != 1 for x in (q, k, v))):
+        return None
+    strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], 0, 0]
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, b) \
+                or mask.shape[2] not in (1, t) or mask.shape[3] != t:
+            return None
+        if mask.stride(-1) != 1:
+            mask = mask.contiguous()
+        strides[9] = mask.stride(0) if mask.shape[0] > 1 else 0
+        strides[10] = mask.stride(2) if mask.shape[2] > 1 else 0
+    return lib, mask, (ctypes.c_int64 * 11)(*strides)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, *,
               probs: torch.Tensor | None = None, seed: int = 0, threshold: int = -32768,
               dropout_scale: float = 1.0) -> torch.Tensor | None:
@@ -789,27 +1036,42 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     ``threshold`` (rows numbered over (B, h, T) from 0), and O by ``dropout_scale`` = 1 / (1 - p) before its one
     rounding: O = (P m) V / (1 - p).
     """
-    b, h, t, d = q.shape
-    lib = _attention_lib(d, t)
-    if (lib is None or k.shape != q.shape or v.shape != q.shape
-            or any(x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.stride(-1) != 1 for x in (q, k, v))):
+    args = _attention_args(q, k, v, mask)
+    if args is None:
         return None
-    strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], 0, 0]
-    if mask is not None:
-        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, b) \
-                or mask.shape[2] not in (1, t) or mask.shape[3] != t:
-            return None
-        if mask.stride(-1) != 1:
-            mask = mask.contiguous()
-        strides[9] = mask.stride(0) if mask.shape[0] > 1 else 0
-        strides[10] = mask.stride(2) if mask.shape[2] > 1 else 0
+    lib, mask, st = args
+    b, h, t, d = q.shape
     if probs is not None:
         _check({"probs": (probs, torch.bfloat16)}, (b, h, t, t))
     out = torch.empty((b, t, h, d), dtype=torch.bfloat16)
-    st = (ctypes.c_int64 * 11)(*strides)
     if lib.attention_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), None if mask is None else mask.data_ptr(),
                           out.data_ptr(), b, h, t, d, st, float(scale), None if probs is None else probs.data_ptr(),
                           seed, int(threshold), float(dropout_scale)):
+        raise MemoryError("attention kernel: no memory for its packed keys and values")
+    return out
+
+
+def attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                   scale: float) -> torch.Tensor | None:
+    """:func:`attention` for prediction with 8-bit products (``--quantize int8``): (B, T, h, d) bf16, or None
+    where the kernel cannot run (no AVX-512 VNNI, or where :func:`attention` cannot).
+
+    Per (example, head), each key and query row and each value column is coded in int8 from its own range
+    (symmetric: x ~ s round(x / s), s = max|x| / 127), the scores come from exact integer sums of products
+    (AVX-512 VNNI: four 8-bit products per 32-bit lane, where bf16 makes two), the masked softmax is computed in
+    fp32 up to its normalisation, e = exp(S - max S) in [0, 1] is coded as round(255 e), and
+    O = s_v * sum_j u_j w_j / sum_j u_j, rounded once to bf16. Each score's error is a few thousandths of its
+    row's largest |q| |k| products, each weight's at most 1/510 of the row's largest; as with the int8 linears,
+    check the metrics before relying on it. The same kernel layout as :func:`attention`.
+    """
+    args = _attention_args(q, k, v, mask)
+    if args is None or not args[0].attention_int8_available():
+        return None
+    lib, mask, st = args
+    b, h, t, d = q.shape
+    out = torch.empty((b, t, h, d), dtype=torch.bfloat16)
+    if lib.attention_int8(q.data_ptr(), k.data_ptr(), v.data_ptr(), None if mask is None else mask.data_ptr(),
+                          out.data_ptr(), b, h, t, d, st, float(scale)):
         raise MemoryError("attention kernel: no memory for its packed keys and values")
     return out
 

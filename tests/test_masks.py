@@ -384,3 +384,76 @@ def test_attention_backward_kernel_is_the_formula_over_a_shared_mask_and_a_row_w
     assert masks.attention_backward(q48, q48, q48, q48, torch.zeros(1, 1, 4, 4).bfloat16(), 1, 0, 1.0, 1.0) is None
     with pytest.raises(ValueError, match="probs"):
         masks.attention_backward(q, k, v, d_out.transpose(1, 2), probs.float(), seed, thr, 1.25, 0.5)
+
+
+def _int8_attention_kernel():
+    _attention_kernel()
+    if not masks.compiled().attention_int8_available():
+        pytest.skip("no AVX-512 VNNI on this CPU: --quantize int8 attends with the bf16 kernel")
+
+
+@pytest.mark.parametrize("b,h,t,d", [(3, 2, 37, 32), (2, 3, 16, 64), (2, 12, 130, 32), (1, 1, 1, 64)])
+def test_int8_attention_is_attention_to_its_codes_precision(b, h, t, d):
+    _int8_attention_kernel()
+    g = torch.Generator().manual_seed(b * t + d)
+    q, k, v = (torch.randn(b, t, h, d, generator=g).mul(2).bfloat16().transpose(1, 2) for _ in range(3))
+    lens = torch.randint(1, t + 1, (b,), generator=g)
+    lens[0] = t
+    mask = (torch.arange(t)[None, :] < lens[:, None])[:, None, None, :].expand(b, 1, t, t)
+    scale = d ** -0.5
+    out = masks.attention_int8(q, k, v, mask, scale)
+    assert out.shape == (b, t, h, d) and out.dtype == torch.bfloat16
+    exact = _exact_attention(q, k, v, mask, scale)
+    err = (out.double() - exact).abs()
+    # 8-bit codes: each output within a few hundredths of its head's largest |v|, a percent or two overall
+    assert (err <= 0.04 * v.double().abs().amax(dim=(2, 3))[:, None, :, None]).all(), err.max()
+    assert err.norm() / exact.norm() < 0.02
+    # the bf16 kernel is nearer, the int8 kernel near enough: the same computation, coarser numbers
+    assert (masks.attention(q, k, v, mask, scale).double() - exact).norm() <= err.norm()
+    c = [x.contiguous() for x in (q, k, v)]
+    assert torch.equal(masks.attention_int8(*c, mask.contiguous(), scale), out)
+    # padded keys' values neither leak into the output nor widen the values' codes
+    v2 = v.clone()
+    for i, n in enumerate(lens.tolist()):
+        v2[i, :, n:] = 1e4
+    assert torch.equal(masks.attention_int8(q, k, v2, mask, scale), out)
+
+
+def test_int8_attention_exact_where_its_codes_are():
+    """Values that are integers with each column's largest |v| = 127 are coded exactly (s_v = 1): attention that
+    is uniform (q = 0) gives the attended keys' mean, attention on one key (a score far above the others) gives
+    that key's value row, bit for bit."""
+    _int8_attention_kernel()
+    g = torch.Generator().manual_seed(3)
+    b, h, t, d = 2, 2, 40, 32
+    v = torch.randint(-126, 127, (b, h, t, d), generator=g).float()
+    v[:, :, 5] = 127.0
+    lens = torch.tensor([40, 23])
+    mask = (torch.arange(t)[None, :] < lens[:, None])[:, None, None, :]
+    zero = torch.zeros(b, h, t, d, dtype=torch.bfloat16)
+    k = torch.randn(b, h, t, d, generator=g).bfloat16()
+    out = masks.attention_int8(zero, k, v.bfloat16(), mask, d ** -0.5).transpose(1, 2).double()
+    for i, n in enumerate(lens.tolist()):
+        mean = v[i, :, :n].double().mean(1, keepdim=True).expand(h, t, d)
+        assert torch.equal(out[i], mean.bfloat16().double())
+    q = torch.zeros(b, h, t, d)
+    q[..., 0] = 8.0
+    k = torch.zeros(b, h, t, d)
+    k[:, :, 17, 0] = 127.0                       # key 17: score 8 * 127 / sqrt(32) = 180 above every other key
+    out = masks.attention_int8(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, d ** -0.5).transpose(1, 2)
+    assert torch.equal(out, v[:, :, 17:18].expand(b, h, t, d).bfloat16())
+
+
+def test_int8_attention_takes_any_attend_mask_and_declines_what_it_cannot_do():
+    _int8_attention_kernel()
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 2, 20, 32, generator=g).bfloat16() for _ in range(3))
+    mask = torch.rand(2, 1, 20, 20, generator=g) > 0.5
+    mask[1, 0, 3] = False                                                       # a row that attends to nothing
+    out = masks.attention_int8(q, k, v, mask, 0.2)
+    assert torch.equal(out[1, 3], torch.zeros(2, 32, dtype=torch.bfloat16))
+    for m in (mask, mask[:1], None):                                            # per row, one for the batch, none
+        torch.testing.assert_close(masks.attention_int8(q, k, v, m, 0.2).double(), _exact_attention(q, k, v, m, 0.2),
+                                   atol=5e-2, rtol=5e-2)
+    assert masks.attention_int8(q[..., :16], k[..., :16], v[..., :16], None, 0.2) is None      # head size 16
+    assert masks.attention_int8(q.float(), k.float(), v.float(), None, 0.2) is None            # not bf16

@@ -210,3 +210,40 @@ def test_quantize_is_checked():
     require_cpu("int8", torch.device("cpu"))
     with pytest.raises(ConfigError, match="CPU prediction only, not cuda"):
         require_cpu("int8", torch.device("cuda"))
+
+
+@needs_int8
+def test_int8_prediction_attends_with_the_int8_kernel(monkeypatch):
+    """quantize_int8 marks the encoder's self-attention modules; clintune's attention then takes the int8 kernel
+    for them (one call per layer), close to the bf16 kernel's result, and the bf16 kernel where it declines."""
+    from transformers import BertConfig, BertModel
+
+    from clintune import fast
+
+    lib = masks.compiled()
+    if lib is None or not lib.attention_bf16_available() or not lib.attention_int8_available():
+        pytest.skip("no AVX-512 BF16 and VNNI on this CPU: int8 prediction attends with the bf16 or chunked form")
+    fast.register()
+    torch.manual_seed(0)
+    enc = BertModel(BertConfig(vocab_size=40, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=128, max_position_embeddings=64), add_pooling_layer=False).eval()
+    enc.config._attn_implementation = "clintune"
+    quantize_int8(enc)
+    marked = [m for m in enc.modules() if getattr(m, "int8_attention", False)]
+    assert len(marked) == 2 and all(type(m).__name__ == "BertSelfAttention" for m in marked)
+    ids = torch.randint(5, 40, (3, 20), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[1, 9:] = 0
+    calls = []
+    real = masks.attention_int8
+
+    def run(kernel):
+        monkeypatch.setattr(masks, "attention_int8", kernel)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return enc(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+
+    a = run(lambda *args: calls.append(1) or real(*args))
+    assert len(calls) == 2
+    b = run(lambda *args: None)                                 # declined: the bf16 kernel
+    assert len(calls) == 2 and not torch.equal(a, b)
+    assert (a - b).norm() / b.norm() < 0.05
