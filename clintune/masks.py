@@ -29,7 +29,8 @@ gradient (:func:`dropout_add_norm`), and GELU with its derivative (:func:`gelu_a
 AVX-512 BF16, attention is one kernel too, forward (:func:`attention`: QK^T, softmax, dropout in training, and
 PV per example and head in cache, with bf16 dot-product instructions) and backward (:func:`attention_backward`).
 For int8 prediction (:mod:`clintune.quantize`) it also codes a tensor as uint8 in two passes, its range and then
-its codes (:func:`quantize_u8`: PyTorch's per-tensor scheme, without PyTorch's fp32 copy of bf16 input).
+its codes (:func:`quantize_u8`: PyTorch's per-tensor scheme, without PyTorch's fp32 copy of bf16 input), and
+attends with 8-bit products where the CPU has AVX-512 VNNI (:func:`attention_int8`).
 Where PyTorch runs on GNU OpenMP (its Linux wheels), the kernels are built with ``-fopenmp`` and so split
 rows over PyTorch's own threads; Python threads instead lost to the OpenMP threads spinning between
 PyTorch's calls (measured: slower than one thread).
