@@ -370,6 +370,13 @@ QUANTIZE_U8(quantize_u8_bf16, uint16_t, bfl)
 #define THREAD() 0
 #endif
 int attention_bf16_available(void) { return 1; }
+/* keys j0..j0+15 that row mask m lets be attended (m NULL: all) and that exist (j < t), as a lane mask */
+static inline __mmask16 attended16(const uint8_t *m, int64_t j0, int64_t t) {
+    const int64_t left = t - j0;
+    __mmask16 keep = left >= 16 ? 0xFFFF : left > 0 ? (__mmask16) ((1u << left) - 1) : 0;
+    if (m) { __m128i mb = _mm_maskz_loadu_epi8(keep, m + j0); keep &= _mm_test_epi8_mask(mb, mb); }
+    return keep;
+}
 static inline __m512 exp_neg16(__m512 x) {      /* exp_neg on 16 lanes: the same polynomial, -inf -> 0 */
     __m512 y = _mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)), _mm512_set1_ps(-126.0f));
     __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(y, n);
@@ -462,10 +469,7 @@ static int attention_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v
                 const __m512 ninf = _mm512_set1_ps(-__builtin_inff());                                       \
                 __m512 vm = ninf;                                                                            \
                 for (int64_t j0 = 0; j0 < tp; j0 += 16) {        /* keys past t or masked out: -inf */        \
-                    const int64_t left = t - j0;                                                             \
-                    __mmask16 keep = left >= 16 ? 0xFFFF : (__mmask16) ((1u << left) - 1);                   \
-                    if (mr) { __m128i mb = _mm_maskz_loadu_epi8(keep, mr + j0); keep &= _mm_test_epi8_mask(mb, mb); } \
-                    __m512 x = _mm512_mask_blend_ps(keep, ninf, _mm512_load_ps(s + j0));                     \
+                    __m512 x = _mm512_mask_blend_ps(attended16(mr, j0, t), ninf, _mm512_load_ps(s + j0));    \
                     _mm512_store_ps(s + j0, x);                                                              \
                     vm = _mm512_max_ps(vm, x);                                                               \
                 }                                                                                            \
@@ -727,12 +731,8 @@ static void pack_values_i8(uint32_t *vp, float *sv, float *vbar, const uint16_t 
 /* bias[j] = 0 where row mask m lets key j be attended (m NULL: every key), -inf where not and for j = t..tp-1 */
 static void mask_bias(float *bias, const uint8_t *m, int64_t t, int64_t tp) {
     const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
-    for (int64_t j0 = 0; j0 < tp; j0 += 16) {
-        const int64_t left = t - j0;
-        __mmask16 keep = left >= 16 ? 0xFFFF : left > 0 ? (__mmask16) ((1u << left) - 1) : 0;
-        if (m) { __m128i mb = _mm_maskz_loadu_epi8(keep, m + j0); keep &= _mm_test_epi8_mask(mb, mb); }
-        _mm512_store_ps(bias + j0, _mm512_maskz_mov_ps((__mmask16) ~keep, ninf));
-    }
+    for (int64_t j0 = 0; j0 < tp; j0 += 16)
+        _mm512_store_ps(bias + j0, _mm512_maskz_mov_ps((__mmask16) ~attended16(m, j0, t), ninf));
 }
 #define ATTENTION_INT8(D, R)                                                                                  \
 static int attention_int8_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask,      \
@@ -1057,13 +1057,15 @@ def attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     """:func:`attention` for prediction with 8-bit products (``--quantize int8``): (B, T, h, d) bf16, or None
     where the kernel cannot run (no AVX-512 VNNI, or where :func:`attention` cannot).
 
-    Per (example, head), each key and query row and each value column is coded in int8 from its own range
-    (symmetric: x ~ s round(x / s), s = max|x| / 127), the scores come from exact integer sums of products
-    (AVX-512 VNNI: four 8-bit products per 32-bit lane, where bf16 makes two), the masked softmax is computed in
-    fp32 up to its normalisation, e = exp(S - max S) in [0, 1] is coded as round(255 e), and
-    O = s_v * sum_j u_j w_j / sum_j u_j, rounded once to bf16. Each score's error is a few thousandths of its
-    row's largest |q| |k| products, each weight's at most 1/510 of the row's largest; as with the int8 linears,
-    check the metrics before relying on it. The same kernel layout as :func:`attention`.
+    Per (example, head), each key and query row, and each value column over the attended keys, is coded in int8
+    from its own range (symmetric: x ~ s round(x / s), s = max|x| / 127); the scores come from exact integer sums
+    of products (AVX-512 VNNI: four 8-bit products per 32-bit lane, where bf16 makes two); the masked softmax is
+    computed in fp32 up to its normalisation, e = exp(S - max S) in [0, 1] coded as u = round(255 e); and
+        O = (s_v sum_j u_j w_j + r vbar) / sum_j 255 e_j,   r = sum_j (255 e_j - u_j),
+    rounded once to bf16: r is the weight the codes left out (mostly small weights rounded to 0; dropping it
+    sharpened attention), given to vbar, the attended keys' mean value row. Each score's error is a few
+    thousandths of its row's largest |q| |k| products, each weight's at most 1/510 of the row's largest; as with
+    the int8 linears, check the metrics before relying on it. The same kernel layout as :func:`attention`.
     """
     args = _attention_args(q, k, v, mask)
     if args is None or not args[0].attention_int8_available():

@@ -306,16 +306,33 @@ def _exact_attention(q, k, v, mask, scale):
     return (p @ v.double()).transpose(1, 2)
 
 
-@pytest.mark.parametrize("b,h,t,d", [(3, 2, 37, 32), (2, 3, 16, 64), (2, 12, 130, 32), (1, 1, 1, 64)])
-def test_attention_kernel_is_exact_attention_to_bf16_rounding(b, h, t, d):
-    _attention_kernel()
+def _padded_case(b, h, t, d):
+    """Seeded (q, k, v, lengths, padding mask, scale): (B, T, h, d) projections seen as (B, h, T, d), as
+    transformers hands them over; example 0 unpadded, the others padded to a random length."""
     g = torch.Generator().manual_seed(b * t + d)
-    # (B, T, h, d) projections seen as (B, h, T, d), as transformers hands them over
     q, k, v = (torch.randn(b, t, h, d, generator=g).mul(2).bfloat16().transpose(1, 2) for _ in range(3))
     lens = torch.randint(1, t + 1, (b,), generator=g)
     lens[0] = t
     mask = (torch.arange(t)[None, :] < lens[:, None])[:, None, None, :].expand(b, 1, t, t)
     scale = d ** -0.5
+    return q, k, v, lens, mask, scale
+
+
+def _same_bits_for_copies_and_padding(kernel, q, k, v, lens, mask, scale, out):
+    """Contiguous inputs and a materialised mask give ``kernel`` the same bits as ``out``, and so do padded keys'
+    values set to 1e4: they never leak into the output."""
+    c = [x.contiguous() for x in (q, k, v)]
+    assert torch.equal(kernel(*c, mask.contiguous(), scale), out)
+    v2 = v.clone()
+    for i, n in enumerate(lens.tolist()):
+        v2[i, :, n:] = 1e4
+    assert torch.equal(kernel(q, k, v2, mask, scale), out)
+
+
+@pytest.mark.parametrize("b,h,t,d", [(3, 2, 37, 32), (2, 3, 16, 64), (2, 12, 130, 32), (1, 1, 1, 64)])
+def test_attention_kernel_is_exact_attention_to_bf16_rounding(b, h, t, d):
+    _attention_kernel()
+    q, k, v, lens, mask, scale = _padded_case(b, h, t, d)
     out = masks.attention(q, k, v, mask, scale)
     assert out.shape == (b, t, h, d) and out.dtype == torch.bfloat16
     exact = _exact_attention(q, k, v, mask, scale)
@@ -324,13 +341,7 @@ def test_attention_kernel_is_exact_attention_to_bf16_rounding(b, h, t, d):
     assert err <= 2 * err_sdpa + 2 ** -8, (err, err_sdpa)
     # bf16 output: within a rounding step of the exact value, plus P's rounding
     assert ((out.double() - exact).abs() <= exact.abs() * 2 ** -7 + 2 ** -7).all()
-    # contiguous inputs and a materialised mask give the same bits; padded keys' values never leak
-    c = [x.contiguous() for x in (q, k, v)]
-    assert torch.equal(masks.attention(*c, mask.contiguous(), scale), out)
-    v2 = v.clone()
-    for i, n in enumerate(lens.tolist()):
-        v2[i, :, n:] = 1e4
-    assert torch.equal(masks.attention(q, k, v2, mask, scale), out)
+    _same_bits_for_copies_and_padding(masks.attention, q, k, v, lens, mask, scale, out)
 
 
 def test_attention_kernel_takes_any_attend_mask_and_declines_what_it_cannot_do():
@@ -395,12 +406,7 @@ def _int8_attention_kernel():
 @pytest.mark.parametrize("b,h,t,d", [(3, 2, 37, 32), (2, 3, 16, 64), (2, 12, 130, 32), (1, 1, 1, 64)])
 def test_int8_attention_is_attention_to_its_codes_precision(b, h, t, d):
     _int8_attention_kernel()
-    g = torch.Generator().manual_seed(b * t + d)
-    q, k, v = (torch.randn(b, t, h, d, generator=g).mul(2).bfloat16().transpose(1, 2) for _ in range(3))
-    lens = torch.randint(1, t + 1, (b,), generator=g)
-    lens[0] = t
-    mask = (torch.arange(t)[None, :] < lens[:, None])[:, None, None, :].expand(b, 1, t, t)
-    scale = d ** -0.5
+    q, k, v, lens, mask, scale = _padded_case(b, h, t, d)
     out = masks.attention_int8(q, k, v, mask, scale)
     assert out.shape == (b, t, h, d) and out.dtype == torch.bfloat16
     exact = _exact_attention(q, k, v, mask, scale)
@@ -410,13 +416,8 @@ def test_int8_attention_is_attention_to_its_codes_precision(b, h, t, d):
     assert err.norm() / exact.norm() < 0.02
     # the bf16 kernel is nearer, the int8 kernel near enough: the same computation, coarser numbers
     assert (masks.attention(q, k, v, mask, scale).double() - exact).norm() <= err.norm()
-    c = [x.contiguous() for x in (q, k, v)]
-    assert torch.equal(masks.attention_int8(*c, mask.contiguous(), scale), out)
     # padded keys' values neither leak into the output nor widen the values' codes
-    v2 = v.clone()
-    for i, n in enumerate(lens.tolist()):
-        v2[i, :, n:] = 1e4
-    assert torch.equal(masks.attention_int8(q, k, v2, mask, scale), out)
+    _same_bits_for_copies_and_padding(masks.attention_int8, q, k, v, lens, mask, scale, out)
 
 
 def test_int8_attention_exact_where_its_codes_are():
