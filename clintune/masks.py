@@ -769,7 +769,11 @@ static int attention_int8_##D(const uint16_t *q, const uint16_t *k, const uint16
             for (int64_t r = 0; r < R; r++) {                                /* the query rows' codes */      \
                 rb[r] = bias;                                                                                \
                 if (r >= rows) { memset(qa + r * D, 0, D); sq[r] = 0.0f; qs[r] = 0; continue; }              \
-                if (each_row) mask_bias(rb[r] = bias + (1 + r) * tp, mb + (i0 + r) * st[10], t, tp);     \
+                if (each_row) {                                               /* this row's own mask */      \
+                    float *own = bias + (1 + r) * tp;                                                        \
+                    mask_bias(own, mb + (i0 + r) * st[10], t, tp);                                           \
+                    rb[r] = own;                                                                             \
+                }                                                                                            \
                 __m512i codes[D / 16], sum = _mm512_setzero_si512();                                         \
                 sq[r] = code_row(qb + (i0 + r) * st[2], D, codes) * l2;                                      \
                 for (int u = 0; u < D / 16; u++) {                                                           \
