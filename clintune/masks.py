@@ -323,8 +323,19 @@ static inline __m512 load16_bf16(const uint16_t *p) {
             __m512 v = LOAD16(x + i); l16 = _mm512_min_ps(v, l16); h16 = _mm512_max_ps(v, h16);  \
         }                                                                                        \
         l = _mm512_reduce_min_ps(l16); h = _mm512_reduce_max_ps(h16);
+/* the codes 16 lanes at a time, as the scalar loop computes them: clamp in fp32 (vmaxps with 0 as its second
+   operand turns NaN into 0), then vcvtps2dq rounds to nearest even (the default MXCSR) and vpmovdb narrows */
+#define CODE_LANES(LOAD16)                                                                       \
+        const __m512 inv16 = _mm512_set1_ps(inv_scale), z16 = _mm512_set1_ps(z);                 \
+        const __m512 top16 = _mm512_set1_ps(255.0f), zero16 = _mm512_setzero_ps();               \
+        for (; i + 16 <= e; i += 16) {                                                           \
+            __m512 v = _mm512_add_ps(_mm512_mul_ps(LOAD16(x + i), inv16), z16);                  \
+            v = _mm512_min_ps(_mm512_max_ps(v, zero16), top16);                                  \
+            _mm_storeu_si128((__m128i *) (q + i), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));  \
+        }
 #else
 #define RANGE_LANES(LOAD16)
+#define CODE_LANES(LOAD16)
 #endif
 #define RANGE_U8(NAME, T, LOAD, LOAD16)                                                          \
 void NAME(const T *x, int64_t n, float *out) {                                                   \
@@ -340,13 +351,15 @@ void NAME(const T *x, int64_t n, float *out) {                                  
     }                                                                                            \
     out[0] = lo; out[1] = hi;                                                                    \
 }
-#define QUANTIZE_U8(NAME, T, LOAD)                                                               \
+#define QUANTIZE_U8(NAME, T, LOAD, LOAD16)                                                       \
 void NAME(const T *x, uint8_t *q, int64_t n, float inv_scale, int32_t zero_point) {              \
     const float z = (float) zero_point;                                                          \
     _Pragma("omp parallel for schedule(static)")                                                 \
     for (int64_t s = 0; s < n; s += QUANT_PIECE) {                                               \
         const int64_t e = s + QUANT_PIECE < n ? s + QUANT_PIECE : n;                             \
-        for (int64_t i = s; i < e; i++) {                                                        \
+        int64_t i = s;                                                                           \
+        CODE_LANES(LOAD16)                                                                       \
+        for (; i < e; i++) {                                                                     \
             float v = LOAD(x[i]) * inv_scale + z;                                                \
             v = v >= 0.0f ? v : 0.0f;                                                            \
             v = v <= 255.0f ? v : 255.0f;                                                        \
@@ -356,8 +369,8 @@ void NAME(const T *x, uint8_t *q, int64_t n, float inv_scale, int32_t zero_point
 }
 RANGE_U8(range_f32, float, f2f, load16_f32)
 RANGE_U8(range_bf16, uint16_t, bfl, load16_bf16)
-QUANTIZE_U8(quantize_u8_f32, float, f2f)
-QUANTIZE_U8(quantize_u8_bf16, uint16_t, bfl)
+QUANTIZE_U8(quantize_u8_f32, float, f2f, load16_f32)
+QUANTIZE_U8(quantize_u8_bf16, uint16_t, bfl, load16_bf16)
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #include <stdlib.h>
@@ -1281,7 +1294,9 @@ def quantize_u8(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
         raise ValueError("quantize_u8: a contiguous CPU fp32 or bf16 tensor")
     lib = compiled()
     if lib is None:
-        lo, hi = (float(v) for v in torch.aminmax(x.float()))
+        xf = x.float()
+        xf = xf[~xf.isnan()]                               # NaN skipped, as the kernel's vminps / vmaxps do
+        lo, hi = (float(v) for v in torch.aminmax(xf)) if xf.numel() else (0.0, 0.0)
     else:
         out = np.zeros(2, dtype=np.float32)
         getattr(lib, f"range_{name}")(x.data_ptr(), x.numel(), out.ctypes.data)

@@ -41,6 +41,14 @@ def test_activation_codes_edge_cases():
     q, scale, zero = masks.quantize_u8(x)                  # NaN is ignored by the range and coded 0
     assert scale == pytest.approx(2 / 255, rel=1e-6) and q[0, 1] == 0 and q[0, 3] == zero in (127, 128)
     assert q[0, 0] == zero + 127 and q[0, 2] == 0
+    for dtype in (torch.float32, torch.bfloat16):      # the same in the 16-lane pass as in the scalar tail
+        x = (torch.randn(7, 35) * 4).to(dtype)
+        x.view(-1)[[0, 5, 16, 31, 200, 244]] = float("nan")
+        q, scale, zero = masks.quantize_u8(x)
+        ref = torch.quantize_per_tensor_dynamic(x.float().nan_to_num(0.0), torch.quint8, False)
+        nan = x.isnan()
+        assert (scale, zero) == (pytest.approx(ref.q_scale(), rel=1e-6), ref.q_zero_point())
+        assert torch.equal(q[~nan], ref.int_repr()[~nan]) and not q[nan].any()
     with pytest.raises(ValueError, match="infinite"):
         masks.quantize_u8(torch.tensor([1.0, float("inf")]))
     with pytest.raises(ValueError, match="contiguous"):
