@@ -323,13 +323,15 @@ static inline __m512 load16_bf16(const uint16_t *p) {
             __m512 v = LOAD16(x + i); l16 = _mm512_min_ps(v, l16); h16 = _mm512_max_ps(v, h16);  \
         }                                                                                        \
         l = _mm512_reduce_min_ps(l16); h = _mm512_reduce_max_ps(h16);
-/* the codes 16 lanes at a time, as the scalar loop computes them: clamp in fp32 (vmaxps with 0 as its second
-   operand turns NaN into 0), then vcvtps2dq rounds to nearest even (the default MXCSR) and vpmovdb narrows */
+/* the codes 16 lanes at a time, as the scalar loop computes them (compilers contract its x s^-1 + z into one
+   fused multiply-add, as PyTorch's own coding does: one rounding, so that a value a hair from a half step goes
+   the same way), clamped in fp32 (vmaxps with 0 as its second operand turns NaN into 0), then vcvtps2dq rounds
+   to nearest even (the default MXCSR) and vpmovdb narrows */
 #define CODE_LANES(LOAD16)                                                                       \
         const __m512 inv16 = _mm512_set1_ps(inv_scale), z16 = _mm512_set1_ps(z);                 \
         const __m512 top16 = _mm512_set1_ps(255.0f), zero16 = _mm512_setzero_ps();               \
         for (; i + 16 <= e; i += 16) {                                                           \
-            __m512 v = _mm512_add_ps(_mm512_mul_ps(LOAD16(x + i), inv16), z16);                  \
+            __m512 v = _mm512_fmadd_ps(LOAD16(x + i), inv16, z16);                               \
             v = _mm512_min_ps(_mm512_max_ps(v, zero16), top16);                                  \
             _mm_storeu_si128((__m128i *) (q + i), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));  \
         }
@@ -1285,7 +1287,8 @@ def quantize_u8(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
 
     The range is widened to hold 0 (so that 0 has an exact code, as padding and ReLU-like zeros need):
     lo = min(min x, 0), hi = max(max x, 0), s = (hi - lo) / 255, z = round(-lo / s), and
-    q = clamp(round(x / s) + z, 0, 255), rounding ties to even: PyTorch's asymmetric per-tensor scheme
+    q = round(clamp(x s^-1 + z, 0, 255)), with x s^-1 + z rounded once to fp32 (a fused multiply-add: a value a
+    hair from a half step goes the way PyTorch sends it) and ties to even: PyTorch's asymmetric per-tensor scheme
     (``torch.quantize_per_tensor_dynamic``), in two passes over x (its range, then its codes) without the
     fp32 copy and the quantized tensor's own copy that path makes for bf16 input. The error is at most s / 2
     per value. Without the compiled kernels, PyTorch's own passes do the same."""
@@ -1307,7 +1310,9 @@ def quantize_u8(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
     scale = float(np.float32((hi - lo) / 255.0)) or 1.0
     zero = int(min(255, max(0, round(-lo / scale))))
     if lib is None:
-        q = torch.clamp(torch.round(x.float() / scale) + zero, 0, 255).nan_to_num_(0.0).to(torch.uint8)
+        # x s^-1 + z rounded once to fp32, as the kernel's fused multiply-add (exact in fp64 first)
+        v = (x.double() * float(np.float32(1.0 / scale)) + zero).float()
+        q = torch.round(v.clamp_(0, 255)).nan_to_num_(0.0).to(torch.uint8)
     else:
         q = torch.empty(x.shape, dtype=torch.uint8)
         getattr(lib, f"quantize_u8_{name}")(x.data_ptr(), q.data_ptr(), x.numel(), float(1.0 / scale), zero)

@@ -34,6 +34,28 @@ def test_activation_codes_are_pytorchs(dtype, kernels, monkeypatch):
         assert zero == round(-min(x.float().min().item(), 0.0) / scale)
 
 
+def test_activation_codes_a_hair_from_half_steps():
+    """Values within a few ulps of a half step, with a large zero point: x / s + z rounded once (PyTorch's fused
+    multiply-add) and rounded twice (the product, then the sum) give different codes for some of them."""
+    rng = np.random.default_rng(0)
+    lo, hi = -7.5, 1.9                                   # fixes s and z = 203
+    s = np.float32((hi - lo) / 255.0)
+    inv = np.float32(1.0 / float(s))
+    k = rng.integers(-200, 50, 20_000)
+    x = ((k + 0.5) / inv).astype(np.float32)
+    x = x + (rng.integers(-3, 4, x.size) * np.spacing(x)).astype(np.float32)
+    x[:2] = lo, hi
+    twice = np.rint(np.clip(((x * inv).astype(np.float32) + np.float32(203)).astype(np.float32), 0, 255))
+    codes = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        xt = torch.from_numpy(x).to(dtype)
+        codes[dtype], scale, zero = masks.quantize_u8(xt)
+        ref = torch.quantize_per_tensor_dynamic(xt.float(), torch.quint8, False)
+        assert (scale, zero) == (pytest.approx(ref.q_scale(), rel=1e-6), ref.q_zero_point())
+        assert torch.equal(codes[dtype], ref.int_repr())
+    assert zero == 203 and (codes[torch.float32].numpy() != twice).any()   # the fp32 case tells them apart
+
+
 def test_activation_codes_edge_cases():
     q, scale, zero = masks.quantize_u8(torch.zeros(4, 8))
     assert (scale, zero) == (1.0, 0) and not q.any()
