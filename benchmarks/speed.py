@@ -10,7 +10,8 @@ transformers does, both trained (``--head pooler --pooling cls``). The peer runs
 (its best setting on this CPU); clintune in bf16, with its default length-bucketed batches and with
 ``--no-bucket`` (plain random batches: lower peak memory). Each system trains in its own process. A last row
 predicts the test split again with the bf16 run's saved model and ``--quantize int8`` (the encoder's linear
-layers in int8: ``clintune evaluate``, in a process of its own): the same training, another prediction.
+layers in int8: ``clintune evaluate``, in a process of its own): the same training, another prediction; and
+another with ``--quantize int8-static`` (the feed-forward activations on ranges calibrated on 256 training notes).
 
     python benchmarks/speed.py [--epochs 3] [--limit N] [--no-peer-fp32] [--no-lean] [--no-int8] [--work DIR]
 
@@ -84,13 +85,16 @@ def test_log_loss(run: Path) -> float | None:
     return float(log_loss(t["gold"], prob, labels=[c[len("prob_"):] for c in cols]))
 
 
-def clintune_int8(model_dir: Path, test: Path, work: Path) -> dict:
-    out = work / "int8-evaluate.json"
+def clintune_int8(model_dir: Path, test: Path, work: Path, calibration: Path | None = None) -> dict:
+    """``clintune evaluate --quantize int8`` in a process of its own; with ``calibration`` (the training file),
+    ``--quantize int8-static`` calibrated on it (at load, outside the timed prediction)."""
+    kind = "int8" if calibration is None else "int8-static"
+    out = work / f"{kind}-evaluate.json"
     cmd = [sys.executable, "-m", "clintune", "-q", "evaluate", "--model", str(model_dir), "--data", str(test),
-           "--quantize", "int8", "--out", str(out)]
+           "--quantize", kind, "--out", str(out)] + ([] if calibration is None else ["--calibration", str(calibration)])
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     r = json.loads(out.read_text())
-    return {"system": "clintune", "method": "lora", "quantize": "int8", "train_samples_per_s": None,
+    return {"system": "clintune", "method": "lora", "quantize": kind, "train_samples_per_s": None,
             "predict_samples_per_s": r["cost"]["predict_samples_per_s"], "peak_rss_mb": None,
             "accuracy": r["metrics"]["accuracy"], "f1": r["metrics"]["f1"], "mfu": None}
 
@@ -111,7 +115,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="train on N examples (quick checks)")
     ap.add_argument("--no-peer-fp32", action="store_true")
     ap.add_argument("--no-lean", action="store_true", help="skip the clintune --no-bucket (lower memory) row")
-    ap.add_argument("--no-int8", action="store_true", help="skip the --quantize int8 prediction row")
+    ap.add_argument("--no-int8", action="store_true", help="skip the --quantize int8 and int8-static prediction rows")
     ap.add_argument("--work", default="/tmp/clintune-bench")
     a = ap.parse_args()
     work = Path(a.work)
@@ -132,6 +136,7 @@ def main() -> None:
         rows.append({**clintune(train, test, a, work, ("--no-bucket",)), "setting": "  --no-bucket"})
     if not a.no_int8:
         rows.append({**clintune_int8(Path(ours["model_dir"]), test, work), "setting": "  int8 predict"})
+        rows.append({**clintune_int8(Path(ours["model_dir"]), test, work, train), "setting": "  int8-static"})
     peak = matmul_peak_flops(torch.bfloat16, remeasure=True) / 1e12   # the better of start and end
     best = max((r for r in rows if r["system"] != "clintune"), key=lambda r: r["train_samples_per_s"])
     flops_per_sample = ours["train_flops"] / (ours["n_train"] * a.epochs) if ours.get("train_flops") else None

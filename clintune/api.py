@@ -25,7 +25,7 @@ from .data import Examples, LabelMap, Splits, load_examples, prepare_splits, wri
 from .errors import ClintuneError, DataError
 from .methods import METHODS, count_parameters
 from .modeling import FORMAT_VERSION, Classifier, ClintuneModel, assemble, encode_for, load, save_model
-from .quantize import require_cpu
+from .quantize import CALIBRATION_FILE, require_cpu
 from .record import environment, make_record
 from .runtime import resolve_runtime, seed_everything
 from .store import check_output_dir, staged_dir, write_json
@@ -223,7 +223,13 @@ def _train_assembled(cfg: TrainConfig, runtime, splits: Splits, asm, t_start: fl
     def classifier() -> Classifier:  # after saving: LoRA is merged into the weights once its adapter is saved
         inference = ClintuneModel(method.for_inference(model.encoder), model.head, backbone_trains=False,
                                   feature_dtype=model.feature_dtype, first_token_only=model.first_token_only)
-        return Classifier(inference, asm.tokenizer, lm, cfg, runtime, state)
+        clf = Classifier(inference, asm.tokenizer, lm, cfg, runtime, state)
+        if cfg.quantize == "int8-static":      # ranges from the training notes, saved beside the model
+            t0 = time.perf_counter()
+            tr = splits.train
+            clf.calibrate(tr.texts, tr.words, tr.offsets, source="training split")
+            meter.extra["int8_calibration_seconds"] = round(time.perf_counter() - t0, 3)
+        return clf
 
     def cost_extra() -> dict:
         if not inputs.cached:
@@ -305,6 +311,8 @@ def _complete(cfg: TrainConfig, task: Task, runtime, splits: Splits, meter: Cost
                              env=environment(runtime), training=training, backbone=backbone)
         preds = _predictions_frame(task, splits.test, outputs, lm, enc, state)
         if directory is not None:
+            if getattr(clf, "calibration", None):
+                write_json(directory / CALIBRATION_FILE, clf.calibration)
             write_table(preds, directory / "test_predictions.csv")
             write_json(directory / "record.json", record)
         return TrainResult(record, clf, Path(cfg.out) if cfg.out else None, preds)
@@ -329,10 +337,11 @@ def _outputs_for(clf, ex: Examples):
 
 def evaluate(model_dir: str | Path, data: str | Path, *, text_col: str | None = None,
              label_col: str | None = None, out: str | Path | None = None, classifier: Classifier | None = None,
-             quantize: str | None = None, device: str | None = None) -> dict:
+             quantize: str | None = None, device: str | None = None, calibration: str | Path | None = None) -> dict:
     """Metrics (with CIs) of a saved model on a labelled file; written to ``out`` if given. ``quantize``
-    (``"int8"``: :mod:`clintune.quantize`) and ``device`` override the model's."""
-    clf = classifier or load(model_dir, quantize=quantize, device=device)
+    (``"int8"``, ``"int8-static"``: :mod:`clintune.quantize`) and ``device`` override the model's;
+    ``calibration``, a file of notes, sets int8-static's ranges (:func:`load`)."""
+    clf = classifier or load(model_dir, quantize=quantize, device=device, calibration=calibration)
     cfg = clf.config
     task = get_task(cfg.task)
     ex = load_examples(data, text_col or cfg.text_col, label_col or cfg.label_col, task=cfg.task,
@@ -353,18 +362,20 @@ def evaluate(model_dir: str | Path, data: str | Path, *, text_col: str | None = 
 
 def predict(model_dir: str | Path, data: str | Path, out: str | Path, *, text_col: str | None = None,
             batch_size: int | None = None, classifier: Classifier | None = None,
-            quantize: str | None = None, device: str | None = None) -> pd.DataFrame:
+            quantize: str | None = None, device: str | None = None,
+            calibration: str | Path | None = None) -> pd.DataFrame:
     """Write ``data``'s rows plus the prediction columns to ``out``.
 
     Classification: ``predicted_label`` and ``prob_<label>``; multilabel: ``predicted_labels``
     (``|``-separated) and ``prob_<label>``; NER: ``entities`` (JSON list of {start, end, label, text},
     character offsets into the text). NER input in CoNLL format gives one row per sentence. ``quantize``
-    (``"int8"``: :mod:`clintune.quantize`) and ``device`` override the model's.
+    (``"int8"``, ``"int8-static"``: :mod:`clintune.quantize`) and ``device`` override the model's;
+    ``calibration``, a file of notes, sets int8-static's ranges (:func:`load`).
     """
     from .data import detect_format
 
     detect_format(out)  # fail on an unknown output format before any work
-    clf = classifier or load(model_dir, quantize=quantize, device=device)
+    clf = classifier or load(model_dir, quantize=quantize, device=device, calibration=calibration)
     cfg = clf.config
     if cfg.task == "ner" and _is_conll(data):
         from .ner import read_conll

@@ -119,7 +119,8 @@ def _cmd_evaluate(args) -> int:
     from .api import evaluate
 
     res = evaluate(args.model, args.data, text_col=args.text_col, label_col=args.label_col, out=args.out,
-                   quantize=args.quantize, device=args.device)
+                   quantize=args.quantize, device=args.device,
+                   calibration=args.calibration)
     print(f"{res['data']}: {res['metrics']['n']} examples")
     print(format_metrics(res["metrics"], res["metrics_ci"]))
     print(f"  predict samples/s {res['cost']['predict_samples_per_s']}")
@@ -132,7 +133,8 @@ def _cmd_predict(args) -> int:
     from .api import predict
 
     df = predict(args.model, args.data, args.out, text_col=args.text_col, batch_size=args.batch_size,
-                 quantize=args.quantize, device=args.device)
+                 quantize=args.quantize, device=args.device,
+                 calibration=args.calibration)
     if "predicted_label" in df:
         counts = df["predicted_label"].astype(str).value_counts().to_dict()
         detail = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
@@ -195,7 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     for sp in (e, pr):
         sp.add_argument("--quantize", choices=QUANTIZE, default=None,
-                        help="int8: the encoder's linear layers in int8 on CPU (default: the model's; see train --help)")
+                        help="int8: the encoder's linear layers in int8 on CPU; int8-static: also the feed-forward "
+                             "activations on calibrated ranges (default: the model's; see train --help)")
+        sp.add_argument("--calibration", default=None, metavar="FILE",
+                        help="with --quantize int8-static: notes (the model's text column) to calibrate the ranges "
+                             "on, up to 256 of them (default: the ranges saved with the model)")
         sp.add_argument("--device", choices=DEVICES, default=None,
                         help="(default: where the model trained, the CPU where that GPU is absent)")
 

@@ -204,7 +204,7 @@ CHUNK_POOLINGS = ("mean", "max", "attention")
 POOLINGS = ("mean", "cls")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
-QUANTIZE = ("none", "int8")
+QUANTIZE = ("none", "int8", "int8-static")
 FAST_PARTS = ("first_token", "attention", "attention_kernel", "dropout", "bf16_weights", "lora", "sublayer_end",
               "gelu", "memory")   # clintune.fast.PARTS (checked equal by the tests; not imported: torch-free config)
 VAL_METRICS = ("f1", "f1_macro", "auroc", "accuracy", "loss")
@@ -335,7 +335,10 @@ class TrainConfig:
     quantize: str = option("none", "int8: predict (the test split, clintune predict/evaluate, load) on CPU with the "
                            "encoder's linear layers in int8, weights per channel and each batch's inputs per "
                            "tensor (oneDNN): 1.4-1.5x faster measured on a CPU with AVX-512 VNNI; predictions may change "
-                           "slightly, so compare with clintune evaluate. Training is unaffected",
+                           "slightly, so compare with clintune evaluate. int8-static: also the feed-forward "
+                           "blocks' hidden activations on ranges calibrated on up to 256 training notes (saved "
+                           "with the model; --calibration FILE for a model trained without): faster, and values "
+                           "beyond the ranges are clipped. Training is unaffected",
                            choices=QUANTIZE, group="runtime")
     cache: bool = option(True, "with --method frozen, encode each text once and train the head from cached "
                          "features (--no-cache re-encodes every epoch)", group="runtime")

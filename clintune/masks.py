@@ -1282,6 +1282,16 @@ def dropout_add(a: torch.Tensor, b: torch.Tensor, seed: int, threshold: int, sca
     return out
 
 
+def affine_u8(lo: float, hi: float) -> tuple[float, int]:
+    """(s, z) of the uint8 codes of values in [lo, hi], x ~ s (q - z): the range widened to hold 0 (so that 0
+    has an exact code), s = (max(hi, 0) - min(lo, 0)) / 255 rounded to fp32 (1 for an all-zero range) and
+    z = round(-min(lo, 0) / s) in [0, 255]. :func:`quantize_u8` takes each tensor's own range; int8-static
+    prediction (:mod:`clintune.quantize`) a range calibrated beforehand."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = float(np.float32((hi - lo) / 255.0)) or 1.0
+    return scale, int(min(255, max(0, round(-lo / scale))))
+
+
 def quantize_u8(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
     """(q, s, z): x's values as uint8 codes with x ~ s (q - z), for a contiguous CPU fp32 or bf16 ``x``.
 
@@ -1307,8 +1317,7 @@ def quantize_u8(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
     lo, hi = min(lo, 0.0), max(hi, 0.0)
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise ValueError("quantize_u8: x holds an infinite value")
-    scale = float(np.float32((hi - lo) / 255.0)) or 1.0
-    zero = int(min(255, max(0, round(-lo / scale))))
+    scale, zero = affine_u8(lo, hi)
     if lib is None:
         # x s^-1 + z rounded once to fp32, as the kernel's fused multiply-add (exact in fp64 first)
         v = (x.double() * float(np.float32(1.0 / scale)) + zero).float()

@@ -26,7 +26,7 @@ from .backbones import (BackboneSource, fingerprint, load_backbone, load_tokeniz
 from .batching import encode
 from .config import TrainConfig
 from .data import LabelMap
-from .errors import BackboneError, ModelDirError
+from .errors import BackboneError, ConfigError, ModelDirError
 from .heads import HEADS
 from .methods import METHODS
 from .runtime import Runtime, resolve_runtime
@@ -179,11 +179,46 @@ class Classifier:
             # cast them at every batch; no fp32 copy kept) through oneDNN, the attention kernel, the heap reused
             self.speedups = accelerate(self.model, self.runtime, restorable=False, off=config.fast_off)
         self.int8_linears = 0
-        if config.quantize == "int8":
+        self.calibration: dict | None = None     # --quantize int8-static: the ranges in use (calibrate())
+        if config.quantize in ("int8", "int8-static"):
             from .quantize import quantize_int8, require_cpu
 
             require_cpu(config.quantize, self.runtime.device)
             self.int8_linears = quantize_int8(self.model.encoder)
+
+    def calibrate(self, texts: Sequence[str], words=None, offsets=None, *, source: str = "calibration notes",
+                  limit: int | None = None) -> dict:
+        """``--quantize int8-static``: set the static ranges (:mod:`clintune.quantize`) from up to ``limit``
+        (default :data:`~clintune.quantize.CALIBRATION_NOTES`) of ``texts``, a seeded sample when there are
+        more, predicted with dynamic codes; return what :func:`load` reads back (``int8_calibration.json``)."""
+        from .errors import ClintuneError
+        from .quantize import CALIBRATION_NOTES, calibrate, set_static
+
+        if self.config.quantize != "int8-static":
+            raise ClintuneError(f"calibrate: for --quantize int8-static, not {self.config.quantize}")
+        limit = CALIBRATION_NOTES if limit is None else limit
+        pick = np.arange(len(texts))
+        if len(pick) > limit:
+            pick = np.sort(np.random.default_rng(0).choice(len(pick), limit, replace=False))
+        sub = lambda xs: None if xs is None else [xs[i] for i in pick]  # noqa: E731
+        self.calibration = None
+        enc = self.encode(sub(list(texts)), sub(words), sub(offsets))
+        ranges = calibrate(self.model.encoder, lambda: self.outputs_encoded(enc))
+        set_static(self.model.encoder, ranges, source)
+        self.calibration = {"format": 1, "notes": int(len(pick)), "source": source, "ranges": ranges}
+        return self.calibration
+
+    def use_calibration(self, data: dict, source: str) -> None:
+        """Set the static ranges saved by :meth:`calibrate` (``source`` names them in errors)."""
+        from .quantize import set_static
+
+        set_static(self.model.encoder, data.get("ranges"), source)
+        self.calibration = data
+
+    def _calibrating(self) -> bool:
+        from .quantize import Int8Linear
+
+        return any(isinstance(m, Int8Linear) and m.seen is not None for m in self.model.encoder.modules())
 
     @property
     def labels(self) -> list:
@@ -195,6 +230,11 @@ class Classifier:
     def outputs_encoded(self, enc, batch_size: int | None = None):
         """Raw outputs in input order: (N, K) logits, or for NER a (sub-tokens, K) array per text."""
         from .training import make_feed, predict_logits
+
+        if self.config.quantize == "int8-static" and self.calibration is None and not self._calibrating():
+            from .errors import ClintuneError
+            raise ClintuneError("--quantize int8-static: not calibrated (Classifier.calibrate(texts), or load() "
+                                "a model directory with its calibration)")
 
         return predict_logits(self.model, make_feed(enc), batch_size or self.config.eval_batch_size, self.runtime,
                               len(self.label_map), token_level=self.task.token_level)
@@ -264,9 +304,11 @@ def _read_json(path: Path) -> dict:
 
 
 def load(directory: str | Path, *, device: str | None = None, precision: str | None = None,
-         quantize: str | None = None) -> Classifier:
+         quantize: str | None = None, calibration: str | Path | Sequence[str] | None = None) -> Classifier:
     """Reload a model directory written by ``clintune train`` as a :class:`Classifier`; ``device``,
-    ``precision`` and ``quantize`` (``"int8"``: :mod:`clintune.quantize`) override what it was trained with."""
+    ``precision`` and ``quantize`` (``"int8"``, ``"int8-static"``: :mod:`clintune.quantize`) override what it
+    was trained with. With int8-static, the ranges come from ``calibration`` (notes, or a file of them read with
+    the model's text column) if given, else from the directory's ``int8_calibration.json``."""
     import yaml
 
     d = Path(directory)
@@ -301,7 +343,22 @@ def load(directory: str | Path, *, device: str | None = None, precision: str | N
             return TfidfClassifier(TfidfModel.load(d, cfg), label_map, cfg)
         except (FileNotFoundError, KeyError, ValueError):
             raise ModelDirError(f"{d}: incomplete or corrupt TF-IDF model (tfidf.json / tfidf.safetensors)") from None
-    return _load_classifier(d, meta, cfg, label_map)
+    if calibration is not None and cfg.quantize != "int8-static":
+        raise ConfigError(f"--calibration: for --quantize int8-static (this prediction is --quantize {cfg.quantize})")
+    clf = _load_classifier(d, meta, cfg, label_map)
+    if cfg.quantize == "int8-static":
+        from .quantize import CALIBRATION_FILE, read_calibration
+
+        if calibration is None:
+            clf.use_calibration(read_calibration(d), str(d / CALIBRATION_FILE))
+        elif isinstance(calibration, (str, Path)):
+            from .data import load_examples
+
+            ex = load_examples(calibration, cfg.text_col, None, task=cfg.task)
+            clf.calibrate(ex.texts, ex.words, ex.offsets, source=Path(calibration).name)
+        else:
+            clf.calibrate(list(calibration))
+    return clf
 
 
 def _load_classifier(d: Path, meta: dict, cfg: TrainConfig, label_map: LabelMap) -> Classifier:

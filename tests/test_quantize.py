@@ -277,3 +277,132 @@ def test_int8_prediction_attends_with_the_int8_kernel(monkeypatch):
     b = run(lambda *args: None)                                 # declined: the bf16 kernel
     assert len(calls) == 2 and not torch.equal(a, b)
     assert (a - b).norm() / b.norm() < 0.05
+
+
+# --- int8-static: the feed-forward activations on calibrated ranges ---------------------------------------------
+
+def _gelu_outputs(enc, run):
+    """The GELU outputs (the first feed-forward linears' fp32 outputs) that ``run()`` produces, dynamic codes."""
+    from clintune.quantize import static_sites
+
+    seen = []
+    hooks = [up.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone())) for _, up, _ in
+             static_sites(enc)]
+    run()
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@needs_int8
+@pytest.mark.parametrize("kind", ["bert", "distilbert"])
+def test_static_codes_flow_from_the_first_feed_forward_linear_to_the_second(kind):
+    from clintune.quantize import calibrate, set_static, static_sites
+
+    enc = _tiny_encoder(kind, "gelu")
+    quantize_int8(enc)
+    sites = static_sites(enc)
+    names = ["encoder.layer.0.output.dense", "encoder.layer.1.output.dense"] if kind == "bert" else \
+        ["transformer.layer.0.ffn.lin2", "transformer.layer.1.ffn.lin2"]
+    assert [n for n, _, _ in sites] == names
+    assert all(enc.get_submodule(n) is down for n, _, down in sites)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(5, 40, (4, 12), generator=g)
+    mask = torch.ones(4, 12, dtype=torch.long)
+    mask[2, 6:] = 0
+
+    def run(i=ids):
+        with torch.inference_mode():
+            return enc(input_ids=i, attention_mask=mask).last_hidden_state
+
+    dynamic = run()
+    outs = _gelu_outputs(enc, run)
+    ranges = calibrate(enc, run)
+    # the range of each site is the smallest and largest GELU output the calibration run produced
+    assert ranges == {n: [o.min().item(), o.max().item()] for (n, _, _), o in zip(sites, outs)}
+    assert all(down.seen is None and up.codes_out is None for _, up, down in sites)   # nothing left switched on
+    set_static(enc, ranges, "test")
+    for (n, up, down), o in zip(sites, outs):
+        s, z = masks.affine_u8(*ranges[n])
+        assert up.codes_out == down.codes_in == (s, z)
+    coded = _gelu_outputs(enc, run)             # now the first linear writes uint8 codes of its GELU output
+    for (n, _, _), o, q in zip(sites, outs, coded):
+        s, z = masks.affine_u8(*ranges[n])
+        assert q.dtype == torch.uint8
+        want = torch.clamp(torch.round(o.double() / s + z), 0, 255)
+        diff = (q.double() - want).abs()
+        assert diff.max() <= 1 and (diff == 0).float().mean() > 0.99       # one code off where y/s sits at a tie
+    static = run()
+    assert (static - dynamic).norm() / dynamic.norm() < 0.02               # within the codes' error
+    # values beyond the calibrated range are clipped to its ends, not wrapped around
+    narrow = {n: [lo, hi / 4] for n, (lo, hi) in ranges.items()}
+    set_static(enc, narrow, "test")
+    for (n, _, _), o, q in zip(sites, outs, _gelu_outputs(enc, run)):
+        s, z = masks.affine_u8(*narrow[n])
+        over = o > (255 - z) * s + s
+        assert over.any() and (q[over] == 255).all()
+    with pytest.raises(clintune.errors.ModelDirError, match="other layers"):
+        set_static(enc, {names[0]: ranges[names[0]]}, "x.json")
+    with pytest.raises(clintune.errors.ModelDirError, match="x.json: the range of .* two finite numbers"):
+        set_static(enc, {**ranges, names[1]: [1.0, float("nan")]}, "x.json")
+
+
+@needs_int8
+def test_int8_static_trains_saves_and_reloads_its_calibration(tiny_backbone, binary_csv, tmp_path):
+    import json
+
+    from clintune.errors import ClintuneError, ModelDirError
+
+    out = tmp_path / "m"
+    res = clintune.train(tiny_config(tiny_backbone, binary_csv, out=str(out), quantize="int8-static"))
+    cal = json.loads((out / "int8_calibration.json").read_text())
+    n_train = res.record["data"]["n_train"]
+    assert cal["notes"] == min(256, n_train) and cal["source"] == "training split"
+    assert sorted(cal["ranges"]) == ["encoder.layer.0.output.dense", "encoder.layer.1.output.dense"]
+    assert all(lo <= 0 < hi for lo, hi in cal["ranges"].values())     # GELU outputs: down to -0.17, and up
+    assert res.record["cost"]["int8_calibration_seconds"] > 0
+    texts = ["patient with heart failure and chest pain", "rash on the skin of the arm"] * 4
+    again = clintune.load(out)                      # the saved ranges: the same probabilities, bit for bit
+    assert again.calibration["ranges"] == cal["ranges"]
+    assert np.array_equal(again.predict_proba(texts), res.classifier.predict_proba(texts))
+    dyn = clintune.load(out, quantize="int8")
+    assert np.abs(dyn.predict_proba(texts) - again.predict_proba(texts)).max() < 0.05
+    # other notes give other ranges; a model trained without int8-static has none saved
+    plain = tmp_path / "plain"
+    clintune.train(tiny_config(tiny_backbone, binary_csv, out=str(plain)))
+    with pytest.raises(ModelDirError, match="no int8 calibration .*--calibration FILE"):
+        clintune.load(plain, quantize="int8-static")
+    mine = clintune.load(plain, quantize="int8-static", calibration=texts)
+    assert mine.calibration["notes"] == len(texts) and mine.predict_proba(texts).shape == (8, 2)
+    with pytest.raises(ConfigError, match="--calibration: for --quantize int8-static"):
+        clintune.load(plain, quantize="int8", calibration=texts)
+    (out / "int8_calibration.json").write_text("{not json")
+    with pytest.raises(ModelDirError, match="int8_calibration.json: corrupt"):
+        clintune.load(out)
+    # a Classifier made int8-static by hand predicts only once calibrated
+    from clintune.modeling import Classifier
+    c = Classifier(mine.model, mine.tokenizer, mine.label_map, mine.config)
+    with pytest.raises(ClintuneError, match="not calibrated"):
+        c.predict_proba(texts)
+    with pytest.raises(ClintuneError, match="for --quantize int8-static, not none"):
+        clintune.load(plain).calibrate(texts)
+
+
+@needs_int8
+def test_int8_static_from_the_command_line(tiny_backbone, binary_csv, tmp_path, capsys):
+    from clintune.cli import main
+
+    out = tmp_path / "m"
+    clintune.train(tiny_config(tiny_backbone, binary_csv, out=str(out)))
+    assert main(["evaluate", "--model", str(out), "--data", binary_csv, "--quantize", "int8-static",
+                 "--calibration", binary_csv]) == 0
+    assert main(["predict", "--model", str(out), "--data", binary_csv, "--out", str(tmp_path / "p.csv"),
+                 "--quantize", "int8-static", "--calibration", binary_csv]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out), "--data", binary_csv, "--quantize", "int8-static"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no int8 calibration" in err[0] and "Traceback" not in err[0]
+    assert main(["evaluate", "--model", str(out), "--data", binary_csv, "--quantize", "int8-static",
+                 "--calibration", str(tmp_path / "missing.csv")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.csv" in err[0]
