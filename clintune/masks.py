@@ -1314,10 +1314,9 @@ def quantize_u8(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
         out = np.zeros(2, dtype=np.float32)
         getattr(lib, f"range_{name}")(x.data_ptr(), x.numel(), out.ctypes.data)
         lo, hi = float(out[0]), float(out[1])
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise ValueError("quantize_u8: x holds an infinite value")
-    scale, zero = affine_u8(lo, hi)
+    scale, zero = affine_u8(lo, hi)                        # the range widened to hold 0 there
     if lib is None:
         # x s^-1 + z rounded once to fp32, as the kernel's fused multiply-add (exact in fp64 first)
         v = (x.double() * float(np.float32(1.0 / scale)) + zero).float()

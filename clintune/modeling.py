@@ -203,22 +203,10 @@ class Classifier:
         sub = lambda xs: None if xs is None else [xs[i] for i in pick]  # noqa: E731
         self.calibration = None
         enc = self.encode(sub(list(texts)), sub(words), sub(offsets))
-        ranges = calibrate(self.model.encoder, lambda: self.outputs_encoded(enc))
+        ranges = calibrate(self.model.encoder, lambda: self._outputs(enc))
         set_static(self.model.encoder, ranges, source)
         self.calibration = {"format": 1, "notes": int(len(pick)), "source": source, "ranges": ranges}
         return self.calibration
-
-    def use_calibration(self, data: dict, source: str) -> None:
-        """Set the static ranges saved by :meth:`calibrate` (``source`` names them in errors)."""
-        from .quantize import set_static
-
-        set_static(self.model.encoder, data.get("ranges"), source)
-        self.calibration = data
-
-    def _calibrating(self) -> bool:
-        from .quantize import Int8Linear
-
-        return any(isinstance(m, Int8Linear) and m.seen is not None for m in self.model.encoder.modules())
 
     @property
     def labels(self) -> list:
@@ -229,12 +217,14 @@ class Classifier:
 
     def outputs_encoded(self, enc, batch_size: int | None = None):
         """Raw outputs in input order: (N, K) logits, or for NER a (sub-tokens, K) array per text."""
-        from .training import make_feed, predict_logits
-
-        if self.config.quantize == "int8-static" and self.calibration is None and not self._calibrating():
+        if self.config.quantize == "int8-static" and self.calibration is None:
             from .errors import ClintuneError
             raise ClintuneError("--quantize int8-static: not calibrated (Classifier.calibrate(texts), or load() "
                                 "a model directory with its calibration)")
+        return self._outputs(enc, batch_size)
+
+    def _outputs(self, enc, batch_size: int | None = None):
+        from .training import make_feed, predict_logits
 
         return predict_logits(self.model, make_feed(enc), batch_size or self.config.eval_batch_size, self.runtime,
                               len(self.label_map), token_level=self.task.token_level)
@@ -347,10 +337,12 @@ def load(directory: str | Path, *, device: str | None = None, precision: str | N
         raise ConfigError(f"--calibration: for --quantize int8-static (this prediction is --quantize {cfg.quantize})")
     clf = _load_classifier(d, meta, cfg, label_map)
     if cfg.quantize == "int8-static":
-        from .quantize import CALIBRATION_FILE, read_calibration
+        from .quantize import CALIBRATION_FILE, read_calibration, set_static
 
         if calibration is None:
-            clf.use_calibration(read_calibration(d), str(d / CALIBRATION_FILE))
+            saved = read_calibration(d)
+            set_static(clf.model.encoder, saved["ranges"], str(d / CALIBRATION_FILE))
+            clf.calibration = saved
         elif isinstance(calibration, (str, Path)):
             from .data import load_examples
 
