@@ -224,6 +224,8 @@ def _train_assembled(cfg: TrainConfig, runtime, splits: Splits, asm, t_start: fl
         inference = ClintuneModel(method.for_inference(model.encoder), model.head, backbone_trains=False,
                                   feature_dtype=model.feature_dtype, first_token_only=model.first_token_only)
         clf = Classifier(inference, asm.tokenizer, lm, cfg, runtime, state)
+        if clf.model.packed:
+            meter.extra.setdefault("speedups", {})["prediction"] = "notes packed without padding"
         if cfg.quantize == "int8-static":      # ranges from the training notes, saved beside the model
             t0 = time.perf_counter()
             tr = splits.train

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from . import masks
+from .packing import STARTS
 
 ATTENTION = "clintune"
 NO_KERNEL = "clintune-no-kernel"       # the same attention without the compiled attention kernels
@@ -61,6 +62,7 @@ PARTS = {
     "sublayer_end": "the fused dropout + residual + LayerNorm (BERT's)",
     "gelu": "GELU keeping its derivative (PyTorch's)",
     "memory": "reuse of freed memory (glibc's default)",
+    "packing": "prediction's notes packed without padding (clintune.packing; padded batches instead)",
 }
 _registered = False
 
@@ -345,6 +347,8 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     Otherwise (gradients without dropout) the unfused form: on CPU the fused kernel's backward is slower
     than two matrix products, softmax and their gradients. ``kernels=False`` (:data:`NO_KERNEL`, ``--fast-off
     attention_kernel``) leaves out the compiled attention kernels: PyTorch's products a chunk at a time.
+    Notes packed into one sequence for prediction (:mod:`clintune.packing`) come with their offsets as
+    transformers' ``cu_seq_lens_q`` keyword: each attends to itself alone (:func:`_packed_attention`).
     """
     if (getattr(module, "is_causal", None) is not False or kwargs.get("is_causal")
             or getattr(module, "num_key_value_groups", 1) != 1 or key.shape[-2] != query.shape[-2]):
@@ -355,6 +359,11 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
                                       **kwargs)
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    starts = kwargs.get(STARTS)
+    if starts is not None:                                     # packed notes (clintune.packing)
+        if needs_grad or attention_mask is not None:
+            raise ValueError("clintune attention: packed sequences are for prediction, without a mask")
+        return _packed_attention(module, query, key, value, starts, scale, kernels), None
     if not needs_grad:
         if query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.bfloat16:
             out = None
@@ -379,6 +388,24 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     if dropout > 0.0:
         probs = zero_dropped(probs, keep_mask(probs.shape, dropout, probs.device)).mul_(1.0 / (1.0 - dropout))
     return torch.matmul(probs.to(value.dtype), value).transpose(1, 2).contiguous(), None
+
+
+def _packed_attention(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, scale: float,
+                      kernels: bool) -> torch.Tensor:
+    """(1, h, N, d) query/key/value of sequences packed one after another (``starts``: (B + 1,) offsets,
+    :mod:`clintune.packing`) -> (1, N, h, d), each sequence attending to itself alone: the compiled kernels in
+    one call where they run, else :func:`attention` one sequence at a time."""
+    if kernels and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16 and _attention_kernels():
+        out = None
+        if getattr(module, "int8_attention", False):
+            out = masks.attention_int8(q, k, v, None, scale, starts=starts)
+        if out is None:
+            out = masks.attention(q, k, v, None, scale, starts=starts)
+        if out is not None:
+            return out
+    bounds = starts.tolist()
+    return torch.cat([attention(module, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None, scaling=scale,
+                                kernels=kernels)[0] for a, b in zip(bounds[:-1], bounds[1:])], dim=1)
 
 
 def register() -> None:

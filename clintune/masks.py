@@ -455,20 +455,30 @@ static void pack_pairs(uint32_t *xp, const uint16_t *x, int64_t t, int64_t tp, i
    masked (mask[b, i, j] == 0 -> -inf), softmax in fp32 (exp_neg) rounded once to bf16 P, O = P V in fp32
    rounded once; written to out[b, i, h, :]. Training (probs given): P is also written to probs, and O is made
    from P m (dropout, softmax_keep's mask) and scaled by dscale = 1 / (1 - p) before its rounding. */
+/* Example b: t tokens (tp: t rounded up to 16), its q, k and v rows from elements qo, ko and vo on (rows st[2],
+   st[5], st[8] apart), its output rows from row o0 of out (B T, h, d) on. starts NULL: B examples of tmax tokens
+   each (q's examples st[0] apart, k's st[3], v's st[6]). starts (B + 1 offsets; prediction, no mask): B sequences
+   packed one after another in a single example, sequence b its rows starts[b] .. starts[b + 1] - 1. */
+#define SEQUENCE_OF(b)                                                                                       \
+    const int64_t t = starts ? starts[b + 1] - starts[b] : tmax, tp = (t + 15) / 16 * 16;                    \
+    const int64_t o0 = starts ? starts[b] : b * tmax;                                                        \
+    const int64_t qo = starts ? starts[b] * st[2] : b * st[0], ko = starts ? starts[b] * st[5] : b * st[3],  \
+                  vo = starts ? starts[b] * st[8] : b * st[6];
 #define ATTENTION(D, R)                                                                                       \
 static int attention_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask,           \
-                         uint16_t *out, int64_t nb, int64_t nh, int64_t t, const int64_t *st, float scale,        \
-                         uint16_t *probs, uint64_t seed, int16_t th, float dscale) {                              \
-    const int64_t tp = (t + 15) / 16 * 16, dp = D / 2, words = tp * dp + tp / 2 * D;  /* packed K, then V */ \
+                         uint16_t *out, int64_t nb, int64_t nh, int64_t tmax, const int64_t *st, float scale, \
+                         uint16_t *probs, uint64_t seed, int16_t th, float dscale, const int64_t *starts) {  \
+    const int64_t tpm = (tmax + 15) / 16 * 16, dp = D / 2, words = tpm * dp + tpm / 2 * D; /* packed K, V */ \
     uint32_t *packed = aligned_alloc(64, (size_t) THREADS() * words * 4);       /* one K, V pair per thread */ \
     if (!packed) return -1;                                                                                  \
-    _Pragma("omp parallel for schedule(static) collapse(2)")                                                   \
+    _Pragma("omp parallel for schedule(static, 1) collapse(2)")           /* heads dealt out in turn */      \
     for (int64_t b = 0; b < nb; b++)                                                                         \
     for (int64_t h = 0; h < nh; h++) {                                                                       \
+        SEQUENCE_OF(b)                                                                                       \
         uint32_t *kp = packed + THREAD() * words, *vp = kp + tp * dp;                                        \
         float S[R * MAXA] __attribute__((aligned(64)));                                                      \
         uint16_t P[R * MAXA] __attribute__((aligned(64))), qt[R * D] __attribute__((aligned(64)));           \
-        const uint16_t *qb = q + b * st[0] + h * st[1], *kb = k + b * st[3] + h * st[4], *vb = v + b * st[6] + h * st[7]; \
+        const uint16_t *qb = q + qo + h * st[1], *kb = k + ko + h * st[4], *vb = v + vo + h * st[7];         \
         pack_keys(kp, kb, t, tp, st[5], D);                                                                  \
         pack_pairs(vp, vb, t, tp, st[8], D);                                                                 \
         for (int64_t i0 = 0; i0 < t; i0 += R) {                                                              \
@@ -514,7 +524,7 @@ static int attention_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v
             ROWS_TIMES(D, R, o, P, vp, tp)                            /* O = P V (P m V in training) */      \
             const __m512 vds = _mm512_set1_ps(dscale);                                                       \
             for (int64_t r = 0; r < rows; r++) {                                                             \
-                uint16_t *dst = out + ((b * t + i0 + r) * nh + h) * D;                                       \
+                uint16_t *dst = out + ((o0 + i0 + r) * nh + h) * D;                                          \
                 for (int u = 0; u < D / 16; u++)                                                             \
                     _mm256_storeu_si256((__m256i *) (dst + u * 16),                                          \
                                         (__m256i) _mm512_cvtneps_pbh(_mm512_mul_ps(o[r][u], vds)));          \
@@ -647,9 +657,9 @@ int attention_backward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t
    (softmax_keep's mask for the same seed and threshold, rows numbered over (B, h, T)), times dscale = 1 / (1 - p) */
 int attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask, uint16_t *out,
                    int64_t nb, int64_t nh, int64_t t, int64_t d, const int64_t *st, float scale,
-                   uint16_t *probs, uint64_t seed, int32_t th, float dscale) {                 /* -1: no memory */
-    return d == 32 ? attention_32(q, k, v, mask, out, nb, nh, t, st, scale, probs, seed, (int16_t) th, dscale)
-                   : attention_64(q, k, v, mask, out, nb, nh, t, st, scale, probs, seed, (int16_t) th, dscale);
+                   uint16_t *probs, uint64_t seed, int32_t th, float dscale, const int64_t *starts) { /* -1: no memory */
+    return d == 32 ? attention_32(q, k, v, mask, out, nb, nh, t, st, scale, probs, seed, (int16_t) th, dscale, starts)
+                   : attention_64(q, k, v, mask, out, nb, nh, t, st, scale, probs, seed, (int16_t) th, dscale, starts);
 }
 /* int8 attention for prediction (clintune.quantize, --quantize int8): the steps of attention_##D with 8-bit
    products, AVX-512 VNNI's vpdpbusd (four u8 x s8 products per 32-bit lane, where vdpbf16ps makes two bf16
@@ -751,14 +761,16 @@ static void mask_bias(float *bias, const uint8_t *m, int64_t t, int64_t tp) {
 }
 #define ATTENTION_INT8(D, R)                                                                                  \
 static int attention_int8_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask,      \
-                              uint16_t *out, int64_t nb, int64_t nh, int64_t t, const int64_t *st, float scale) { \
-    const int64_t tp = (t + 15) / 16 * 16, words = tp * D / 2 + tp * (2 + R) + 2 * D;  /* K, V, sk, biases, sv, vbar */ \
+                              uint16_t *out, int64_t nb, int64_t nh, int64_t tmax, const int64_t *st, float scale, \
+                              const int64_t *starts) {                                                       \
+    const int64_t tpm = (tmax + 15) / 16 * 16, words = tpm * D / 2 + tpm * (2 + R) + 2 * D; /* K, V, sk, ... */ \
     uint32_t *packed = aligned_alloc(64, (size_t) THREADS() * words * 4);                                    \
     if (!packed) return -1;                                                                                  \
     const float l2 = scale * LOG2E;                                        /* scores in base 2 */             \
-    _Pragma("omp parallel for schedule(static) collapse(2)")                                                   \
+    _Pragma("omp parallel for schedule(static, 1) collapse(2)")           /* heads dealt out in turn */      \
     for (int64_t b = 0; b < nb; b++)                                                                         \
     for (int64_t h = 0; h < nh; h++) {                                                                       \
+        SEQUENCE_OF(b)                                                                                       \
         uint32_t *kp = packed + THREAD() * words, *vp = kp + tp * D / 4;                                     \
         float *sk = (float *) (vp + tp * D / 4), *bias = sk + tp, *sv = bias + tp * (1 + R);                 \
         float S[R * MAXA] __attribute__((aligned(64))), sq[R], inv[R], rest[R], *vbar = sv + D;               \
@@ -766,9 +778,9 @@ static int attention_int8_##D(const uint16_t *q, const uint16_t *k, const uint16
         int8_t qa[R * D] __attribute__((aligned(64)));                                                       \
         int32_t qs[R];                                                                                       \
         const float *rb[R];                                                 /* each row's additive mask */    \
-        const uint16_t *qb = q + b * st[0] + h * st[1];                                                      \
+        const uint16_t *qb = q + qo + h * st[1];                                                             \
         const uint8_t *mb = mask ? mask + b * st[9] : 0;                                                     \
-        pack_keys_i8(kp, sk, k + b * st[3] + h * st[4], t, tp, st[5], D);                                    \
+        pack_keys_i8(kp, sk, k + ko + h * st[4], t, tp, st[5], D);                                           \
         const int each_row = mb && st[10];                          /* a mask that differs between rows */  \
         if (each_row) {                                      /* then bias: the keys that some row attends */ \
             uint8_t any[MAXA];                                                                               \
@@ -776,7 +788,7 @@ static int attention_int8_##D(const uint16_t *q, const uint16_t *k, const uint16
             for (int64_t i = 0; i < t; i++) for (int64_t j = 0; j < t; j++) any[j] |= mb[i * st[10] + j];    \
             mask_bias(bias, any, t, tp);                                                                     \
         } else mask_bias(bias, mb, t, tp);                                  /* the same for every row */      \
-        pack_values_i8(vp, sv, vbar, v + b * st[6] + h * st[7], t, tp, st[8], D, bias);                      \
+        pack_values_i8(vp, sv, vbar, v + vo + h * st[7], t, tp, st[8], D, bias);                             \
         __m512 svv[D / 16], vbv[D / 16];                                                                     \
         for (int u = 0; u < D / 16; u++) { svv[u] = _mm512_loadu_ps(sv + 16 * u); vbv[u] = _mm512_loadu_ps(vbar + 16 * u); } \
         for (int64_t i0 = 0; i0 < t; i0 += R) {                                                              \
@@ -851,7 +863,7 @@ static int attention_int8_##D(const uint16_t *q, const uint16_t *k, const uint16
                 }                                                                                            \
             }                                                                                                \
             for (int64_t r = 0; r < rows; r++) {                                                             \
-                uint16_t *dst = out + ((b * t + i0 + r) * nh + h) * D;                                       \
+                uint16_t *dst = out + ((o0 + i0 + r) * nh + h) * D;                                          \
                 const __m512 vi = _mm512_set1_ps(inv[r]), vr = _mm512_set1_ps(rest[r]);                      \
                 for (int u = 0; u < D / 16; u++)                                                             \
                     _mm256_storeu_si256((__m256i *) (dst + u * 16), (__m256i) _mm512_cvtneps_pbh(_mm512_mul_ps( \
@@ -866,9 +878,10 @@ ATTENTION_INT8(32, 8)
 ATTENTION_INT8(64, 4)
 /* attention_bf16's arguments, prediction only */
 int attention_int8(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask, uint16_t *out,
-                   int64_t nb, int64_t nh, int64_t t, int64_t d, const int64_t *st, float scale) {   /* -1: no memory */
-    return d == 32 ? attention_int8_32(q, k, v, mask, out, nb, nh, t, st, scale)
-                   : attention_int8_64(q, k, v, mask, out, nb, nh, t, st, scale);
+                   int64_t nb, int64_t nh, int64_t t, int64_t d, const int64_t *st, float scale,
+                   const int64_t *starts) {                                                   /* -1: no memory */
+    return d == 32 ? attention_int8_32(q, k, v, mask, out, nb, nh, t, st, scale, starts)
+                   : attention_int8_64(q, k, v, mask, out, nb, nh, t, st, scale, starts);
 }
 #else
 int attention_int8_available(void) { return 0; }
@@ -954,13 +967,13 @@ def _compile() -> ctypes.CDLL | None:
         getattr(lib, name).restype = None
     lib.attention_bf16_available.restype = ctypes.c_int
     if lib.attention_bf16_available():
-        lib.attention_bf16.argtypes = [p] * 5 + [i64] * 4 + [p, f32, p, u64, i32, f32]
+        lib.attention_bf16.argtypes = [p] * 5 + [i64] * 4 + [p, f32, p, u64, i32, f32, p]
         lib.attention_bf16.restype = ctypes.c_int
         lib.attention_backward_bf16.argtypes = [p] * 8 + [i64] * 4 + [p, f32, u64, i32, f32]
         lib.attention_backward_bf16.restype = ctypes.c_int
     lib.attention_int8_available.restype = ctypes.c_int
     if lib.attention_int8_available():
-        lib.attention_int8.argtypes = [p] * 5 + [i64] * 4 + [p, f32]
+        lib.attention_int8.argtypes = [p] * 5 + [i64] * 4 + [p, f32, p]
         lib.attention_int8.restype = ctypes.c_int
     return lib
 
@@ -1018,10 +1031,26 @@ def _attention_lib(d: int, t: int) -> ctypes.CDLL | None:
     return lib
 
 
-def _attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
-    """(library, mask with a contiguous last dim, the kernel's 11 strides) for the attention kernels' inputs, or
-    None where they cannot take them: no kernel here, other sizes, dtypes or devices, a mask of another form."""
-    b, h, t, d = q.shape
+def _packed(q: torch.Tensor, mask: torch.Tensor | None, starts: torch.Tensor | None) -> tuple[int, int]:
+    """(sequences, longest) of q's packed layout: ``starts`` (B + 1,) int64 from 0 to q's T, nondecreasing, with q
+    (1, h, T, d) and no mask (see :func:`attention`); (B, T) of q itself when ``starts`` is None."""
+    if starts is None:
+        return q.shape[0], q.shape[2]
+    if (q.shape[0] != 1 or mask is not None or starts.dtype != torch.int64 or starts.dim() != 1
+            or len(starts) < 2 or not starts.is_contiguous() or starts.device.type != "cpu"):
+        raise ValueError("attention: packed sequences need q, k, v of one example, no mask and (B + 1,) int64 "
+                         "CPU starts")
+    lengths = starts[1:] - starts[:-1]
+    if int(starts[0]) != 0 or int(starts[-1]) != q.shape[2] or bool((lengths < 0).any()):
+        raise ValueError(f"attention: starts must rise from 0 to the {q.shape[2]} packed tokens")
+    return len(lengths), int(lengths.max())
+
+
+def _attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, t: int):
+    """(library, mask with a contiguous last dim, the kernel's 11 strides) for the attention kernels' inputs
+    (``t``: the longest sequence), or None where they cannot take them: no kernel here, other sizes, dtypes or
+    devices, a mask of another form."""
+    b, h, _, d = q.shape
     lib = _attention_lib(d, t)
     if (lib is None or k.shape != q.shape or v.shape != q.shape
             or any(x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.stride(-1) != 1 for x in (q, k, v))):
@@ -1040,7 +1069,7 @@ def _attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, *,
               probs: torch.Tensor | None = None, seed: int = 0, threshold: int = -32768,
-              dropout_scale: float = 1.0) -> torch.Tensor | None:
+              dropout_scale: float = 1.0, starts: torch.Tensor | None = None) -> torch.Tensor | None:
     """softmax(Q K^T * scale + bias) V for bf16 (B, h, T, d) q, k, v (d = 32 or 64, T <= 512) on CPU,
     as (B, T, h, d); None where the compiled kernel cannot do it (no AVX-512 BF16, other sizes).
 
@@ -1055,24 +1084,32 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     for the backward pass and multiplies V by P m instead, m :func:`softmax_keep`'s mask for ``seed`` and
     ``threshold`` (rows numbered over (B, h, T) from 0), and O by ``dropout_scale`` = 1 / (1 - p) before its one
     rounding: O = (P m) V / (1 - p).
+
+    Packed sequences (prediction): with ``starts``, (B + 1,) int64 offsets from 0 to T, q, k and v are (1, h, T,
+    d) holding B sequences one after another, sequence b the rows starts[b] .. starts[b + 1] - 1, each attending
+    only to itself; no mask, no ``probs``; the output is (1, T, h, d). The same numbers as the sequences padded
+    into a batch, without the padding's work.
     """
-    args = _attention_args(q, k, v, mask)
+    nb, t = _packed(q, mask, starts)
+    args = _attention_args(q, k, v, mask, t)
     if args is None:
         return None
     lib, mask, st = args
-    b, h, t, d = q.shape
+    _, h, n, d = q.shape
     if probs is not None:
-        _check({"probs": (probs, torch.bfloat16)}, (b, h, t, t))
-    out = torch.empty((b, t, h, d), dtype=torch.bfloat16)
+        if starts is not None:
+            raise ValueError("attention: packed sequences are for prediction (no probs)")
+        _check({"probs": (probs, torch.bfloat16)}, (nb, h, t, t))
+    out = torch.empty((q.shape[0], n, h, d), dtype=torch.bfloat16)
     if lib.attention_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), None if mask is None else mask.data_ptr(),
-                          out.data_ptr(), b, h, t, d, st, float(scale), None if probs is None else probs.data_ptr(),
-                          seed, int(threshold), float(dropout_scale)):
+                          out.data_ptr(), nb, h, t, d, st, float(scale), None if probs is None else probs.data_ptr(),
+                          seed, int(threshold), float(dropout_scale), None if starts is None else starts.data_ptr()):
         raise MemoryError("attention kernel: no memory for its packed keys and values")
     return out
 
 
 def attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                   scale: float) -> torch.Tensor | None:
+                   scale: float, *, starts: torch.Tensor | None = None) -> torch.Tensor | None:
     """:func:`attention` for prediction with 8-bit products (``--quantize int8``): (B, T, h, d) bf16, or None
     where the kernel cannot run (no AVX-512 VNNI, or where :func:`attention` cannot).
 
@@ -1084,16 +1121,18 @@ def attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     rounded once to bf16: r is the weight the codes left out (mostly small weights rounded to 0; dropping it
     sharpened attention), given to vbar, the attended keys' mean value row. Each score's error is a few
     thousandths of its row's largest |q| |k| products, each weight's at most 1/510 of the row's largest; as with
-    the int8 linears, check the metrics before relying on it. The same kernel layout as :func:`attention`.
+    the int8 linears, check the metrics before relying on it. The same kernel layout as :func:`attention`, packed
+    sequences (``starts``) included.
     """
-    args = _attention_args(q, k, v, mask)
+    nb, t = _packed(q, mask, starts)
+    args = _attention_args(q, k, v, mask, t)
     if args is None or not args[0].attention_int8_available():
         return None
     lib, mask, st = args
-    b, h, t, d = q.shape
-    out = torch.empty((b, t, h, d), dtype=torch.bfloat16)
+    _, h, n, d = q.shape
+    out = torch.empty((q.shape[0], n, h, d), dtype=torch.bfloat16)
     if lib.attention_int8(q.data_ptr(), k.data_ptr(), v.data_ptr(), None if mask is None else mask.data_ptr(),
-                          out.data_ptr(), b, h, t, d, st, float(scale)):
+                          out.data_ptr(), nb, h, t, d, st, float(scale), None if starts is None else starts.data_ptr()):
         raise MemoryError("attention kernel: no memory for its packed keys and values")
     return out
 

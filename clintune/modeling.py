@@ -29,6 +29,7 @@ from .data import LabelMap
 from .errors import BackboneError, ConfigError, ModelDirError
 from .heads import HEADS
 from .methods import METHODS
+from .packing import pack
 from .runtime import Runtime, resolve_runtime
 
 FORMAT_VERSION = 1
@@ -48,6 +49,8 @@ class ClintuneModel(nn.Module):
         # Frozen backbones emit features in the run's precision (what the feature cache stores), so that
         # cached and on-the-fly features are the same numbers. None: leave the encoder's output as is.
         self.feature_dtype = feature_dtype
+        # prediction runs each batch's notes packed without padding (clintune.packing; set by Classifier)
+        self.packed = False
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -57,8 +60,13 @@ class ClintuneModel(nn.Module):
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) ids and mask -> (B, T, H) token states."""
+        packed = self.packed and not torch.is_grad_enabled() and pack(input_ids, attention_mask)
         with torch.set_grad_enabled(self.backbone_trains and torch.is_grad_enabled()):
-            states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            if packed:
+                kwargs, layout = packed
+                states = layout.unpack(self.encoder(**kwargs).last_hidden_state, self.first_token_only)
+            else:
+                states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return states if self.feature_dtype is None else states.to(self.feature_dtype)
 
     def forward(self, input_ids=None, attention_mask=None, states=None, window_owner=None) -> torch.Tensor:
@@ -185,6 +193,12 @@ class Classifier:
 
             require_cpu(config.quantize, self.runtime.device)
             self.int8_linears = quantize_int8(self.model.encoder)
+        if self.speedups is not None and "packing" not in (config.fast_off or ()) and self.runtime.precision == "bf16":
+            from .fast import _attention_kernels
+            from .packing import supported
+
+            # notes packed without padding where the compiled attention kernels take them (clintune.packing)
+            self.model.packed = _attention_kernels() and supported(self.model.encoder)
 
     def calibrate(self, texts: Sequence[str], words=None, offsets=None, *, source: str = "calibration notes",
                   limit: int | None = None) -> dict:

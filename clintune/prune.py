@@ -55,11 +55,36 @@ def _attend_first(module: nn.Module, first: torch.Tensor, states: torch.Tensor, 
     return out.reshape(b, 1, -1)
 
 
+def _attend_first_packed(module: nn.Module, first: torch.Tensor, states: torch.Tensor, starts: torch.Tensor, q_lin,
+                         k_lin, v_lin, head_size: int, scaling: float) -> torch.Tensor:
+    """:func:`_attend_first` for B notes packed into one sequence (:mod:`clintune.packing`): ``states`` (1, N, H),
+    ``first`` (1, B, H) their first rows, note b rows starts[b] .. starts[b + 1] - 1; K and V gathered into
+    (B, longest) with a mask for the rest. (1, B, heads * head_size)."""
+    b = first.shape[1]
+    lengths = starts[1:] - starts[:-1]
+    pos = torch.arange(int(lengths.max()))
+    index = (starts[:-1, None] + pos).clamp_(max=states.shape[1] - 1)       # past a note's end: masked out
+    q = q_lin(first).view(b, 1, -1, head_size).transpose(1, 2)
+    k = k_lin(states)[0][index].view(b, len(pos), -1, head_size).transpose(1, 2)
+    v = v_lin(states)[0][index].view(b, len(pos), -1, head_size).transpose(1, 2)
+    mask = (pos < lengths[:, None])[:, None, None, :]
+    out, _ = _attention_fn(module)(module, q, k, v, mask, dropout=0.0, scaling=scaling)
+    return out.reshape(1, b, -1)
+
+
 def _bert_attention_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+    from .packing import STARTS
+
     sa = self.self
-    first = hidden_states[:, :1]
-    a = _attend_first(sa, first, hidden_states, attention_mask, sa.query, sa.key, sa.value, sa.attention_head_size,
-                      sa.scaling, sa.dropout.p)
+    starts = kwargs.get(STARTS)
+    if starts is not None:                            # packed notes: each one's first row
+        first = hidden_states[:, starts[:-1]]
+        a = _attend_first_packed(sa, first, hidden_states, starts, sa.query, sa.key, sa.value,
+                                 sa.attention_head_size, sa.scaling)
+    else:
+        first = hidden_states[:, :1]
+        a = _attend_first(sa, first, hidden_states, attention_mask, sa.query, sa.key, sa.value,
+                          sa.attention_head_size, sa.scaling, sa.dropout.p)
     return self.output(a, first), None
 
 

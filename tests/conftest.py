@@ -75,6 +75,24 @@ def tiny_backbone(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def kernel_backbone(tiny_backbone, tmp_path_factory):
+    """The tiny BERT's tokenizer with a 2-layer encoder of head size 32, which the attention kernels take."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    d = tmp_path_factory.mktemp("kernel-bert")
+    for f in Path(tiny_backbone).iterdir():
+        if "token" in f.name or f.name.startswith("vocab"):
+            shutil.copy(f, d / f.name)
+    vocab = BertConfig.from_pretrained(tiny_backbone).vocab_size
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=vocab, **{**TINY, "hidden_size": 64, "intermediate_size": 128})).save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
 def binary_csv(tmp_path_factory) -> str:
     d = tmp_path_factory.mktemp("binary")
     df = make_texts(["cardio", "skin"], 400, seed=1)

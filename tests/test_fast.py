@@ -1,6 +1,4 @@
 """The CPU speed-ups keep the maths: same distribution, same attention, same bits where promised."""
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -761,25 +759,6 @@ def test_fast_off_parts_are_the_configs_and_unknown_ones_are_refused():
     assert tiny_config("unused", "unused.csv").replace(fast_off="gelu,lora").fast_off == ["gelu", "lora"]
     with pytest.raises(ValueError, match="unknown --fast-off"):
         fast.accelerate(torch.nn.Linear(2, 2), Runtime(torch.device("cpu"), "bf16"), off=["attn"])
-
-
-@pytest.fixture(scope="module")
-def kernel_backbone(tiny_backbone, tmp_path_factory):
-    """The tiny BERT's tokenizer with a 2-layer encoder of head size 32, which the attention kernels take."""
-    import shutil
-
-    from transformers import BertConfig, BertModel
-
-    from conftest import TINY
-
-    d = tmp_path_factory.mktemp("kernel-bert")
-    for f in Path(tiny_backbone).iterdir():
-        if "token" in f.name or f.name.startswith("vocab"):
-            shutil.copy(f, d / f.name)
-    vocab = BertConfig.from_pretrained(tiny_backbone).vocab_size
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=vocab, **{**TINY, "hidden_size": 64, "intermediate_size": 128})).save_pretrained(d)
-    return str(d)
 
 
 def _lora_step(tiny_backbone, off):

@@ -1,0 +1,86 @@
+"""Prediction without padding: a batch's notes packed into one sequence for the encoder (CPU).
+
+A batch of B notes padded to T tokens spends the padding's share of every product, LayerNorm and attention on
+tokens no head reads: 4.1% of the products and 6.0% of attention's work for the speed benchmark's 797 test
+notes, sorted by length and cut into pieces of 4,096 tokens (172,552 real tokens of 179,936). Packed, the
+encoder sees one example of N = sum_b L_b tokens, the notes' ids back to back, each note's positions 0 .. L_b
+- 1, so the linear layers, LayerNorms and GELUs work on the N real tokens alone. Self-attention is the one
+place where notes must not see each other: with offsets starts = (0, L_0, L_0 + L_1, ..., N),
+
+    O[s_b + i] = softmax_j(q[s_b + i] . k[s_b + j] / sqrt(d)) v[s_b + j],   0 <= i, j < L_b,
+
+which clintune's attention (:func:`clintune.fast.attention`) computes from transformers' ``cu_seq_lens_q``
+keyword, passed down to the attention function by BERT's layers (the compiled kernels take the offsets:
+:func:`clintune.masks.attention`, :func:`~clintune.masks.attention_int8`). A last layer trimmed to the first
+token (:mod:`clintune.prune`) takes each note's first row. The encoder's output is unpacked to (B, T, H), zeros
+at the padding (or (B, 1, H) from a trimmed last layer), so the heads see what they saw before.
+
+Each real token's numbers are those of the padded batch: row-wise operations do not see other rows, and
+attention sees the same keys. In bf16 the products' rounding may differ in the last bit where oneDNN blocks
+another number of rows differently; with ``--quantize int8`` the dynamic activation ranges are taken over the
+real tokens only, no longer over padding as well, so codes move by a step here and there.
+
+Used for prediction on CPU in bf16 (:class:`clintune.modeling.Classifier`, ``--fast``; ``--fast-off packing``
+leaves it out) by BERT-family encoders whose embeddings take position ids (BERT's code: BERT, MiniLM, ...);
+other encoders, and training, keep padded batches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+#: the keyword under which the offsets reach the attention function (transformers' name for them)
+STARTS = "cu_seq_lens_q"
+
+
+@dataclass
+class Packed:
+    """A padded batch's layout once packed: the notes' offsets and where each token was."""
+
+    starts: torch.Tensor          # (B + 1,) int64: note b is packed rows starts[b] .. starts[b + 1] - 1
+    where: torch.Tensor           # (B, T) bool: the padded batch's real tokens (attention_mask != 0)
+
+    def unpack(self, states: torch.Tensor, first_token_only: bool) -> torch.Tensor:
+        """The encoder's (1, N, H) packed output -> (B, T, H), zeros at padding; a trimmed last layer's (1, B, H)
+        first rows -> (B, 1, H)."""
+        if first_token_only:
+            return states[0].unsqueeze(1)
+        out = states.new_zeros((*self.where.shape, states.shape[-1]))
+        out[self.where] = states[0]
+        return out
+
+
+def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[dict, Packed] | None:
+    """(B, T) ids and mask -> (the encoder's keyword arguments for one packed sequence, its layout); None where
+    a note's tokens are not a prefix of its row (left padding, holes): those stay padded."""
+    where = attention_mask.bool()
+    lengths = where.sum(1)
+    t = where.shape[1]
+    if not torch.equal(where, torch.arange(t, device=where.device) < lengths[:, None]) or not bool(lengths.all()):
+        return None
+    starts = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    torch.cumsum(lengths.to(torch.int64), 0, out=starts[1:])
+    positions = torch.arange(t, device=where.device).expand_as(where)[where]
+    kwargs = {"input_ids": input_ids[where][None], "position_ids": positions[None], STARTS: starts}
+    return kwargs, Packed(starts, where)
+
+
+def supported(encoder: nn.Module) -> bool:
+    """Whether ``encoder`` can run packed: a BERT-code model (its embeddings take position ids, and its
+    self-attention modules call the attention function with the layer's keywords) whose attention is
+    clintune's (:func:`clintune.fast.accelerate`)."""
+    from transformers.models.bert.modeling_bert import BertEmbeddings, BertModel, BertSelfAttention
+
+    from .fast import ATTENTION, NO_KERNEL, _same_code
+
+    base = getattr(encoder, "get_base_model", lambda: encoder)()
+    if not (_same_code(getattr(type(base), "forward", None), BertModel.forward)
+            and _same_code(getattr(type(getattr(base, "embeddings", None)), "forward", None), BertEmbeddings.forward)
+            and getattr(base.config, "_attn_implementation", None) in (ATTENTION, NO_KERNEL)
+            and not base.config.is_decoder):
+        return False
+    attention = [m for m in base.modules() if hasattr(m, "query") and hasattr(m, "key")]
+    return bool(attention) and all(_same_code(getattr(type(m), "forward", None), BertSelfAttention.forward)
+                                   for m in attention)
