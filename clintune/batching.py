@@ -7,7 +7,8 @@ of distinct batch shapes small: on CPU oneDNN compiles and caches matrix-product
 shape, about 0.55 MB each (measured, cache of 1,024), and a LoRA step of MiniLM runs about twenty of them
 per shape. Multiples of 8 all the way gave length-bucketed training of 256-token notes some 30 lengths x
 several micro-batch sizes and up to 0.5 GB more peak memory than plain random batches; multiples of 32
-cost a few percent more padded tokens there, and would cost short texts a quarter or more.
+cost a few percent more padded tokens there, and would cost short texts a quarter or more. CPU prediction in
+bf16 then packs each batch's notes without their padding (:mod:`clintune.packing`).
 """
 from __future__ import annotations
 
