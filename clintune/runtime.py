@@ -219,6 +219,8 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", threads: int 
         n, source = auto_threads()
         if n != torch.get_num_threads():
             torch.set_num_threads(n)
+    # the Rust tokenizer's thread pool (rayon), if it has not started yet: as many threads as PyTorch's
+    os.environ.setdefault("RAYON_NUM_THREADS", str(torch.get_num_threads()))
     return Runtime(dev, precision, rank, world, source)
 
 

@@ -95,6 +95,33 @@ def test_runs_take_the_cgroup_limit_unless_told(monkeypatch, threads):
     assert torch.get_num_threads() == threads and rt.threads_from == "OMP_NUM_THREADS"
 
 
+def test_the_tokenizers_threads_follow_pytorchs_unless_set(monkeypatch, threads):
+    """RAYON_NUM_THREADS (the Rust tokenizer's pool, before it starts) defaults to PyTorch's thread count, so a
+    run given one core tokenises on one too; a value already set stands. The command line turns the pool on
+    where it tokenises in its own process and off where it starts workers, unless told."""
+    import os
+
+    from clintune import cli
+
+    if threads < 2:
+        pytest.skip("one core: no fewer threads to choose")
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    runtime.resolve_runtime("cpu", "fp32", 1, allow_distributed=False)
+    assert os.environ["RAYON_NUM_THREADS"] == "1"
+    monkeypatch.setenv("RAYON_NUM_THREADS", "7")
+    runtime.resolve_runtime("cpu", "fp32", 2, allow_distributed=False)
+    assert os.environ["RAYON_NUM_THREADS"] == "7"
+    for command, parallel in (("train", "true"), ("evaluate", "true"), ("predict", "true"), ("demo", "true"),
+                              ("bench", "false"), ("tune", "false"), (None, "false")):
+        monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+        cli._tokenizer_threads(command)
+        assert os.environ["TOKENIZERS_PARALLELISM"] == parallel, command
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    cli._tokenizer_threads("predict")
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+
+
 def test_runs_keep_pytorchs_threads_without_a_limit(monkeypatch, threads):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(runtime, "usable_cpus", lambda: threads)
