@@ -192,13 +192,14 @@ def _train_assembled(cfg: TrainConfig, runtime, splits: Splits, asm, t_start: fl
     model: ClintuneModel = asm.model
     meter.set_params(*count_parameters(model))
     inputs = _Inputs(cfg, runtime, splits, asm)
-    from .fast import Speedups, accelerate
+    from .fast import Speedups, accelerate, trim_heap
     speedups = accelerate(model, runtime, off=cfg.fast_off) if cfg.fast else Speedups()
     with meter.phase("train", len(splits.train)):
         with meter.phase("prepare_inputs"):
             enc_train = inputs.encode("train", splits.train)
             enc_val = None if splits.val is None else inputs.encode("val", splits.val)
             train_feed, val_feed = inputs.feeds()
+            trim_heap()         # what tokenising freed (in the tokenizer's threads' own heaps) back before training
         targets = task.targets(splits.train, lm, enc_train)
         val_score = None if splits.val is None else task.val_score(cfg.val_metric, splits.val, lm, enc_val)
         fitres = fit(model, train_feed, targets, cfg, runtime, meter, val_feed=val_feed, val_score=val_score,
