@@ -895,6 +895,7 @@ int attention_int8_available(void) { return 0; }
 _DROPOUT_TYPES = (("f32", "bf16"), ("bf16", "bf16"), ("f32", "f32"), ("bf16", "f32"))   # (x, y) of dropout_x_y
 MAX_ROW = 8192          # the fused kernels' longest row: their stack buffers (MAXT in the C source)
 ATTENTION_MAX_T = 512   # attention()'s longest sequence (BERT-family encoders' limit; MAXA in the C source)
+ATTENTION_HEAD_SIZES = (32, 64)   # the head sizes the attention kernels are compiled for
 _SOURCE = _SOURCE.replace("@MAX_ROW@", str(MAX_ROW)).replace("@MAX_ATT@", str(ATTENTION_MAX_T))
 
 _FUNCS = {torch.bool: "keep_u8", torch.uint8: "keep_u8", torch.int16: "keep_i16", torch.int32: "keep_i32",
@@ -1026,7 +1027,7 @@ def _attention_lib(d: int, t: int) -> ctypes.CDLL | None:
     """The compiled kernels where :func:`attention` and :func:`attention_backward` run for head size ``d`` and
     ``t`` tokens (AVX-512 BF16, d = 32 or 64, t <= ATTENTION_MAX_T), else None."""
     lib = compiled()
-    if lib is None or not lib.attention_bf16_available() or d not in (32, 64) or t > ATTENTION_MAX_T:
+    if lib is None or not lib.attention_bf16_available() or d not in ATTENTION_HEAD_SIZES or t > ATTENTION_MAX_T:
         return None
     return lib
 

@@ -70,17 +70,20 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[dict, P
 def supported(encoder: nn.Module) -> bool:
     """Whether ``encoder`` can run packed: a BERT-code model (its embeddings take position ids, and its
     self-attention modules call the attention function with the layer's keywords) whose attention is
-    clintune's (:func:`clintune.fast.accelerate`)."""
+    clintune's with the compiled kernels (:func:`clintune.fast.accelerate`), at a head size they take.
+    Elsewhere packed notes would attend one at a time (:func:`clintune.fast.attention`'s fallback)."""
     from transformers.models.bert.modeling_bert import BertEmbeddings, BertModel, BertSelfAttention
 
-    from .fast import ATTENTION, NO_KERNEL, _same_code
+    from .fast import ATTENTION, _same_code
+    from .masks import ATTENTION_HEAD_SIZES
 
     base = getattr(encoder, "get_base_model", lambda: encoder)()
     if not (_same_code(getattr(type(base), "forward", None), BertModel.forward)
             and _same_code(getattr(type(getattr(base, "embeddings", None)), "forward", None), BertEmbeddings.forward)
-            and getattr(base.config, "_attn_implementation", None) in (ATTENTION, NO_KERNEL)
+            and getattr(base.config, "_attn_implementation", None) == ATTENTION
             and not base.config.is_decoder):
         return False
     attention = [m for m in base.modules() if hasattr(m, "query") and hasattr(m, "key")]
     return bool(attention) and all(_same_code(getattr(type(m), "forward", None), BertSelfAttention.forward)
+                                   and getattr(m, "attention_head_size", None) in ATTENTION_HEAD_SIZES
                                    for m in attention)

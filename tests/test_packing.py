@@ -155,12 +155,19 @@ def test_packed_attention_runs_the_kernel_once_per_layer_or_each_sequence_withou
 
 
 def test_packing_is_for_bert_code_encoders_with_clintunes_attention():
-    from transformers import DistilBertConfig, DistilBertModel
+    """... and its compiled kernels at a head size they take: elsewhere packed notes would attend one at a time."""
+    from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel
 
     enc = _encoder(trim=False)
     assert supported(enc)
+    enc.config._attn_implementation = fast.NO_KERNEL
+    assert not supported(enc)
     enc.config._attn_implementation = "sdpa"
     assert not supported(enc)
+    heads16 = BertModel(BertConfig(vocab_size=40, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   intermediate_size=128, max_position_embeddings=64), add_pooling_layer=False)
+    heads16.config._attn_implementation = fast.ATTENTION
+    assert not supported(heads16)
     distil = DistilBertModel(DistilBertConfig(vocab_size=40, dim=64, n_layers=1, n_heads=2, hidden_dim=128))
     distil.config._attn_implementation = fast.ATTENTION
     assert not supported(distil)
