@@ -43,48 +43,36 @@ def _first_row_mask(mask: torch.Tensor | None, t: int) -> torch.Tensor | None:
 
 
 def _attend_first(module: nn.Module, first: torch.Tensor, states: torch.Tensor, mask, q_lin, k_lin, v_lin,
-                  head_size: int, scaling: float, dropout_p: float) -> torch.Tensor:
-    """softmax(q0 K^T * scaling + mask0) V for q0 from ``first`` (B, 1, H), K and V from ``states`` (B, T, H):
-    (B, 1, heads * head_size)."""
-    b, t, _ = states.shape
-    q = q_lin(first).view(b, 1, -1, head_size).transpose(1, 2)
-    k = k_lin(states).view(b, t, -1, head_size).transpose(1, 2)
-    v = v_lin(states).view(b, t, -1, head_size).transpose(1, 2)
-    out, _ = _attention_fn(module)(module, q, k, v, _first_row_mask(mask, t), dropout=dropout_p if module.training
-                                   else 0.0, scaling=scaling)
-    return out.reshape(b, 1, -1)
-
-
-def _attend_first_packed(module: nn.Module, first: torch.Tensor, states: torch.Tensor, starts: torch.Tensor, q_lin,
-                         k_lin, v_lin, head_size: int, scaling: float) -> torch.Tensor:
-    """:func:`_attend_first` for B notes packed into one sequence (:mod:`clintune.packing`): ``states`` (1, N, H),
-    ``first`` (1, B, H) their first rows, note b rows starts[b] .. starts[b + 1] - 1; K and V gathered into
-    (B, longest) with a mask for the rest. (1, B, heads * head_size)."""
-    b = first.shape[1]
-    lengths = starts[1:] - starts[:-1]
-    pos = torch.arange(int(lengths.max()))
-    index = (starts[:-1, None] + pos).clamp_(max=states.shape[1] - 1)       # past a note's end: masked out
-    q = q_lin(first).view(b, 1, -1, head_size).transpose(1, 2)
-    k = k_lin(states)[0][index].view(b, len(pos), -1, head_size).transpose(1, 2)
-    v = v_lin(states)[0][index].view(b, len(pos), -1, head_size).transpose(1, 2)
-    mask = (pos < lengths[:, None])[:, None, None, :]
-    out, _ = _attention_fn(module)(module, q, k, v, mask, dropout=0.0, scaling=scaling)
-    return out.reshape(1, b, -1)
+                  head_size: int, scaling: float, dropout_p: float, starts: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q0 K^T * scaling + mask0) V for q0 from ``first`` (B, 1, H), K and V from ``states`` (B, T, H),
+    shaped as ``first`` (B, 1, heads * head_size). With ``starts``, B notes packed into one sequence
+    (:mod:`clintune.packing`): ``states`` (1, N, H), ``first`` (1, B, H) their first rows, note b the rows
+    starts[b] .. starts[b + 1] - 1; K and V are gathered into (B, longest) with a mask for the rest."""
+    q, k, v = q_lin(first), k_lin(states), v_lin(states)     # in this order: LoRA's dropouts draw in it
+    if starts is not None:
+        lengths = starts[1:] - starts[:-1]
+        pos = torch.arange(int(lengths.max()))
+        index = (starts[:-1, None] + pos).clamp_(max=states.shape[1] - 1)       # past a note's end: masked out
+        k, v, mask = k[0][index], v[0][index], (pos < lengths[:, None])[:, None, None, :]
+    else:
+        mask = _first_row_mask(mask, states.shape[1])
+    b, t, _ = k.shape
+    q = q.view(b, 1, -1, head_size).transpose(1, 2)
+    k = k.view(b, t, -1, head_size).transpose(1, 2)
+    v = v.view(b, t, -1, head_size).transpose(1, 2)
+    out, _ = _attention_fn(module)(module, q, k, v, mask, dropout=dropout_p if module.training else 0.0,
+                                   scaling=scaling)
+    return out.reshape(*first.shape[:-1], -1)
 
 
 def _bert_attention_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
     from .packing import STARTS
 
     sa = self.self
-    starts = kwargs.get(STARTS)
-    if starts is not None:                            # packed notes: each one's first row
-        first = hidden_states[:, starts[:-1]]
-        a = _attend_first_packed(sa, first, hidden_states, starts, sa.query, sa.key, sa.value,
-                                 sa.attention_head_size, sa.scaling)
-    else:
-        first = hidden_states[:, :1]
-        a = _attend_first(sa, first, hidden_states, attention_mask, sa.query, sa.key, sa.value,
-                          sa.attention_head_size, sa.scaling, sa.dropout.p)
+    starts = kwargs.get(STARTS)                       # packed notes: each one's first row
+    first = hidden_states[:, :1] if starts is None else hidden_states[:, starts[:-1]]
+    a = _attend_first(sa, first, hidden_states, attention_mask, sa.query, sa.key, sa.value, sa.attention_head_size,
+                      sa.scaling, sa.dropout.p, starts)
     return self.output(a, first), None
 
 
