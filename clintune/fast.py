@@ -38,6 +38,7 @@ only rewrites models that train on CPU.
 """
 from __future__ import annotations
 
+import inspect
 from functools import lru_cache, partial
 
 import torch
@@ -701,7 +702,10 @@ def _gelu_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def _same_code(f, g) -> bool:
-    """Whether two functions are the same code (a transformers model's "Copied from" classes are)."""
+    """Whether two functions are the same code (a transformers model's "Copied from" classes are). Decorated
+    functions are compared by what they wrap: transformers wraps many ``forward`` methods in one generic
+    ``wrapper``, whose code is the same for every model."""
+    f, g = (inspect.unwrap(x) if callable(x) else x for x in (f, g))
     a, b = getattr(f, "__code__", None), getattr(g, "__code__", None)
     return (a is not None and b is not None and a.co_code == b.co_code and a.co_names == b.co_names
             and a.co_consts == b.co_consts and a.co_varnames == b.co_varnames)

@@ -49,8 +49,10 @@ class ClintuneModel(nn.Module):
         # Frozen backbones emit features in the run's precision (what the feature cache stores), so that
         # cached and on-the-fly features are the same numbers. None: leave the encoder's output as is.
         self.feature_dtype = feature_dtype
-        # prediction runs each batch's notes packed without padding (clintune.packing; set by Classifier)
+        # prediction runs each batch's notes packed without padding (clintune.packing; set by Classifier),
+        # their position ids from first_position (packing.first_position: 0 for BERT, 2 for RoBERTa)
         self.packed = False
+        self.first_position = 0
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -60,7 +62,7 @@ class ClintuneModel(nn.Module):
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) ids and mask -> (B, T, H) token states."""
-        packed = self.packed and not torch.is_grad_enabled() and pack(input_ids, attention_mask)
+        packed = self.packed and not torch.is_grad_enabled() and pack(input_ids, attention_mask, self.first_position)
         with torch.set_grad_enabled(self.backbone_trains and torch.is_grad_enabled()):
             if packed:
                 kwargs, layout = packed
@@ -195,10 +197,11 @@ class Classifier:
             self.int8_linears = quantize_int8(self.model.encoder)
         if self.speedups is not None and "packing" not in (config.fast_off or ()) and self.runtime.precision == "bf16":
             from .fast import _attention_kernels
-            from .packing import supported
+            from .packing import first_position
 
             # notes packed without padding where the compiled attention kernels take them (clintune.packing)
-            self.model.packed = _attention_kernels() and supported(self.model.encoder)
+            first = first_position(self.model.encoder) if _attention_kernels() else None
+            self.model.packed, self.model.first_position = first is not None, first or 0
 
     def calibrate(self, texts: Sequence[str], words=None, offsets=None, *, source: str = "calibration notes",
                   limit: int | None = None) -> dict:

@@ -21,8 +21,9 @@ another number of rows differently; with ``--quantize int8`` the dynamic activat
 real tokens only, no longer over padding as well, so codes move by a step here and there.
 
 Used for prediction on CPU in bf16 (:class:`clintune.modeling.Classifier`, ``--fast``; ``--fast-off packing``
-leaves it out) by BERT-family encoders whose embeddings take position ids (BERT's code: BERT, MiniLM, ...);
-other encoders, and training, keep padded batches.
+leaves it out) by encoders whose embeddings take position ids and whose layers pass keywords down
+(:func:`first_position`: BERT's code (BERT, MiniLM, ...), RoBERTa's (CamemBERT, CamemBERT-bio, DrBERT, XLM-R),
+ELECTRA's and DistilBERT's); other encoders, and training, keep padded batches.
 """
 from __future__ import annotations
 
@@ -52,9 +53,10 @@ class Packed:
         return out
 
 
-def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[dict, Packed] | None:
+def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, first_position: int = 0) -> tuple[dict, Packed] | None:
     """(B, T) ids and mask -> (the encoder's keyword arguments for one packed sequence, its layout); None where
-    a note's tokens are not a prefix of its row (left padding, holes): those stay padded."""
+    a note's tokens are not a prefix of its row (left padding, holes): those stay padded. Each note's position
+    ids run from ``first_position`` (:func:`first_position`: 0 for BERT, padding_idx + 1 for RoBERTa)."""
     where = attention_mask.bool()
     lengths = where.sum(1)
     t = where.shape[1]
@@ -62,28 +64,52 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[dict, P
         return None
     starts = torch.zeros(len(lengths) + 1, dtype=torch.int64)
     torch.cumsum(lengths.to(torch.int64), 0, out=starts[1:])
-    positions = torch.arange(t, device=where.device).expand_as(where)[where]
+    positions = torch.arange(first_position, first_position + t, device=where.device).expand_as(where)[where]
     kwargs = {"input_ids": input_ids[where][None], "position_ids": positions[None], STARTS: starts}
     return kwargs, Packed(starts, where)
 
 
-def supported(encoder: nn.Module) -> bool:
-    """Whether ``encoder`` can run packed: a BERT-code model (its embeddings take position ids, and its
-    self-attention modules call the attention function with the layer's keywords) whose attention is
-    clintune's with the compiled kernels (:func:`clintune.fast.accelerate`), at a head size they take.
-    Elsewhere packed notes would attend one at a time (:func:`clintune.fast.attention`'s fallback)."""
-    from transformers.models.bert.modeling_bert import BertEmbeddings, BertModel, BertSelfAttention
+def first_position(encoder: nn.Module) -> int | None:
+    """The position id of a packed note's first token, or None where ``encoder`` cannot run packed.
+
+    It can where every part passes the packed layout on and the compiled kernels attend it:
+    - the model's forward is BERT's (also RoBERTa's, CamemBERT's, XLM-R's copies), ELECTRA's or DistilBERT's,
+      each of which hands ``position_ids`` to its embeddings and its keywords down to the attention function;
+    - the embeddings add learned absolute positions from the ``position_ids`` given: BERT's and DistilBERT's
+      count from 0, RoBERTa's (and its copies') from padding_idx + 1, as they number a right-padded note;
+    - every self-attention module is BERT's or DistilBERT's, at a head size the kernels are compiled for
+      (:data:`clintune.masks.ATTENTION_HEAD_SIZES`), and the attention is clintune's with its kernels
+      (:func:`clintune.fast.accelerate`; not ``--fast-off attention_kernel``).
+    Elsewhere packed notes would attend one at a time (:func:`clintune.fast.attention`'s fallback), or other
+    embeddings would number the positions in their own way."""
+    from transformers.models.bert import modeling_bert as bert
+    from transformers.models.distilbert import modeling_distilbert as distil
+    from transformers.models.electra.modeling_electra import ElectraModel
+    from transformers.models.roberta.modeling_roberta import RobertaEmbeddings
 
     from .fast import ATTENTION, _same_code
     from .masks import ATTENTION_HEAD_SIZES
 
     base = getattr(encoder, "get_base_model", lambda: encoder)()
-    if not (_same_code(getattr(type(base), "forward", None), BertModel.forward)
-            and _same_code(getattr(type(getattr(base, "embeddings", None)), "forward", None), BertEmbeddings.forward)
-            and getattr(base.config, "_attn_implementation", None) == ATTENTION
-            and not base.config.is_decoder):
-        return False
-    attention = [m for m in base.modules() if hasattr(m, "query") and hasattr(m, "key")]
-    return bool(attention) and all(_same_code(getattr(type(m), "forward", None), BertSelfAttention.forward)
-                                   and getattr(m, "attention_head_size", None) in ATTENTION_HEAD_SIZES
-                                   for m in attention)
+    config = getattr(base, "config", None)
+    if (config is None or getattr(config, "_attn_implementation", None) != ATTENTION
+            or getattr(config, "is_decoder", False)
+            or not any(_same_code(type(base).forward, m.forward)
+                       for m in (bert.BertModel, ElectraModel, distil.DistilBertModel))):
+        return None
+    embeddings = getattr(type(getattr(base, "embeddings", None)), "forward", None)
+    if _same_code(embeddings, bert.BertEmbeddings.forward) or _same_code(embeddings, distil.Embeddings.forward):
+        first = 0
+    elif _same_code(embeddings, RobertaEmbeddings.forward) and base.embeddings.padding_idx is not None:
+        first = int(base.embeddings.padding_idx) + 1
+    else:
+        return None
+    if getattr(config, "position_embedding_type", "absolute") != "absolute":
+        return None
+    attention = [m for m in base.modules() if any(hasattr(m, a) for a in ("query", "q_lin"))]
+    if not attention or not all(any(_same_code(type(m).forward, c.forward)
+                                    for c in (bert.BertSelfAttention, distil.DistilBertSelfAttention))
+                                and getattr(m, "attention_head_size", None) in ATTENTION_HEAD_SIZES
+                                for m in attention):
+        return None
+    return first

@@ -25,6 +25,8 @@ import sys
 import torch
 from torch import nn
 
+from .packing import STARTS
+
 
 def _attention_fn(module: nn.Module):
     """The attention function the module's own forward calls: transformers' registered one for its config's
@@ -66,8 +68,6 @@ def _attend_first(module: nn.Module, first: torch.Tensor, states: torch.Tensor, 
 
 
 def _bert_attention_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
-    from .packing import STARTS
-
     sa = self.self
     starts = kwargs.get(STARTS)                       # packed notes: each one's first row
     first = hidden_states[:, :1] if starts is None else hidden_states[:, starts[:-1]]
@@ -78,9 +78,10 @@ def _bert_attention_forward(self, hidden_states, attention_mask=None, *args, **k
 
 def _distilbert_block_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
     at = self.attention
-    first = hidden_states[:, :1]
+    starts = kwargs.get(STARTS)                       # packed notes: each one's first row
+    first = hidden_states[:, :1] if starts is None else hidden_states[:, starts[:-1]]
     a = _attend_first(at, first, hidden_states, attention_mask, at.q_lin, at.k_lin, at.v_lin,
-                      at.attention_head_size, at.scaling, at.dropout.p)
+                      at.attention_head_size, at.scaling, at.dropout.p, starts)
     y = self.sa_layer_norm(at.out_lin(a) + first)
     return self.output_layer_norm(self.ffn(y) + y)
 

@@ -74,22 +74,36 @@ def tiny_backbone(tmp_path_factory) -> str:
     return build_tiny_backbone(tmp_path_factory.mktemp("tiny-bert"))
 
 
-@pytest.fixture(scope="session")
-def kernel_backbone(tiny_backbone, tmp_path_factory):
-    """The tiny BERT's tokenizer with a 2-layer encoder of head size 32, which the attention kernels take."""
+def build_kernel_backbone(tiny_backbone: str, d: Path, kind: str = "bert") -> str:
+    """The tiny BERT's tokenizer with a 2-layer encoder of head size 32, which the attention kernels take: BERT's
+    code, or RoBERTa's or DistilBERT's (the same WordPiece tokenizer; RoBERTa's padding_idx is its [PAD])."""
     import shutil
 
     import torch
-    from transformers import BertConfig, BertModel
+    from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel, RobertaConfig, RobertaModel
 
-    d = tmp_path_factory.mktemp("kernel-bert")
     for f in Path(tiny_backbone).iterdir():
         if "token" in f.name or f.name.startswith("vocab"):
             shutil.copy(f, d / f.name)
     vocab = BertConfig.from_pretrained(tiny_backbone).vocab_size
+    size = {**TINY, "hidden_size": 64, "intermediate_size": 128}
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=vocab, **{**TINY, "hidden_size": 64, "intermediate_size": 128})).save_pretrained(d)
+    if kind == "bert":
+        model = BertModel(BertConfig(vocab_size=vocab, **size))
+    elif kind == "roberta":
+        model = RobertaModel(RobertaConfig(vocab_size=vocab, **{**size, "max_position_embeddings": 130,
+                                                                 "type_vocab_size": 1}, pad_token_id=0))
+    else:
+        model = DistilBertModel(DistilBertConfig(vocab_size=vocab, dim=64, n_layers=2, n_heads=2, hidden_dim=128,
+                                                 max_position_embeddings=128, pad_token_id=0))
+    model.save_pretrained(d)
     return str(d)
+
+
+@pytest.fixture(scope="session")
+def kernel_backbone(tiny_backbone, tmp_path_factory):
+    """The tiny BERT's tokenizer with a 2-layer encoder of head size 32, which the attention kernels take."""
+    return build_kernel_backbone(tiny_backbone, tmp_path_factory.mktemp("kernel-bert"))
 
 
 @pytest.fixture(scope="session")

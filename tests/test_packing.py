@@ -8,7 +8,7 @@ import torch
 
 import clintune
 from clintune import fast, masks
-from clintune.packing import STARTS, pack, supported
+from clintune.packing import STARTS, first_position, pack
 
 from conftest import tiny_config
 
@@ -83,17 +83,32 @@ def test_pack_lays_the_notes_end_to_end_and_unpack_puts_them_back():
     assert pack(ids, torch.zeros_like(mask)) is None                      # an empty row: stays padded
 
 
-def _encoder(trim: bool, int8: bool = False):
-    from transformers import BertConfig, BertModel
+KINDS = ("bert", "roberta", "distilbert", "electra")
+PAD = {"bert": 0, "roberta": 1, "distilbert": 0, "electra": 0}
+
+
+def _encoder(trim: bool, int8: bool = False, kind: str = "bert"):
+    """A tiny encoder of the ``kind``'s code with clintune's attention (head size 32, which the kernels take)."""
+    import transformers as tr
 
     from clintune.prune import first_token_only
     from clintune.quantize import quantize_int8
 
     fast.register()
     torch.manual_seed(0)
-    enc = BertModel(BertConfig(vocab_size=40, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                               intermediate_size=128, max_position_embeddings=64), add_pooling_layer=False).eval()
-    enc.config._attn_implementation = fast.ATTENTION
+    size = dict(vocab_size=40, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                max_position_embeddings=64)
+    if kind == "bert":
+        enc = tr.BertModel(tr.BertConfig(**size), add_pooling_layer=False)
+    elif kind == "roberta":
+        enc = tr.RobertaModel(tr.RobertaConfig(**{**size, "max_position_embeddings": 66}, pad_token_id=1),
+                              add_pooling_layer=False)
+    elif kind == "electra":
+        enc = tr.ElectraModel(tr.ElectraConfig(**size, embedding_size=48))
+    else:
+        enc = tr.DistilBertModel(tr.DistilBertConfig(vocab_size=40, dim=64, n_layers=2, n_heads=2, hidden_dim=128,
+                                                     max_position_embeddings=64))
+    enc.eval().config._attn_implementation = fast.ATTENTION
     if trim:
         assert first_token_only(enc)
     if int8:
@@ -101,26 +116,29 @@ def _encoder(trim: bool, int8: bool = False):
     return enc
 
 
-def _batch():
+def _batch(pad: int = 0):
     ids = torch.randint(5, 40, (4, 24), generator=torch.Generator().manual_seed(3))
     lengths = torch.tensor([24, 20, 9, 1])
     mask = (torch.arange(24) < lengths[:, None]).long()
-    ids[0, 0] = ids[1, 0] = ids[2, 0] = ids[3, 0] = 2
-    return ids * mask, mask
+    ids[:, 0] = 2
+    return ids.masked_fill(mask == 0, pad), mask
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("trim", [False, True])
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
-def test_a_packed_bert_encoder_gives_the_padded_batchs_outputs(trim, precision):
+def test_a_packed_encoder_gives_the_padded_batchs_outputs(kind, trim, precision):
     """Every real token's state (or each note's first row, last layer trimmed) as in the padded batch: to fp32
     rounding in fp32 (attention one sequence at a time), bf16's rounding with the kernels, and int8's coding
-    (its dynamic ranges no longer see the padding)."""
+    (its dynamic ranges no longer see the padding). BERT's, RoBERTa's (positions from padding_idx + 1),
+    DistilBERT's and ELECTRA's code."""
     if precision != "fp32" and not _kernels(precision == "int8"):
         pytest.skip("no AVX-512 BF16 (and VNNI) kernels on this CPU")
-    enc = _encoder(trim, int8=precision == "int8")
-    assert supported(enc)
-    ids, mask = _batch()
-    kwargs, layout = pack(ids, mask)
+    enc = _encoder(trim, int8=precision == "int8", kind=kind)
+    first = first_position(enc)
+    assert first == (2 if kind == "roberta" else 0)
+    ids, mask = _batch(PAD[kind])
+    kwargs, layout = pack(ids, mask, first)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
         padded = enc(input_ids=ids, attention_mask=mask).last_hidden_state.float()
         packed = layout.unpack(enc(**kwargs).last_hidden_state, trim).float()
@@ -154,35 +172,52 @@ def test_packed_attention_runs_the_kernel_once_per_layer_or_each_sequence_withou
                        None, **{STARTS: torch.tensor([0, 4])})
 
 
-def test_packing_is_for_bert_code_encoders_with_clintunes_attention():
-    """... and its compiled kernels at a head size they take: elsewhere packed notes would attend one at a time."""
-    from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel
+def test_packing_is_for_encoders_whose_positions_and_attention_it_knows():
+    """BERT's, RoBERTa's, ELECTRA's and DistilBERT's code with clintune's attention and its compiled kernels at a
+    head size they take: elsewhere packed notes would attend one at a time, or be numbered otherwise."""
+    from transformers import AlbertConfig, AlbertModel, BertConfig, BertModel, GPT2Model
 
     enc = _encoder(trim=False)
-    assert supported(enc)
+    assert first_position(enc) == 0
     enc.config._attn_implementation = fast.NO_KERNEL
-    assert not supported(enc)
+    assert first_position(enc) is None
     enc.config._attn_implementation = "sdpa"
-    assert not supported(enc)
+    assert first_position(enc) is None
     heads16 = BertModel(BertConfig(vocab_size=40, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
                                    intermediate_size=128, max_position_embeddings=64), add_pooling_layer=False)
     heads16.config._attn_implementation = fast.ATTENTION
-    assert not supported(heads16)
-    distil = DistilBertModel(DistilBertConfig(vocab_size=40, dim=64, n_layers=1, n_heads=2, hidden_dim=128))
-    distil.config._attn_implementation = fast.ATTENTION
-    assert not supported(distil)
+    assert first_position(heads16) is None
+    assert [first_position(_encoder(False, kind=k)) for k in KINDS] == [0, 2, 0, 0]
+    # ALBERT: BERT-like modules, but its own model code (shared layers), so not taken for BERT
+    albert = AlbertModel(AlbertConfig(vocab_size=40, embedding_size=32, hidden_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, intermediate_size=128))
+    albert.config._attn_implementation = fast.ATTENTION
+    assert first_position(albert) is None
+    # transformers wraps many forwards in one generic decorator: the code compared is what it wraps
+    assert not fast._same_code(GPT2Model.forward, BertModel.forward)
+    assert fast._same_code(BertModel.forward, BertModel.forward)
 
 
-def test_a_classifier_predicts_packed_with_the_padded_probabilities(kernel_backbone, binary_csv, tmp_path,
+@pytest.fixture(scope="module", params=["bert", "roberta", "distilbert"])
+def packing_backbone(request, tiny_backbone, tmp_path_factory):
+    from conftest import build_kernel_backbone
+
+    kind = request.param
+    return build_kernel_backbone(tiny_backbone, tmp_path_factory.mktemp(f"kernel-{kind}"), kind), kind
+
+
+def test_a_classifier_predicts_packed_with_the_padded_probabilities(packing_backbone, binary_csv, tmp_path,
                                                                    monkeypatch):
     """A bf16 CPU Classifier packs its notes (the kernels here), with the padded batches' probabilities to bf16
-    noise, whole last layer or trimmed; ``--fast-off packing`` keeps padded batches."""
+    noise, whole last layer or trimmed, with BERT's, RoBERTa's (positions from padding_idx + 1) and DistilBERT's
+    code; ``--fast-off packing`` keeps padded batches."""
     import yaml
 
     from clintune import modeling
 
     if not _kernels(False):
         pytest.skip("no AVX-512 BF16 kernels on this CPU: prediction stays padded")
+    kernel_backbone, kind = packing_backbone
     texts = ["heart cardiac noted", "rash eczema today", "cardiac", "skin rash rash eczema heart noted today",
              "patient presents with history of acute chronic heart infarction noted on exam today"]
     packs, real = [], modeling.pack
@@ -193,6 +228,7 @@ def test_a_classifier_predicts_packed_with_the_padded_probabilities(kernel_backb
                                    head="pooler" if pooling == "cls" else "mlp", out=str(out)))
         clf = clintune.load(out)
         assert clf.model.packed and clf.model.first_token_only == (pooling == "cls")
+        assert clf.model.first_position == (1 if kind == "roberta" else 0)          # RoBERTa: padding_idx 0 + 1
         record = json.loads((out / "record.json").read_text())
         assert record["cost"]["speedups"]["prediction"] == "notes packed without padding"
         packs.clear()
