@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Prediction packed without padding against padded batches, paired in one process, by encoder code (issue 7).
+
+For each encoder: a LoRA classifier trained for one short epoch (the weights do not change the timing), then
+the same loaded model predicts the test notes packed and padded, alternating in ABBA order ``--rounds`` times
+after a warm-up call of each; prints the medians, the speed-up, the largest change in a probability, and the
+share of padding the packed form leaves out (the sorted pieces' padded tokens that are not a note's). Encoders:
+
+* ``minilm``: the embedded MiniLM-L6 (BERT's code, 6 x 384, head size 32), as trained in ``speed.py``;
+* ``roberta-base``: RoBERTa's code at CamemBERT-base's (and CamemBERT-bio's, DrBERT's) size, 12 x 768, head
+  size 64, random weights with MiniLM's tokenizer (positions from padding_idx + 1);
+* ``distilbert-base``: DistilBERT's code at distilbert-base's size, 6 x 768, random weights likewise.
+
+    python benchmarks/packing.py [--encoders minilm,roberta-base,distilbert-base] [--notes 200] [--rounds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_data import medabs, train  # noqa: E402
+
+
+def _random_encoder(kind: str, d: Path) -> str:
+    """A base-size encoder of ``kind``'s code with random weights and MiniLM's tokenizer, saved in ``d``."""
+    import torch
+    from transformers import DistilBertConfig, DistilBertModel, RobertaConfig, RobertaModel
+
+    from clintune.backbones import _minilm_dir
+
+    if (d / "config.json").exists():
+        return str(d)
+    d.mkdir(parents=True, exist_ok=True)
+    for f in _minilm_dir().iterdir():
+        if "token" in f.name or f.name.startswith("vocab"):
+            shutil.copy(f, d / f.name)
+    torch.manual_seed(0)
+    if kind == "roberta-base":
+        model = RobertaModel(RobertaConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12,
+                                           num_attention_heads=12, intermediate_size=3072,
+                                           max_position_embeddings=514, type_vocab_size=1, pad_token_id=0))
+    else:
+        model = DistilBertModel(DistilBertConfig(vocab_size=30522, dim=768, n_layers=6, n_heads=12,
+                                                 hidden_dim=3072, pad_token_id=0))
+    model.save_pretrained(d)
+    return str(d)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--encoders", default="minilm,roberta-base,distilbert-base")
+    ap.add_argument("--notes", type=int, default=200, help="test notes predicted per call")
+    ap.add_argument("--train-notes", type=int, default=64, help="notes of the short training run")
+    ap.add_argument("--rounds", type=int, default=3, help="ABBA rounds (each: packed, padded, padded, packed)")
+    ap.add_argument("--work", default="/tmp/clintune-bench/packing")
+    a = ap.parse_args()
+
+    import clintune
+    from clintune import modeling
+
+    work = Path(a.work)
+    train_csv, test_csv = medabs(work / "medabs")
+    small = work / f"train{a.train_notes}.csv"
+    pd.read_csv(train_csv).sample(a.train_notes, random_state=0).to_csv(small, index=False)
+    texts = pd.read_csv(test_csv)["text"].tolist()[: a.notes]
+    for name in a.encoders.split(","):
+        backbone = "minilm" if name == "minilm" else _random_encoder(name, work / name)
+        out = work / f"run-{name}"
+        train(out, ["--data", str(small), "--backbone", backbone, "--method", "lora", "--head", "pooler",
+                    "--pooling", "cls", "--epochs", "1", "--batch-size", "16", "--max-length", "256",
+                    "--precision", "bf16", "--val-size", "0", "--patience", "0", "--seed", "42"])
+        clf = clintune.load(out)
+        if not clf.model.packed:
+            print(f"{name}: does not pack here (no attention kernels on this CPU, or an encoder packing does not take)")
+            continue
+        times: dict[bool, list[float]] = {True: [], False: []}
+        probs, seen, real_pack = {}, [], modeling.pack
+
+        def counting(ids, mask, *rest):                 # the pieces' padded and real token counts
+            seen.append((mask.numel(), int(mask.sum())))
+            return real_pack(ids, mask, *rest)
+
+        modeling.pack = counting
+        for packed in (True, False):                                  # warm-up: the first call's allocations
+            clf.model.packed = packed
+            probs[packed] = clf.predict_proba(texts)
+        modeling.pack = real_pack
+        padded, real = map(sum, zip(*seen))
+        for _ in range(a.rounds):
+            for packed in (True, False, False, True):
+                clf.model.packed = packed
+                t = time.perf_counter()
+                clf.predict_proba(texts)
+                times[packed].append(time.perf_counter() - t)
+        on, off = statistics.median(times[True]), statistics.median(times[False])
+        config = clf.model.encoder.get_base_model().config if hasattr(clf.model.encoder, "get_base_model") \
+            else clf.model.encoder.config
+        print(f"{name} ({config.model_type}, first position {clf.model.first_position}): {len(texts)} notes, "
+              f"{real} tokens in {padded} padded ({1 - real / padded:.1%} padding); padded {off:.2f} s, packed {on:.2f} s "
+              f"(medians of {a.rounds * 2}): {off / on:.3f}x; largest |p packed - p padded| "
+              f"{float(np.abs(probs[True] - probs[False]).max()):.1e}; argmax changes "
+              f"{int((probs[True].argmax(1) != probs[False].argmax(1)).sum())}")
+
+
+if __name__ == "__main__":
+    main()
