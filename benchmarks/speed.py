@@ -16,7 +16,9 @@ another with ``--quantize int8-static`` (the feed-forward activations on ranges 
     python benchmarks/speed.py [--epochs 3] [--limit N] [--no-peer-fp32] [--no-lean] [--no-int8] [--work DIR]
 
 Prints one table (train and predict samples/s, peak RSS, F1, MFU) and the ratios against the peer's
-best setting, and writes WORK/speed.json.
+best setting; then prediction's model FLOPs, the peer's and clintune's bf16 prediction as a share of the
+measured bf16 peak, and the fastest bf16 prediction that peak allows for these notes (a bound on the
+prediction ratio at equal maths); and writes WORK/speed.json.
 """
 from __future__ import annotations
 
@@ -99,6 +101,43 @@ def clintune_int8(model_dir: Path, test: Path, work: Path, calibration: Path | N
             "accuracy": r["metrics"]["accuracy"], "f1": r["metrics"]["f1"], "mfu": None}
 
 
+def prediction_flops(test: Path) -> dict:
+    """Model FLOPs of predicting the test notes, counted by PyTorch's FLOP counter on shapes alone (the meta
+    device): ``peer``, the peer's ``Trainer.predict`` (the whole classification model on batches of 64 in the
+    file's order, each padded to its longest note); ``needed``, the same maths with no padding (each note
+    alone) and the last layer for the first token only (all the head reads, :mod:`clintune.prune`), what
+    clintune's packed prediction computes. ``needed`` over the measured bf16 peak bounds how fast any system
+    can predict the notes at bf16's maths on this machine."""
+    from collections import Counter
+
+    import pandas as pd
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    from clintune.backbones import _minilm_dir
+    from clintune.prune import first_token_only
+
+    path = str(_minilm_dir())
+    lengths = [len(ids) for ids in AutoTokenizer.from_pretrained(path)(
+        pd.read_csv(test)["text"].tolist(), truncation=True, max_length=256)["input_ids"]]
+    config = AutoConfig.from_pretrained(path, num_labels=2, attn_implementation="sdpa")
+
+    def count(model, shapes) -> int:
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            for b, t in shapes:
+                ids = torch.zeros((b, t), dtype=torch.long, device="meta")
+                model(input_ids=ids)                   # a mask changes no product's size
+        return fc.get_total_flops()
+
+    with torch.device("meta"):
+        peer = AutoModelForSequenceClassification.from_config(config).eval()
+        encoder = AutoModel.from_config(config, add_pooling_layer=False).eval()
+    first_token_only(encoder)
+    return {"notes": len(lengths), "tokens": sum(lengths),
+            "peer": count(peer, [(len(lengths[i:i + 64]), max(lengths[i:i + 64])) for i in range(0, len(lengths), 64)]),
+            "needed": count(encoder, [(k, n) for n, k in sorted(Counter(lengths).items())])}  # one length at once
+
+
 def subsample(train: Path, test: Path, n: int, work: Path) -> tuple[Path, Path]:
     import pandas as pd
 
@@ -170,9 +209,31 @@ def main() -> None:
         print(f"{r['setting'].strip()} vs the peer's best ({best['setting']}): train {x['train_speed']:.2f}x, predict "
               f"{x['predict_speed']:.2f}x, peak RSS {x['peak_rss']:.2f}x, F1 {x['f1_delta']:+.3f}, MFU {r['mfu']:.1%} "
               f"of the measured bf16 peak")
+    flops = prediction_flops(test)
+    ceiling = prediction_ceiling(flops, peak, best, ours)
+    print(f"prediction at bf16's maths: the peer computes {flops['peer'] / 1e12:.2f} TFLOP for the {flops['notes']} "
+          f"test notes (padded batches of 64), {ceiling['peer_mfu']:.0%} of the bf16 peak at its "
+          f"{best['predict_samples_per_s']:.2f} samples/s; the notes need {flops['needed'] / 1e12:.2f} TFLOP "
+          f"(no padding, the last layer for [CLS] only), which at the peak itself is "
+          f"{ceiling['max_samples_per_s']:.1f} samples/s, {ceiling['max_ratio']:.2f}x the peer: the most any bf16 "
+          f"prediction can reach here. clintune bf16 runs at {ceiling['ours_mfu']:.0%} of the peak, "
+          f"{ceiling['ours_of_max']:.0%} of that bound")
     print(f"total {time.time() - t0:.0f} s")
     write_json(work / "speed.json", {"rows": rows, "ratios": all_ratios["clintune bf16"],   # atomic
-                                     "ratios_by_setting": all_ratios, "peak_tflops": peak})
+                                     "ratios_by_setting": all_ratios, "peak_tflops": peak,
+                                     "prediction_flops": flops, "prediction_ceiling": ceiling})
+
+
+def prediction_ceiling(flops: dict, peak_tflops: float, peer: dict, ours: dict) -> dict:
+    """How close each system predicts to the bf16 peak, and the fastest prediction the peak allows: the needed
+    FLOPs (:func:`prediction_flops`) at the measured bf16 matrix-product peak, in samples/s and against the
+    peer (a ratio that no bf16 prediction of these notes can pass here, whatever else it does)."""
+    peak = peak_tflops * 1e12
+    per_note = lambda r, key: r["predict_samples_per_s"] * flops[key] / flops["notes"] / peak  # noqa: E731
+    most = peak * flops["notes"] / flops["needed"]
+    return {"peer_mfu": round(per_note(peer, "peer"), 4), "ours_mfu": round(per_note(ours, "needed"), 4),
+            "max_samples_per_s": round(most, 2), "max_ratio": round(most / peer["predict_samples_per_s"], 3),
+            "ours_of_max": round(ours["predict_samples_per_s"] / most, 4)}
 
 
 if __name__ == "__main__":
