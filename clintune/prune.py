@@ -67,10 +67,16 @@ def _attend_first(module: nn.Module, first: torch.Tensor, states: torch.Tensor, 
     return out.reshape(*first.shape[:-1], -1)
 
 
+def _first_rows(states: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each note's first row, (B, 1, H) of padded notes, and None; of notes packed into one sequence
+    (:mod:`clintune.packing`, their offsets in the layer's keywords) (1, B, H), and the offsets."""
+    starts = kwargs.get(STARTS)
+    return (states[:, :1] if starts is None else states[:, starts[:-1]]), starts
+
+
 def _bert_attention_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
     sa = self.self
-    starts = kwargs.get(STARTS)                       # packed notes: each one's first row
-    first = hidden_states[:, :1] if starts is None else hidden_states[:, starts[:-1]]
+    first, starts = _first_rows(hidden_states, kwargs)
     a = _attend_first(sa, first, hidden_states, attention_mask, sa.query, sa.key, sa.value, sa.attention_head_size,
                       sa.scaling, sa.dropout.p, starts)
     return self.output(a, first), None
@@ -78,8 +84,7 @@ def _bert_attention_forward(self, hidden_states, attention_mask=None, *args, **k
 
 def _distilbert_block_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
     at = self.attention
-    starts = kwargs.get(STARTS)                       # packed notes: each one's first row
-    first = hidden_states[:, :1] if starts is None else hidden_states[:, starts[:-1]]
+    first, starts = _first_rows(hidden_states, kwargs)
     a = _attend_first(at, first, hidden_states, attention_mask, at.q_lin, at.k_lin, at.v_lin,
                       at.attention_head_size, at.scaling, at.dropout.p, starts)
     y = self.sa_layer_norm(at.out_lin(a) + first)
