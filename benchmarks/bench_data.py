@@ -25,9 +25,11 @@ def need_shared() -> Path:
     return SHARED
 
 
-def train(out: Path, args: list[str], env: dict | None = None) -> dict:
-    """Run ``clintune train ARGS --out OUT`` in its own process (offline, quiet) and return its record.json."""
-    cmd = [sys.executable, "-m", "clintune", "-q", "train", *args, "--out", str(out), "--overwrite", "--no-progress"]
+def train(out: Path, args: list[str], env: dict | None = None, launcher: list[str] | None = None) -> dict:
+    """Run ``clintune train ARGS --out OUT`` in its own process (offline, quiet) and return its record.json.
+    ``launcher`` replaces ``python -m clintune`` (a benchmark that changes clintune in the child first)."""
+    cmd = [*(launcher or [sys.executable, "-m", "clintune"]), "-q", "train", *args, "--out", str(out), "--overwrite",
+           "--no-progress"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
     return json.loads((out / "record.json").read_text())
 

@@ -49,7 +49,8 @@ def peer(train: Path, test: Path, a, bf16: bool, seed: int = 42) -> dict:
     return json.loads(line)
 
 
-def clintune(train: Path, test: Path, a, work: Path, extra: tuple[str, ...] = (), seed: int = 42) -> dict:
+def clintune(train: Path, test: Path, a, work: Path, extra: tuple[str, ...] = (), seed: int = 42,
+             launcher: list[str] | None = None) -> dict:
     name = "".join(e if e.startswith("--") else "-" + e.replace(",", "+") for e in extra).replace("--", "-")
     out = work / "runs" / ("speed-clintune" + name + ("" if seed == 42 else f"-seed{seed}"))
     rec = datasets.train(out, [
@@ -58,7 +59,7 @@ def clintune(train: Path, test: Path, a, work: Path, extra: tuple[str, ...] = ()
         "--target-modules", "query,key,value", "--epochs", str(a.epochs), "--batch-size", "16",
         "--eval-batch-size", "64", "--max-length", "256", "--lr", "3e-4", "--weight-decay", "0",
         "--warmup-ratio", "0", "--max-grad-norm", "1", "--val-size", "0", "--patience", "0", "--seed", str(seed),
-        "--precision", "bf16", *extra])
+        "--precision", "bf16", *extra], launcher=launcher)
     c, m = rec["cost"], rec["metrics"]
     return {"system": "clintune", "method": "lora", "bf16": True, "n_train": rec["data"]["n_train"], "epochs": a.epochs,
             "train_seconds": c["train_seconds"], "train_samples_per_s": c["train_samples_per_s"],
