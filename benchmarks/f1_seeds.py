@@ -63,6 +63,16 @@ def where() -> dict:
     return {"cpu": cpu_name(), "torch": torch.__version__, "transformers": transformers.__version__}
 
 
+def resumable(a, results: str) -> tuple[list[int], Path, Path, Path, Path, dict]:
+    """A seeds benchmark's start: the seeds, the work directory, the medabs split in it, and its results file
+    (WORK/RESULTS) with what earlier runs kept there."""
+    seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    work = Path(a.work)
+    train, test = datasets.medabs(work / "medabs")
+    store = work / results
+    return seeds, work, train, test, store, json.loads(store.read_text()) if store.exists() else {}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default="42,1,2,3,4")
@@ -72,11 +82,7 @@ def main() -> None:
     ap.add_argument("--fast-off", action="append", default=[], metavar="PARTS",
                     help="also clintune --fast-off PARTS at each seed (repeatable: one system each)")
     a = ap.parse_args()
-    seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
-    work = Path(a.work)
-    train, test = datasets.medabs(work / "medabs")
-    store = work / "f1_seeds.json"
-    done = json.loads(store.read_text()) if store.exists() else {}
+    seeds, work, train, test, store, done = resumable(a, "f1_seeds.json")
     variants = {f"clintune-off-{parts.replace(',', '+')}": ("--fast-off", parts) for parts in a.fast_off}
     variants.update({"clintune-no-fast": ("--no-fast",)} if a.no_fast else {})
     systems = ("peer", "clintune", *variants)

@@ -61,9 +61,8 @@ def use_moremur() -> None:
 
 
 def main() -> None:
-    import bench_data as datasets
     import speed
-    from f1_seeds import t_interval, where
+    from f1_seeds import resumable, t_interval, where
 
     from clintune.store import write_json
 
@@ -72,11 +71,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--work", default="/tmp/clintune-bench")
     a = ap.parse_args()
-    seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
-    work = Path(a.work)
-    train, test = datasets.medabs(work / "medabs")
-    store = work / "mask_stream.json"
-    done = json.loads(store.read_text()) if store.exists() else {}
+    seeds, work, train, test, store, done = resumable(a, "mask_stream.json")
     launchers = {"splitmix64": None, "moremur": [sys.executable, str(Path(__file__).resolve()), CHILD]}
     for seed in seeds:
         for stream in STREAMS:
