@@ -42,6 +42,13 @@ STREAMS = ("splitmix64", "moremur")
 RESULTS = ("f1", "accuracy", "auroc", "log_loss")
 
 
+def need_kernels(masks) -> None:
+    """Exit unless the mask kernels compile here: without them both streams would be numpy's."""
+    if masks.compiled() is None:
+        sys.exit("mask_stream: the mask kernels are not compiled here (no C compiler, or CLINTUNE_NO_KERNELS), "
+                 "so the fast path's masks would come from numpy, not SplitMix64")
+
+
 def use_moremur() -> None:
     """Compile this process's mask kernels with the second mixer (before anything has compiled them), and check
     that the masks drawn are no longer SplitMix64's."""
@@ -51,8 +58,7 @@ def use_moremur() -> None:
     if masks._LIB or masks._SOURCE.count(SPLITMIX64_END) != 1:
         sys.exit("mask_stream: clintune.masks is not the source this benchmark patches")
     masks._SOURCE = masks._SOURCE.replace(SPLITMIX64_END, MOREMUR_END)
-    if masks.compiled() is None:
-        sys.exit("mask_stream: no C compiler, so the fast path's masks come from numpy, not SplitMix64")
+    need_kernels(masks)
     n, seed, threshold = 1 << 16, 12345, -26214
     drawn = masks.draw(torch.empty(n, dtype=torch.uint8), threshold, seed).numpy().astype(bool)
     agree = float((drawn == masks.reference(n, seed, threshold)).mean())
@@ -64,6 +70,7 @@ def main() -> None:
     import speed
     from f1_seeds import resumable, t_interval, where
 
+    from clintune import masks
     from clintune.store import write_json
 
     ap = argparse.ArgumentParser()
@@ -71,6 +78,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--work", default="/tmp/clintune-bench")
     a = ap.parse_args()
+    need_kernels(masks)
     seeds, work, train, test, store, done = resumable(a, "mask_stream.json")
     launchers = {"splitmix64": None, "moremur": [sys.executable, str(Path(__file__).resolve()), CHILD]}
     for seed in seeds:
