@@ -93,19 +93,19 @@ def main() -> None:
     res = {s: {k: [done[f"{s}:{seed}:{a.epochs}"][k] for seed in seeds] for k in RESULTS} for s in STREAMS}
     f1_seeds = work / "f1_seeds.json"
     other = json.loads(f1_seeds.read_text()) if f1_seeds.exists() else {}
-    nofast = {seed: other[f"clintune-no-fast:{seed}:{a.epochs}"].get("log_loss") for seed in seeds
-              if f"clintune-no-fast:{seed}:{a.epochs}" in other}
+    nofast = {seed: r["log_loss"] for seed in seeds
+              if (r := other.get(f"clintune-no-fast:{seed}:{a.epochs}")) and r.get("log_loss") is not None}
     print(f"{'seed':>5} {'F1 splitmix64':>14} {'F1 moremur':>11} {'log loss splitmix64':>20} {'log loss moremur':>17}"
           f" {'--no-fast':>10}")
     for i, seed in enumerate(seeds):
-        nf = f"{nofast[seed]:.4f}" if nofast.get(seed) is not None else ""
+        nf = f"{nofast[seed]:.4f}" if seed in nofast else ""
         print(f"{seed:>5} {res['splitmix64']['f1'][i]:>14.4f} {res['moremur']['f1'][i]:>11.4f} "
               f"{res['splitmix64']['log_loss'][i]:>20.4f} {res['moremur']['log_loss'][i]:>17.4f} {nf:>10}")
     for k in ("f1", "auroc", "log_loss"):
         means = ", ".join(f"{s} {sum(res[s][k]) / len(seeds):.4f}" for s in STREAMS)
         mean, lo, hi = t_interval([u - v for u, v in zip(res["moremur"][k], res["splitmix64"][k])])
         print(f"{k}: {means}; moremur - splitmix64 {mean:+.4f} (95% t-interval {lo:+.4f} to {hi:+.4f})")
-    both = [seed for seed in seeds if nofast.get(seed) is not None]
+    both = [seed for seed in seeds if seed in nofast]
     if both:
         idx = [seeds.index(seed) for seed in both]
         runs = {s: [res[s]["log_loss"][i] for i in idx] for s in STREAMS}
