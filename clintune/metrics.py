@@ -3,7 +3,10 @@
 Binary tasks (K = 2): precision, recall and F1 of the positive class; AUROC of its probability.
 Multi-class (K > 2): ``precision``/``recall``/``f1`` are macro averages (each class weighs the same,
 as rare diagnoses matter), with ``f1_micro`` (= accuracy for single-label) and ``f1_macro`` beside;
-AUROC is the macro one-vs-rest mean over the classes present in the gold labels.
+AUROC is the macro one-vs-rest mean over the classes present in the gold labels. A macro average runs over
+the classes that occur in the gold labels or the predictions (scikit-learn's convention when no label list is
+given): a class absent from a test file and never predicted has no precision, recall or F1, and counting it
+as 0 would mark a perfect model down. The same holds in each bootstrap resample.
 
 Confidence intervals are percentile bootstrap intervals (Efron & Tibshirani 1993): resample the
 test set with replacement B times (default 1000, fixed seed), recompute each metric, take the 2.5th
@@ -33,6 +36,21 @@ def auroc(y_true: np.ndarray, proba: np.ndarray, positive_index: int | None = No
     return float(np.mean(vals)) if vals else None
 
 
+def macro(values: np.ndarray, support: np.ndarray) -> np.ndarray:
+    """Mean of per-class ``values`` (..., K) over the classes whose ``support`` (..., K; gold plus predicted
+    count, tp + fp + fn) is positive; 0 where no class has any."""
+    w = np.asarray(support) > 0
+    n = w.sum(-1)
+    return np.where(n > 0, (np.asarray(values) * w).sum(-1) / np.maximum(n, 1), 0.0)
+
+
+def nanmean_classes(values: list[np.ndarray]) -> np.ndarray:
+    """Per-resample mean of per-class values (each (B,)), leaving NaN out: NaN where all are NaN (no warning)."""
+    v = np.stack(values)
+    n = (~np.isnan(v)).sum(0)
+    return np.where(n > 0, np.nansum(v, 0) / np.maximum(n, 1), np.nan)
+
+
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, positive_index: int | None = None,
                            labels: list | None = None) -> dict:
     """All single-label metrics from gold indices (N,) and probabilities (N, K)."""
@@ -41,7 +59,9 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, positive_index
     pred = proba.argmax(1)
     classes = list(range(k))
     out: dict = {"n": int(len(y_true)), "accuracy": float(accuracy_score(y_true, pred))}
-    pm, rm, fm, _ = precision_recall_fscore_support(y_true, pred, labels=classes, average="macro", zero_division=0)
+    pc, rc, fc, _ = precision_recall_fscore_support(y_true, pred, labels=classes, average=None, zero_division=0)
+    seen = np.bincount(y_true, minlength=k) + np.bincount(pred, minlength=k)
+    pm, rm, fm = (macro(v, seen) for v in (pc, rc, fc))
     out.update(precision_macro=float(pm), recall_macro=float(rm), f1_macro=float(fm),
                f1_micro=float(f1_score(y_true, pred, labels=classes, average="micro", zero_division=0)))
     if k == 2:
@@ -91,23 +111,24 @@ def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, positive_index: int | No
             p = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
             r = np.where(tp + fn > 0, tp / (tp + fn), 0.0)
             f = np.where(p + r > 0, 2 * p * r / (p + r), 0.0)
-        return p, r, f
+        return p, r, f, tp + fp + fn
 
     per = [prf(c) for c in range(k)]
-    res["precision_macro"] = np.mean([p for p, _, _ in per], axis=0)
-    res["recall_macro"] = np.mean([r for _, r, _ in per], axis=0)
-    res["f1_macro"] = np.mean([f for _, _, f in per], axis=0)
+    seen = np.stack([s for *_, s in per], axis=1)                  # (B, K): the classes each resample has
+    res["precision_macro"] = macro(np.stack([p for p, *_ in per], axis=1), seen)
+    res["recall_macro"] = macro(np.stack([r for _, r, *_ in per], axis=1), seen)
+    res["f1_macro"] = macro(np.stack([f for _, _, f, _ in per], axis=1), seen)
     res["f1_micro"] = res["accuracy"]
     if k == 2:
         pos = 1 if positive_index is None else positive_index
-        res["precision"], res["recall"], res["f1"] = per[pos]
+        res["precision"], res["recall"], res["f1"] = per[pos][:3]
         res["auroc"] = _auroc_resampled((y == pos).astype(np.int64), proba[:, pos], idx)
     else:
         res["precision"], res["recall"], res["f1"] = res["precision_macro"], res["recall_macro"], res["f1_macro"]
         aucs = [_auroc_resampled((y == c).astype(np.int64), proba[:, c], idx) for c in range(k)
                 if 0 < (y == c).sum() < n]
         if aucs:
-            res["auroc"] = np.nanmean(np.stack(aucs), axis=0)
+            res["auroc"] = nanmean_classes(aucs)
     out = {}
     for name, vals in res.items():
         vals = vals[~np.isnan(vals)]

@@ -75,9 +75,11 @@ class Task:
         def score(outputs) -> float:
             if metric == "loss":
                 return -self.output_loss(outputs, ex, lm, enc)
-            m = self.metrics(outputs, ex, lm, enc, state=None, ci=False)
-            v = m.get(metric)
-            return float("-inf") if v is None else float(v)
+            v = self.metrics(outputs, ex, lm, enc, state=None, ci=False).get(metric)
+            if v is None:       # AUROC with one class: every epoch would tie and the first would be kept
+                raise DataError(f"--val-metric {metric}: undefined on the validation split ({len(ex)} rows; "
+                                "AUROC needs both classes there); choose another --val-metric, e.g. loss")
+            return float(v)
         return score
 
     def output_loss(self, outputs, ex, lm, enc) -> float:
@@ -239,7 +241,7 @@ class MultiLabel(Task):
         return p, r, f
 
     def metrics(self, outputs, ex, lm, enc=None, state=None, ci=True):
-        from .metrics import _auroc_binary
+        from .metrics import _auroc_binary, macro
 
         th = np.asarray((state or {}).get("thresholds") or [0.5] * len(lm))
         p, y = sigmoid(outputs), self.multi_hot(ex, lm)
@@ -250,8 +252,10 @@ class MultiLabel(Task):
         lp, lr, lf = self._prf(tp.sum(0), fp.sum(0), fn.sum(0))
         aucs = [_auroc_binary(y[:, j].astype(int), p[:, j]) for j in range(len(lm))]
         present = [a for a in aucs if a is not None]
+        seen = tp.sum(0) + fp.sum(0) + fn.sum(0)              # macro: over labels given or predicted
         m = {"n": len(ex), "f1_micro": float(mf), "precision_micro": float(mp), "recall_micro": float(mr),
-             "f1_macro": float(lf.mean()), "precision_macro": float(lp.mean()), "recall_macro": float(lr.mean()),
+             "f1_macro": float(macro(lf, seen)), "precision_macro": float(macro(lp, seen)),
+             "recall_macro": float(macro(lr, seen)),
              "auroc_macro": float(np.mean(present)) if present else None,
              "subset_accuracy": float((pred == yb).all(1).mean()), "hamming_loss": float((pred != yb).mean()),
              "per_label_f1": {str(l): float(v) for l, v in zip(lm.labels, lf)},
@@ -263,7 +267,7 @@ class MultiLabel(Task):
         return m
 
     def _bootstrap(self, tp, fp, fn, y, p, n_boot=1000, seed=0):
-        from .metrics import _auroc_resampled
+        from .metrics import _auroc_resampled, macro, nanmean_classes
 
         n = len(y)
         if n == 0:
@@ -274,16 +278,16 @@ class MultiLabel(Task):
         # micro: sum over examples and labels; macro: per label then mean
         tpe, fpe, fne = tp.sum(1), fp.sum(1), fn.sum(1)                      # (N,)
         _, _, res["f1_micro"] = self._prf(tpe[idx].sum(1), fpe[idx].sum(1), fne[idx].sum(1))
-        f_per = []
+        f_per, seen = [], []
         for j in range(y.shape[1]):
-            _, _, fj = self._prf(tp[:, j][idx].sum(1), fp[:, j][idx].sum(1), fn[:, j][idx].sum(1))
-            f_per.append(fj)
-        res["f1_macro"] = np.mean(f_per, axis=0)
+            tpj, fpj, fnj = tp[:, j][idx].sum(1), fp[:, j][idx].sum(1), fn[:, j][idx].sum(1)
+            f_per.append(self._prf(tpj, fpj, fnj)[2])
+            seen.append(tpj + fpj + fnj)
+        res["f1_macro"] = macro(np.stack(f_per, axis=1), np.stack(seen, axis=1))
         aucs = [_auroc_resampled(y[:, j].astype(np.int64), p[:, j], idx) for j in range(y.shape[1])
                 if 0 < y[:, j].sum() < n]
         if aucs:
-            with np.errstate(invalid="ignore"):
-                res["auroc_macro"] = np.nanmean(np.stack(aucs), axis=0)
+            res["auroc_macro"] = nanmean_classes(aucs)
         res["f1"], res["auroc"] = res["f1_micro"], res.get("auroc_macro")
         for name, vals in res.items():
             if vals is None:

@@ -47,6 +47,25 @@ def test_multiclass_macro_and_micro_by_hand():
     assert m["f1_micro"] == pytest.approx(4 / 6) == m["accuracy"]
 
 
+def test_macro_averages_skip_a_class_neither_given_nor_predicted():
+    from sklearn.metrics import f1_score
+
+    y = np.array([0, 0, 1, 1, 0, 1])                 # class 2 is in the label set but not in this test file
+    m = classification_metrics(y, np.eye(3)[y])
+    assert m["f1"] == m["precision"] == m["recall"] == 1.0 == m["f1_macro"]
+    pred = np.array([0, 2, 1, 1, 0, 0])              # predicted once: now it counts, with F1 0
+    m = classification_metrics(y, np.eye(3)[pred])
+    # class 0: p 2/3 r 2/3 ; class 1: p 1 r 2/3 f 0.8 ; class 2: p 0 r 0
+    assert m["f1"] == pytest.approx((2 / 3 + 0.8 + 0) / 3) == f1_score(y, pred, average="macro")
+    assert m["precision"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+
+
+def test_bootstrap_macro_counts_only_the_classes_each_resample_has():
+    y = np.array([0] * 20 + [1] * 20 + [2])          # class 2 is missing from about a third of the resamples
+    ci = bootstrap_ci(y, np.eye(3)[y], n_boot=300)
+    assert ci["f1"] == [1.0, 1.0] and ci["precision_macro"] == [1.0, 1.0] and ci["recall_macro"] == [1.0, 1.0]
+
+
 def test_multiclass_auroc_is_mean_of_one_vs_rest_and_skips_absent_classes():
     y = np.array([0, 1, 2, 0])
     proba = np.array([[.7, .2, .1], [.2, .6, .2], [.3, .3, .4], [.5, .4, .1]])

@@ -125,6 +125,9 @@ def test_macro_f1_for_multiclass():
     p = np.array([0, 1, 1, 0, 2, 2])
     r = stats.paired_bootstrap([(y, p, p)], 3, metric="f1", n_boot=100)
     assert r["a"] == pytest.approx(f1_score(y, p, average="macro"))        # clintune's multi-class F1: macro
+    y3, p3 = np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1])              # class 2 neither given nor predicted
+    r = stats.paired_bootstrap([(y3, p3, y3)], 3, metric="f1", n_boot=100)
+    assert (r["a"], r["b"]) == pytest.approx((f1_score(y3, p3, average="macro"), 1.0))
     r = stats.paired_bootstrap([(y, p, y)], 3, metric="f1_micro", n_boot=100)
     assert (r["a"], r["b"]) == pytest.approx((4 / 6, 1.0))                  # single-label micro F1 = accuracy
 

@@ -60,6 +60,17 @@ def test_threshold_tuning_by_hand():
     assert m["per_label_f1"]["a"] == 1.0
 
 
+def test_multilabel_macro_skips_a_label_neither_given_nor_predicted():
+    lm = clintune.data.LabelMap(["a", "b", "c"])
+    ex = clintune.data.Examples(["x"] * 3, [("a",), ("a", "b"), ()], np.arange(1, 4), "h")
+    logits = np.array([[3.0, -3, -3], [3.0, 3, -3], [-3.0, 3, -3]])      # a: 2 of 2 ; b: tp 1, fp 1 ; c: never
+    m = MultiLabel().metrics(logits, ex, lm, state={"thresholds": [0.5] * 3}, ci=True)
+    assert m["f1_macro"] == pytest.approx((1 + 2 / 3) / 2)               # c has no F1 to average
+    assert m["per_label_f1"]["c"] == 0.0
+    lo, hi = m["_ci"]["f1_macro"]
+    assert lo <= m["f1_macro"] <= hi
+
+
 def test_multilabel_labels_are_parsed_as_sets(tmp_path):
     p = tmp_path / "d.csv"
     p.write_text("text,label\na,I50|E11\nb,E11\nc, E11 | I50 \n")

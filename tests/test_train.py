@@ -246,3 +246,13 @@ def test_batches_come_in_few_shapes_padded_to_32_and_cut_into_equal_micro_batche
     assert tuple(short["input_ids"].shape) == (2, 160) and int(short["attention_mask"].sum()) == 270
     words = training.make_feed(Encoded([np.arange(n) for n in (17, 21)], np.zeros(2, bool), 0)).make(np.arange(2))
     assert tuple(words["input_ids"].shape) == (2, 24)         # a sentence is not padded to 32
+
+
+def test_val_metric_auroc_on_a_one_class_validation_file_is_one_clear_error(tiny_backbone, binary_csv, tmp_path):
+    from clintune.errors import DataError
+
+    label = pd.read_csv(binary_csv)["label"].iloc[0]
+    val = tmp_path / "val.csv"
+    pd.DataFrame({"text": [f"validation note {i}" for i in range(10)], "label": label}).to_csv(val, index=False)
+    with pytest.raises(DataError, match="--val-metric auroc: undefined on the validation split"):
+        clintune.train(tiny_config(tiny_backbone, binary_csv, val_data=str(val), val_metric="auroc", epochs=1))

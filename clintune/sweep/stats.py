@@ -173,15 +173,18 @@ def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
 
 def metric_of_sums(sums: np.ndarray, k: int, n: int, kind) -> np.ndarray:
     """Metric of summed count rows (B, 3k + 1): ``kind`` is ``"micro"`` (F1 of the pooled counts),
-    ``"macro"`` (mean of the per-class F1), ``"accuracy"`` (share of examples entirely right) or a class
-    index (that class's F1, e.g. the positive class of a binary task)."""
+    ``"macro"`` (mean of the per-class F1 over the classes given or predicted in that row, as in
+    :mod:`clintune.metrics`), ``"accuracy"`` (share of examples entirely right) or a class index (that class's
+    F1, e.g. the positive class of a binary task)."""
+    from ..metrics import macro
+
     tp, fp, fn, correct = sums[:, :k], sums[:, k:2 * k], sums[:, 2 * k:3 * k], sums[:, 3 * k]
     if kind == "accuracy":
         return correct / max(n, 1)
     if kind == "micro":
         return _f1(tp.sum(1), fp.sum(1), fn.sum(1))
     if kind == "macro":
-        return _f1(tp, fp, fn).mean(1)
+        return macro(_f1(tp, fp, fn), tp + fp + fn)
     return _f1(tp[:, kind], fp[:, kind], fn[:, kind])
 
 
