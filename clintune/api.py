@@ -120,13 +120,16 @@ def train(cfg: TrainConfig | None = None, **overrides) -> TrainResult:
 class _Inputs:
     """How a run's texts reach the model: token ids through the encoder, or cached frozen features.
 
-    The feature cache serves frozen backbones (not --long chunk, whose windows are encoded on the fly).
+    The feature cache serves frozen backbones (not --long chunk, whose windows are encoded on the fly). Its
+    training entry holds every row of ``--data`` (so that every seed's split reuses it): a run that computes it
+    spends that time in training, test rows included, and a run that finds it spends none. Prediction is timed
+    as the saved model predicts: a run that finds the test entry adds the encoding time stored with it.
     """
 
-    def __init__(self, cfg: TrainConfig, runtime, splits: Splits, asm) -> None:
+    def __init__(self, cfg: TrainConfig, runtime, splits: Splits, asm, meter: CostMeter) -> None:
         from .cache import FeatureCache, default_cache_dir
 
-        self.cfg, self.runtime, self.splits, self.asm = cfg, runtime, splits, asm
+        self.cfg, self.runtime, self.splits, self.asm, self.meter = cfg, runtime, splits, asm, meter
         self.cached = cfg.method == "frozen" and cfg.cache and cfg.long != "chunk"
         self.cache = FeatureCache(cfg.cache_dir or default_cache_dir()) if self.cached else None
         self.hits: dict[str, bool] = {}
@@ -142,6 +145,7 @@ class _Inputs:
     def _features(self, name: str, ex: Examples):
         """Cached features of ``ex`` (computed with the classifier's own batching if missing)."""
         from .cache import cache_key, encode_into, texts_sha256, tokenizer_sha256
+        from .fast import fingerprint
 
         cfg, model = self.cfg, self.asm.model
         enc = encode_for(cfg, self.asm.tokenizer, ex.texts, ex.words, ex.offsets)
@@ -150,7 +154,8 @@ class _Inputs:
         key = cache_key(backbone=self.asm.backbone["fingerprint"], tokenizer=tokenizer_sha256(self.asm.tokenizer),
                         max_length=cfg.max_length, batch_size=cfg.eval_batch_size, dtype=str(dtype),
                         device=self.runtime.device.type, texts=texts_sha256(unit),
-                        mode="words" if cfg.task == "ner" else "text")
+                        mode="words" if cfg.task == "ner" else "text",
+                        computation=fingerprint(cfg.fast, cfg.fast_off, self.runtime.device))
         model.to(self.runtime.device)
         feats = self.cache.get(key, enc, model.head.hidden_size, dtype,
                                lambda st, off: encode_into(model, enc, cfg.eval_batch_size, self.runtime, st, off))
@@ -180,6 +185,8 @@ class _Inputs:
         enc = self.encode("test", self.splits.test)
         if self.cached and self.cfg.quantize == "none":     # int8 features differ from the cached ones
             feats = self._features("test", self.splits.test)
+            if feats.hit:   # the encoder's time, as measured when the entry was computed: the saved model runs it
+                self.meter.add("predict", feats.encode_seconds)
             return predict_logits(clf.model, FeatureFeed(feats, np.arange(len(self.splits.test))),
                                   self.cfg.eval_batch_size, self.runtime, len(clf.label_map), clf.task.token_level)
         return clf.outputs_encoded(enc)
@@ -191,7 +198,7 @@ def _train_assembled(cfg: TrainConfig, runtime, splits: Splits, asm, t_start: fl
     meter = CostMeter(runtime.device)
     model: ClintuneModel = asm.model
     meter.set_params(*count_parameters(model))
-    inputs = _Inputs(cfg, runtime, splits, asm)
+    inputs = _Inputs(cfg, runtime, splits, asm, meter)
     from .fast import Speedups, accelerate, trim_heap
     speedups = accelerate(model, runtime, off=cfg.fast_off) if cfg.fast else Speedups()
     with meter.phase("train", len(splits.train)):
@@ -205,8 +212,9 @@ def _train_assembled(cfg: TrainConfig, runtime, splits: Splits, asm, t_start: fl
         fitres = fit(model, train_feed, targets, cfg, runtime, meter, val_feed=val_feed, val_score=val_score,
                      loss_fn=task.loss(lm, targets, cfg.class_weights), num_labels=len(lm),
                      token_level=task.token_level)
-        val_out = None if val_feed is None else predict_logits(model, val_feed, cfg.eval_batch_size, runtime, len(lm),
-                                                               task.token_level)
+        learns_state = type(task).fit_state is not Task.fit_state     # e.g. multi-label thresholds
+        val_out = None if val_feed is None or not learns_state else predict_logits(
+            model, val_feed, cfg.eval_batch_size, runtime, len(lm), task.token_level)
         state = task.fit_state(val_out, splits.val, lm, enc_val)
     speedups.restore()     # original weights and attention back: saving and merging see the model as reloaded
     meter.extra["time_to_best_s"] = round(fitres.time_to_best_s, 3)

@@ -6,8 +6,12 @@ computed once and reused. An entry holds the token states of one list of texts, 
 run computes in bf16, else fp32), memory-mapped from disk so that large corpora need not fit in RAM.
 
 The key is a hash of everything that decides the bits: the encoder's weights fingerprint, the
-tokenizer, ``max_length``, the batch size and precision of the encoding pass (batch composition
-changes low-order bits), the device type, the torch/transformers versions and the texts themselves.
+tokenizer (its vocabulary and pipeline, not the truncation or padding its last call left set), ``max_length``,
+the batch size and precision of the encoding pass (batch composition changes low-order bits), the device and
+how it computes (:func:`clintune.fast.fingerprint`: the fast path and its parts, the compiled kernels, the CPU's
+instruction set or the GPU), the clintune/torch/transformers versions and the texts themselves. An entry also
+keeps how long its encoding took, so a run that finds it reports the encoder's share of prediction time as the
+run that computed it measured it, not the head's alone.
 Entries are written into a ``KEY.partial-*`` directory and renamed when complete, so a crash or a
 concurrent run never leaves a half-written entry that could be read. Cached states are derived from
 notes: the cache directory is created private (mode 0700); ``clintune cache-clear`` empties it.
@@ -23,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -32,9 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import ConfigError
 from .batching import PAD_MULTIPLE, SHORT_PAD_LIMIT, SHORT_PAD_MULTIPLE, Encoded, padded_length
 
-FORMAT = 2       # 2: batches padded by padded_length and cut into equal pieces (batching.py)
+FORMAT = 3       # 2: batches padded by padded_length and cut into equal pieces (batching.py); 3: encode_seconds
 
 
 def default_cache_dir() -> Path:
@@ -55,19 +61,28 @@ def texts_sha256(texts: list[str]) -> str:
 
 
 def tokenizer_sha256(tokenizer) -> str:
+    """The tokenizer's vocabulary and pipeline; not the truncation and padding settings, which a fast tokenizer
+    keeps from its last call (they would make the same tokenizer hash three ways)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    blob = backend.to_str() if backend is not None else repr(tokenizer.get_vocab())
+    if backend is None:
+        blob = repr(sorted(tokenizer.get_vocab().items()))
+    else:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        blob = json.dumps(spec, sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
 def cache_key(**parts) -> str:
     import transformers
 
+    from . import __version__
     from .training import EVAL_TOKENS_CPU   # the batching decides the low-order bits, so it is in the key
 
     parts = {**parts, "format": FORMAT, "eval_tokens_cpu": EVAL_TOKENS_CPU,
              "padding": [SHORT_PAD_MULTIPLE, SHORT_PAD_LIMIT, PAD_MULTIPLE], "torch": torch.__version__,
-             "transformers": transformers.__version__}
+             "transformers": transformers.__version__, "clintune": __version__}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -83,6 +98,7 @@ class Features:
     offsets: np.ndarray         # (N + 1,)
     dtype: torch.dtype
     hit: bool = False           # loaded from disk rather than computed by this run
+    encode_seconds: float = 0.0  # how long computing the entry took (measured by the run that computed it)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -140,8 +156,9 @@ class FeatureCache:
         offsets = np.concatenate([[0], np.cumsum(enc.lengths)]).astype(np.int64)
         if self.root is None:
             states = np.empty((int(offsets[-1]), hidden), dtype=np_dtype)
+            t0 = time.perf_counter()
             compute(states, offsets)
-            return Features(states, offsets, dtype)
+            return Features(states, offsets, dtype, encode_seconds=time.perf_counter() - t0)
         final = self.root / key
         found = self._load(final, len(enc), hidden, name)
         if found is not None:
@@ -151,12 +168,14 @@ class FeatureCache:
         try:
             states = np.lib.format.open_memmap(tmp / "states.npy", mode="w+", dtype=np_dtype,
                                                shape=(int(offsets[-1]), hidden))
+            t0 = time.perf_counter()
             compute(states, offsets)
+            seconds = time.perf_counter() - t0
             states.flush()
             del states
             np.save(tmp / "offsets.npy", offsets)
             meta = {"format": FORMAT, "n": len(enc), "hidden": hidden, "dtype": name,
-                    "tokens": int(offsets[-1]), "created": time.time()}
+                    "tokens": int(offsets[-1]), "created": time.time(), "encode_seconds": round(seconds, 4)}
             (tmp / "meta.json").write_text(json.dumps(meta))
             try:
                 os.rename(tmp, final)
@@ -185,18 +204,38 @@ class FeatureCache:
             offsets = np.load(path / "offsets.npy", allow_pickle=False)
         except (OSError, ValueError):
             return None
-        return Features(states, offsets, _LOAD[name][1], hit=True)
+        return Features(states, offsets, _LOAD[name][1], hit=True, encode_seconds=float(meta.get("encode_seconds", 0)))
 
 
-def clear(root: str | Path | None = None) -> tuple[int, int]:
-    """Remove every entry; return (entries, bytes) removed."""
+#: an entry's directory name (the key, or a partial write of it) and the files an entry holds
+_ENTRY = re.compile(r"[0-9a-f]{32}(\.partial-[A-Za-z0-9_]+)?")
+_ENTRY_FILES = {"states.npy", "offsets.npy", "meta.json"}
+
+
+def is_entry(path: Path) -> bool:
+    """Is ``path`` a cache entry: a directory named by a key, holding nothing but an entry's files?"""
+    if path.is_symlink() or not path.is_dir() or not _ENTRY.fullmatch(path.name):
+        return False
+    return all(f.is_file() and not f.is_symlink() and f.name in _ENTRY_FILES for f in path.iterdir())
+
+
+def clear(root: str | Path | None = None) -> tuple[int, int, int]:
+    """Remove the cache entries under ``root``; return (entries, bytes removed, other things left).
+
+    Only directories that are entries (:func:`is_entry`) are removed, so a cache directory pointed at the
+    wrong folder (``--cache-dir ~``) loses nothing else; what else is there is counted and left alone.
+    """
     root = Path(root) if root else default_cache_dir()
+    if not root.exists():
+        return 0, 0, 0
     if not root.is_dir():
-        return 0, 0
-    n, size = 0, 0
+        raise ConfigError(f"--cache-dir: {root} is not a directory")
+    n, size, other = 0, 0, 0
     for p in root.iterdir():
-        if p.is_dir():
-            size += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        if is_entry(p):
+            size += sum(f.stat().st_size for f in p.iterdir())
             shutil.rmtree(p, ignore_errors=True)
             n += 1
-    return n, size
+        else:
+            other += 1
+    return n, size, other

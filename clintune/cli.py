@@ -160,8 +160,9 @@ def _cmd_cache_clear(args) -> int:
     from .cache import clear, default_cache_dir
 
     root = args.cache_dir or default_cache_dir()
-    n, size = clear(root)
-    print(f"removed {n} feature-cache entr{'y' if n == 1 else 'ies'} ({size / 2 ** 20:.1f} MB) from {root}")
+    n, size, other = clear(root)
+    print(f"removed {n} feature-cache entr{'y' if n == 1 else 'ies'} ({size / 2 ** 20:.1f} MB) from {root}"
+          + (f"; left {other} other item(s) there, which are not cache entries" if other else ""))
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Every run (any backbone, method or head, and TF-IDF) reports the same keys in ``record.json``:
 
-* ``train_seconds``: wall time of training, validation passes included (what the user waits for);
+* ``train_seconds``: wall time of training, validation passes included (what the user waits for), less
+  ``measuring_seconds``, the time spent counting FLOPs and measuring the matrix-product peak for MFU;
 * ``train_samples_per_s``: training examples processed per second of *training steps* (validation
   excluded, so it is comparable with other trainers' throughput);
 * ``predict_seconds`` / ``predict_samples_per_s``: wall time and throughput of predicting the test set;
@@ -154,6 +155,30 @@ class FlopModel:
         return float((self.a + self.b * n + self.c * n * n).sum())
 
 
+def count_cpu_attention() -> None:
+    """Teach PyTorch's FLOP counter the CPU kernel of ``scaled_dot_product_attention``.
+
+    Its registry has the CUDA kernels (flash, efficient, cuDNN) but not ``_scaled_dot_product_flash_attention
+    _for_cpu``, which it counts as 0: a run whose attention goes through SDPA on the CPU (``--no-fast``,
+    ``--fast-off attention``, the TinyAttention head) would leave attention out of its FLOPs and MFU, while the
+    fast path's kernels count it. Counted as model FLOPs, as the fast path's kernels are: forward 4 b h s_q s_k d
+    (the two products, torch's ``sdpa_flop_count``), backward twice that (the four products of the gradients;
+    torch's own backward formula adds the scores the flash kernel recomputes, which model FLOPs leave out).
+    """
+    from torch.utils import flop_counter as fc
+
+    fwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if fwd is not None and fwd not in fc.flop_registry:
+        @fc.register_flop_formula(fwd)
+        def _forward(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+            return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+    if bwd is not None and bwd not in fc.flop_registry:
+        @fc.register_flop_formula(bwd)
+        def _backward(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+            return 2 * fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
 def calibrate_flops(model: torch.nn.Module, probe, runtime, lengths: tuple[int, ...]) -> FlopModel | None:
     """Count one forward+backward pass of a single example at three lengths; fit a + b n + c n^2.
 
@@ -166,6 +191,7 @@ def calibrate_flops(model: torch.nn.Module, probe, runtime, lengths: tuple[int, 
     lengths = sorted(set(int(x) for x in lengths))
     if len(lengths) < 3:
         return None
+    count_cpu_attention()
     was = model.training
     model.eval()
     counts = []

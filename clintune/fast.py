@@ -811,6 +811,22 @@ class Speedups:
         self._weights, self._configs, self._classes = [], [], []
 
 
+def fingerprint(on: bool, off, device: torch.device) -> dict:
+    """How this process computes a model's outputs, beyond its weights and inputs: whether the fast path runs and
+    which parts are left out, whether its compiled kernels are built (``CLINTUNE_NO_KERNELS``, no compiler), and
+    the hardware whose kernels round (the CPU's instruction set and AMX, or the GPU). Each changes the low-order
+    bits of bf16 outputs, so the feature cache keys its entries by it (:mod:`clintune.cache`)."""
+    from .runtime import cpu_flags
+
+    out = {"fast": bool(on), "off": sorted(off or ()) if on else []}
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        out.update(isa=torch.backends.cpu.get_cpu_capability(), amx="amx_bf16" in cpu_flags(),
+                   kernels=bool(on) and masks.compiled() is not None)
+    return out
+
+
 def accelerate(model: nn.Module, runtime, restorable: bool = True, off=()) -> Speedups:
     """Apply the CPU speed-ups to a model about to train or predict (nothing on GPUs).
 

@@ -11,7 +11,12 @@ what was trained), ``load`` (rebuild from the base encoder plus what was saved) 
 * ``lora``: low-rank updates through Hugging Face ``peft``: h = W0 x + (alpha / r) B A x with
   A in R^{r x d_in}, B in R^{d_out x r}, B initialised to 0 (Hu et al., arXiv 2106.09685).
 * ``ia3``: learned rescaling vectors through ``peft``: keys and values are scaled elementwise by l_k,
-  l_v and the feed-forward input by l_ff, all initialised to 1 (Liu et al., arXiv 2205.05638).
+  l_v and the feed-forward input by l_ff, all initialised to 1 (Liu et al., arXiv 2205.05638). With peft's
+  defaults for BERT-like encoders (targets ``key``, ``value``, ``output.dense``; feed-forward ``output.dense``),
+  the name ``output.dense`` also matches attention's output projection, so each layer has a fourth vector
+  scaling that projection's input (d): per layer d + d + d + d_ff parameters (16,128 on MiniLM-L6 before the
+  head), as in Taylor et al.'s peft runs and the Trainer + PEFT peer. ``--target-modules`` and
+  ``--feedforward-modules`` choose others. The vectors are not weight-decayed (they start at 1).
 
 LoRA and IA3 adapters are saved in peft's own format (``adapter/adapter_model.safetensors`` and
 ``adapter_config.json``), loadable with ``peft.PeftModel.from_pretrained``.

@@ -177,10 +177,12 @@ def predict_logits(model: nn.Module, feed: Feed, batch_size: int, runtime: Runti
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's groups: weight decay for weight matrices; none for biases, norm gains and IA3's scaling vectors
+    (gains that start at 1, which decay would pull toward 0 rather than toward the identity)."""
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in n.lower() else decay).append(p)
+            (no_decay if p.ndim < 2 or "norm" in n.lower() or "ia3_l" in n else decay).append(p)
     return [g for g in ({"params": decay, "weight_decay": weight_decay},
                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
@@ -233,14 +235,17 @@ def fit(model: nn.Module, train_feed: Feed, targets, cfg, runtime: Runtime, mete
         micro_tokens = 2048 if device.type == "cpu" and getattr(model, "backbone_trains", True) else 0
     meter.extra["micro_batch_tokens"] = micro_tokens
     flop_model = None
+    measuring = 0.0          # counting FLOPs and measuring the peak: not training, so not in train_seconds
     if getattr(train_feed, "probe", None) is not None and len(train_feed):
         from .cost import calibrate_flops, matmul_peak_flops
 
+        t0 = time.perf_counter()
         top = int(train_feed.lengths.max())
         flop_model = calibrate_flops(model, train_feed.probe, runtime, (max(top // 4, 1), max(top // 2, 2), max(top, 3)))
         meter.extra["train_flops"] = 0.0
         peak_dtype = runtime.dtype if runtime.precision != "fp32" else torch.float32
         meter.extra["matmul_peak_tflops"] = round(matmul_peak_flops(peak_dtype, device) / 1e12, 4)
+        measuring += time.perf_counter() - t0
     best_state = None
     train_time = 0.0
     bar = tqdm(total=total, disable=None if cfg.progress else True, unit="step", dynamic_ncols=True,
@@ -310,7 +315,12 @@ def fit(model: nn.Module, train_feed: Feed, targets, cfg, runtime: Runtime, mete
     finally:
         bar.close()
     if flop_model is not None and train_time >= 60.0:   # a long run: the peak again, the better of the two
+        t0 = time.perf_counter()
         meter.extra["matmul_peak_tflops"] = round(matmul_peak_flops(peak_dtype, device, remeasure=True) / 1e12, 4)
+        measuring += time.perf_counter() - t0
+    if measuring:
+        meter.add("train", -measuring)       # fit() runs inside the caller's "train" phase
+        meter.extra["measuring_seconds"] = round(measuring, 3)
     if best_state is not None and res.best_epoch != res.epochs_run:
         with torch.no_grad():
             named = dict(model.named_parameters())

@@ -100,3 +100,68 @@ def test_cache_clear_command_empties_the_cache(tiny_backbone, binary_csv, cache_
     assert main(["cache-clear"]) == 0
     assert "removed 2 feature-cache entries" in capsys.readouterr().out
     assert not any(cache_dir.iterdir())
+
+
+def test_cache_clear_removes_only_cache_entries(tmp_path, capsys):
+    from clintune.cli import main
+
+    key = "0123456789abcdef0123456789abcdef"
+    (tmp_path / key).mkdir()
+    for name in ("states.npy", "offsets.npy", "meta.json"):
+        (tmp_path / key / name).write_bytes(b"x" * 10)
+    (tmp_path / f"{key}.partial-ab_12").mkdir()                     # a write that was interrupted
+    (tmp_path / "thesis" / "src").mkdir(parents=True)               # a user's folder: --cache-dir pointed wrong
+    (tmp_path / "thesis" / "src" / "main.py").write_text("x")
+    (tmp_path / "fedcba9876543210fedcba9876543210").mkdir()         # named like a key, but holds something else
+    (tmp_path / "fedcba9876543210fedcba9876543210" / "notes.txt").write_text("x")
+    (tmp_path / "notes.csv").write_text("x")
+    assert main(["cache-clear", "--cache-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "removed 2 feature-cache entries" in out and "left 3 other item(s)" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fedcba9876543210fedcba9876543210", "notes.csv", "thesis"]
+    assert (tmp_path / "thesis" / "src" / "main.py").exists()
+    assert main(["cache-clear", "--cache-dir", str(tmp_path / "notes.csv")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_entries_are_keyed_by_how_the_features_are_computed(tiny_backbone, binary_csv, cache_dir, tmp_path):
+    """The fast path and plain PyTorch round bf16 differently: a run with the other never reads the first's
+    features, so its test predictions are still those of its saved model, reloaded."""
+    kw = dict(method="frozen", head="linear", epochs=1, precision="bf16")
+    first = clintune.train(tiny_config(tiny_backbone, binary_csv, **kw))
+    assert first.record["cost"]["feature_cache"]["hits"] == {"data": False, "test": False}
+    out = tmp_path / "plain"
+    plain = clintune.train(tiny_config(tiny_backbone, binary_csv, fast=False, out=str(out), **kw))
+    assert plain.record["cost"]["feature_cache"]["hits"] == {"data": False, "test": False}
+    assert len(list(cache_dir.iterdir())) == 4
+    preds = pd.read_csv(out / "test_predictions.csv")
+    texts = pd.read_csv(binary_csv)["text"].tolist()
+    again = clintune.load(out).predict_proba([texts[r - 1] for r in preds["row"]])
+    np.testing.assert_array_equal(again[:, 1].astype(np.float32), preds["prob_1"].to_numpy(np.float32))
+
+
+def test_prediction_time_counts_the_encoder_when_the_test_entry_is_found(tiny_backbone, binary_csv, cache_dir):
+    """A run that finds the test features still reports the saved model's prediction cost: the head's time
+    plus the encoding time stored with the entry (here edited to 100 s so that it shows)."""
+    kw = dict(method="frozen", head="linear", epochs=1)
+    clintune.train(tiny_config(tiny_backbone, binary_csv, **kw))
+    metas = [p / "meta.json" for p in cache_dir.iterdir()]
+    assert all(json.loads(m.read_text())["encode_seconds"] > 0 for m in metas)
+    for m in metas:
+        meta = json.loads(m.read_text())
+        m.write_text(json.dumps({**meta, "encode_seconds": 100.0}))
+    again = clintune.train(tiny_config(tiny_backbone, binary_csv, **kw))
+    assert again.record["cost"]["feature_cache"]["hits"] == {"data": True, "test": True}
+    assert 100.0 <= again.record["cost"]["predict_seconds"] < 200.0          # added once, not per entry
+
+
+def test_tokenizer_hash_ignores_the_truncation_left_by_the_last_call(tiny_backbone):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_backbone)
+    fresh = cache_mod.tokenizer_sha256(tok)
+    tok(["heart failure noted today"], truncation=True, max_length=4, padding="max_length")
+    assert cache_mod.tokenizer_sha256(tok) == fresh
+    other = AutoTokenizer.from_pretrained(tiny_backbone)
+    other.add_tokens(["cardiomyopathy"])
+    assert cache_mod.tokenizer_sha256(other) != fresh

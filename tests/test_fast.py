@@ -834,3 +834,26 @@ def test_fast_off_first_token_keeps_the_whole_last_layer(tiny_backbone):
     cfg = tiny_config(tiny_backbone, "unused.csv", head="pooler", pooling="cls")
     assert assemble(cfg, 2).model.first_token_only
     assert not assemble(cfg.replace(fast_off=["first_token"]), 2).model.first_token_only
+
+
+def test_flop_counter_counts_cpu_attention_as_its_products():
+    """SDPA's CPU kernel counts as the explicit products would (PyTorch's registry counts it as 0): runs whose
+    attention goes through SDPA get the same FLOPs and MFU definition as the fast path's kernels."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from clintune.cost import count_cpu_attention
+
+    count_cpu_attention()
+    b, h, s, d = 2, 4, 24, 8
+    counts = []
+    for explicit in (False, True):
+        q = torch.randn(b, h, s, d, requires_grad=True)
+        with FlopCounterMode(display=False) as counter:
+            if explicit:
+                out = (q @ q.transpose(-1, -2) / d ** 0.5).softmax(-1) @ q
+            else:
+                out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+            out.sum().backward()
+        counts.append(counter.get_total_flops())
+    forward = 2 * (2 * b * h * s * s * d)                    # Q K^T and P V
+    assert counts[0] == counts[1] == 3 * forward             # backward: four products, twice the forward

@@ -86,3 +86,21 @@ def test_lora_targets_can_be_chosen_and_bad_targets_are_clear(tiny_backbone):
     assert trainable == L * 2 * 2 * H + HEAD
     with pytest.raises(ConfigError, match="--target-modules"):
         assemble(cfg.replace(target_modules=["nonexistent_proj"]), K)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_weight_decay_spares_biases_norms_and_ia3_scales(method, tiny_backbone):
+    from clintune.training import _param_groups
+
+    model = build(method, tiny_backbone).model
+    decay, no_decay = _param_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    spared = {names[id(p)] for p in no_decay["params"]}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    if method == "ia3":        # all L * 4 scaling vectors start at 1: no decay toward 0
+        assert sum("ia3_l" in n for n in spared) == L * 4 and not any("ia3_l" in n for n in decayed)
+    else:
+        assert sum("lora_" in n for n in decayed) == L * 3 * 2
+    assert all(n.endswith("bias") for n in spared if "ia3_l" not in n)
+    assert spared | decayed == {n for n, p in model.named_parameters() if p.requires_grad}
