@@ -5,7 +5,8 @@ they read the options they need from ``cfg`` (``pooling``, ``head_dropout``, ``h
 
 The four adapter heads are those compared by Le et al. (arXiv 2407.19299) as final layers of French
 biomedical encoders: Adapter, Lightweight, TinyAttention and GRN. Their defaults (``head_dim`` 64, one
-attention head) add 25k-80k parameters to a 384-wide encoder: they fit a 2 GB GPU with room to spare.
+attention head) add 29k-100k parameters to a 384-wide encoder for two classes (lightweight 29,058, adapter
+50,370, grn 80,258, tinyattention 99,650): they fit a 2 GB GPU with room to spare.
 Heads that work on every token (adapter, tinyattention) see padded positions too, but pooling masks
 them out, so padding never changes a prediction; lightweight and grn work on the pooled vector.
 
