@@ -14,7 +14,7 @@ keeps how long its encoding took, so a run that finds it reports the encoder's s
 run that computed it measured it, not the head's alone.
 Entries are written into a ``KEY.partial-*`` directory and renamed when complete, so a crash or a
 concurrent run never leaves a half-written entry that could be read. Cached states are derived from
-notes: the cache directory is created private (mode 0700); ``clintune cache-clear`` empties it.
+notes: the cache directory is created private (mode 0700); ``clintune cache-clear`` removes its entries.
 
 Encoding uses exactly the batching of :meth:`clintune.modeling.Classifier.logits_encoded` (length-
 sorted batches of ``eval_batch_size``, in equal pieces of at most ``training.EVAL_TOKENS_CPU`` tokens on
