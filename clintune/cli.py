@@ -140,13 +140,21 @@ def _cmd_evaluate(args) -> int:
 
 def _cmd_predict(args) -> int:
     from .api import predict
+    from .errors import ConfigError
 
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError("--batch-size: must be >= 1")
     df = predict(args.model, args.data, args.out, text_col=args.text_col, batch_size=args.batch_size,
                  quantize=args.quantize, device=args.device,
                  calibration=args.calibration)
     if "predicted_label" in df:
+        from .data import is_shown
+
         counts = df["predicted_label"].astype(str).value_counts().to_dict()
-        detail = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+        if all(is_shown(k) for k in counts):
+            detail = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+        else:       # a model whose labels look like note text: counts only
+            detail = f"{len(counts)} distinct labels"
     elif "predicted_labels" in df:
         detail = f"{sum(1 for s in df['predicted_labels'] if s)} with at least one label"
     else:
@@ -202,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--data", required=True, metavar="FILE")
     pr.add_argument("--out", required=True, metavar="FILE", help="output file (.csv/.tsv/.jsonl/.parquet)")
     pr.add_argument("--text-col", default=None, help="(default: the model's)")
-    pr.add_argument("--batch-size", type=int, default=None)
+    pr.add_argument("--batch-size", type=int, default=None, metavar="N",
+                    help="notes per batch, >= 1 (default: the model's eval_batch_size)")
     pr.set_defaults(func=_cmd_predict)
 
     for sp in (e, pr):
@@ -221,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="train LoRA on MiniLM for the built-in ICD-10-CM circulatory task (~2 min on CPU)")
     d.add_argument("--out", default="runs/demo", metavar="DIR", help="model directory (replaced; default runs/demo)")
-    d.add_argument("--epochs", type=int, default=None)
+    d.add_argument("--epochs", type=int, default=None, metavar="N", help="(default 3)")
     d.set_defaults(func=_cmd_demo)
 
     from .sweep.cli import add_commands  # bench, runs, report, tune

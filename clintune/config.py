@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -152,6 +153,7 @@ def build(cls, *, yaml_values: dict[str, Any] | None = None, yaml_source: str = 
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
+    yaml_keys: dict[str, str] = {}          # field -> the key as the YAML file spells it
     for key, value in (yaml_values or {}).items():
         k = str(key).replace("-", "_")
         if k not in names:
@@ -159,14 +161,19 @@ def build(cls, *, yaml_values: dict[str, Any] | None = None, yaml_source: str = 
             hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
             raise ConfigError(f"{yaml_source}: unknown key '{key}'{hint}")
         values[k] = _coerce(value, hints[k], f"{yaml_source}: {key}")
+        yaml_keys[k] = str(key)
     for k, value in (overrides or {}).items():
         where = _flag(k) if override_source == "flag" else f"{override_source}: {k}"
         if k not in names:
             raise ConfigError(f"unknown option {where}")
         values[k] = _coerce(value, hints[k], where)
+        yaml_keys.pop(k, None)
     try:
         return cls(**values)
-    except ConfigError:
+    except ConfigError as e:
+        name = getattr(e, "option", None)
+        if name in yaml_keys:               # the bad value came from the file: name the file and its key
+            raise ConfigError(f"{yaml_source}: {yaml_keys[name]}: {e.detail}") from None
         raise
     except TypeError as e:  # pragma: no cover - defensive
         raise ConfigError(str(e)) from None
@@ -176,22 +183,41 @@ def to_dict(cfg) -> dict[str, Any]:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
 
 
+def option_error(name: str, detail: str) -> ConfigError:
+    """``--flag-name: detail``, remembering the option, so that :func:`build` can name the YAML file and
+    key instead where the value came from a file."""
+    e = ConfigError(f"{_flag(name)}: {detail}")
+    e.option, e.detail = name, detail
+    return e
+
+
 def check_choice(cfg, name: str, choices) -> None:
     value = getattr(cfg, name)
     if value not in choices:
-        raise ConfigError(f"{_flag(name)}: '{value}' is not one of {', '.join(map(str, choices))}")
+        raise option_error(name, f"'{value}' is not one of {', '.join(map(str, choices))}")
+
+
+def check_finite(cfg) -> None:
+    """Refuse NaN and infinities in every float option (every comparison with NaN is false, so a range
+    check alone lets it through)."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise option_error(f.name, f"{v} is not a finite number")
 
 
 def check_range(cfg, name: str, lo=None, hi=None, *, lo_open=False, hi_open=False) -> None:
     v = getattr(cfg, name)
     if v is None:
         return
+    if isinstance(v, float) and not math.isfinite(v):
+        raise option_error(name, f"{v} is not a finite number")
     bad = (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and (v > hi or (hi_open and v == hi)))
     if bad:
         lb = "(" if lo_open else "["
         rb = ")" if hi_open else "]"
-        raise ConfigError(f"{_flag(name)}: {v} is out of range {lb}{lo if lo is not None else '-inf'}, "
-                          f"{hi if hi is not None else 'inf'}{rb}")
+        raise option_error(name, f"{v} is out of range {lb}{lo if lo is not None else '-inf'}, "
+                                 f"{hi if hi is not None else 'inf'}{rb}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,6 +241,11 @@ VAL_METRICS = ("f1", "f1_macro", "auroc", "accuracy", "loss")
 DEFAULT_LR = {"full": 5e-5, "lora": 3e-4, "ia3": 3e-3, "frozen": 1e-3}
 #: A small encoder trained from random weights (scratch-*) wants a larger step, with the warm-up.
 DEFAULT_LR_SCRATCH = 1e-3
+#: Seeds go to random, numpy (which takes 0 <= seed < 2**32), torch and PYTHONHASHSEED (the same range).
+MAX_SEED = 2 ** 32 - 1
+#: The longest --max-length an embedded backbone reads: its position embeddings (the minilm checkpoint's
+#: max_position_embeddings). Other backbones are checked against their config when loaded.
+EMBEDDED_MAX_LENGTH = {"minilm": 512}
 
 
 @dataclass
@@ -353,19 +384,21 @@ class TrainConfig:
         from .heads import HEADS
         from .methods import METHODS
 
+        check_finite(self)
         check_choice(self, "task", TASKS)
         check_choice(self, "long", LONG)
         check_choice(self, "chunk_pooling", CHUNK_POOLINGS)
         check_range(self, "max_chunks", 1, 100_000)
         check_range(self, "chunk_overlap", 0)
         if self.long == "chunk" and self.chunk_overlap > self.max_length // 2:
-            raise ConfigError(f"--chunk-overlap {self.chunk_overlap}: at most half of --max-length {self.max_length}")
+            raise option_error("chunk_overlap", f"{self.chunk_overlap} is more than half of --max-length "
+                                                f"{self.max_length}")
         if self.long == "chunk" and self.task == "ner":
-            raise ConfigError("--long chunk: classification and multilabel only (NER predicts every token)")
+            raise option_error("long", "chunk: classification and multilabel only (NER predicts every token)")
         if self.task != "classification" and self.method == "tfidf":
-            raise ConfigError(f"--method tfidf: classification only (not --task {self.task})")
+            raise option_error("method", f"tfidf: classification only (not --task {self.task})")
         if not self.label_sep:
-            raise ConfigError("--label-sep: must not be empty")
+            raise option_error("label_sep", "must not be empty")
         check_choice(self, "method", (*METHODS, "tfidf"))
         check_choice(self, "head", tuple(HEADS))
         check_choice(self, "pooling", POOLINGS)
@@ -374,15 +407,20 @@ class TrainConfig:
         check_choice(self, "quantize", QUANTIZE)
         for part in self.fast_off or ():
             if part not in FAST_PARTS:
-                raise ConfigError(f"--fast-off: '{part}' is not one of {', '.join(FAST_PARTS)}")
+                raise option_error("fast_off", f"'{part}' is not one of {', '.join(FAST_PARTS)}")
         if self.quantize != "none" and (self.method == "tfidf" or self.device == "cuda"):
-            raise ConfigError(f"--quantize {self.quantize}: for encoders predicting on CPU "
-                              f"(not --{'method tfidf' if self.method == 'tfidf' else 'device cuda'})")
+            raise option_error("quantize", f"{self.quantize}: for encoders predicting on CPU "
+                                           f"(not --{'method tfidf' if self.method == 'tfidf' else 'device cuda'})")
         check_choice(self, "val_metric", VAL_METRICS)
         check_range(self, "test_size", 0, 1, lo_open=True, hi_open=True)
         check_range(self, "val_size", 0, 1, hi_open=True)
         check_range(self, "train_fraction", 0, 1, lo_open=True)
         check_range(self, "max_length", 8, 100_000)
+        limit = EMBEDDED_MAX_LENGTH.get(self.backbone)
+        if limit is not None and self.method != "tfidf" and self.max_length > limit:
+            raise option_error("max_length", f"{self.max_length} is more than the {limit} tokens the {self.backbone} "
+                                             "backbone reads (its position embeddings); for longer notes use "
+                                             f"--long chunk with --max-length {limit} or less")
         check_range(self, "lora_r", 1)
         check_range(self, "lora_alpha", 0, lo_open=True)
         check_range(self, "lora_dropout", 0, 1, hi_open=True)
@@ -398,6 +436,7 @@ class TrainConfig:
         check_range(self, "warmup_ratio", 0, 1)
         check_range(self, "max_grad_norm", 0)
         check_range(self, "patience", 0)
+        check_range(self, "seed", 0, MAX_SEED)
         check_range(self, "threads", 1, 4096)
         check_choice(self, "tokenizer_model", ("wordpiece", "bpe"))
         check_range(self, "vocab_size", 100, 1_000_000)
@@ -407,11 +446,11 @@ class TrainConfig:
         check_range(self, "tfidf_min_df", 1)
         check_range(self, "tfidf_c", 0, lo_open=True)
         if self.backbone.startswith("scratch-") and self.method not in ("full", "tfidf"):
-            raise ConfigError(f"--method {self.method}: a {self.backbone} backbone starts from random weights and "
-                              "is trained end to end; use --method full")
+            raise option_error("method", f"{self.method}: a {self.backbone} backbone starts from random weights "
+                                         "and is trained end to end; use --method full")
         for name in ("text_col", "label_col"):
             if not getattr(self, name):
-                raise ConfigError(f"{_flag(name)}: must not be empty")
+                raise option_error(name, "must not be empty")
 
     @property
     def learning_rate(self) -> float:

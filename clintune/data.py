@@ -10,12 +10,14 @@ data row (the header is not counted). No message ever contains note text.
 from __future__ import annotations
 
 import bz2
+import csv
 import gzip
 import hashlib
 import io
 import json
 import lzma
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +32,7 @@ FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndj
            ".parquet": "parquet", ".pq": "parquet"}
 _COMPRESSION = {".gz": gzip.decompress, ".bz2": bz2.decompress, ".xz": lzma.decompress}
 BUILTIN_PREFIX = "builtin:"
-_INT_RE = re.compile(r"^[+-]?\d+$")
+_CANONICAL_INT = re.compile(r"^(0|-?[1-9][0-9]*)$")   # no sign, no leading zeros: 7, not 07 or +7
 
 
 def detect_format(path: str | Path) -> tuple[str, str | None]:
@@ -62,23 +64,31 @@ def _decode(path: Path, raw: bytes) -> str:
 
 def read_table(path: str | Path) -> pd.DataFrame:
     """Read a CSV, TSV, JSONL or Parquet file into a DataFrame (text formats: every cell a str)."""
+    return read_rows(path)[0]
+
+
+def read_rows(path: str | Path) -> tuple[pd.DataFrame, np.ndarray, str]:
+    """:func:`read_table`, with the number messages use for each row and its unit: the 1-based data row
+    (header and blank lines not counted) for CSV, TSV and Parquet, the line number for JSONL."""
     p = Path(path)
     if str(path).startswith(BUILTIN_PREFIX):
         from .builtin import load_builtin
-        return load_builtin(str(path)[len(BUILTIN_PREFIX):])
+        df = load_builtin(str(path)[len(BUILTIN_PREFIX):])
+        return df, np.arange(1, len(df) + 1), "row"
+    if p.is_dir():
+        raise DataError(f"{p}: is a directory, expected a data file")
     fmt, comp = detect_format(p)
     if not p.exists():
         raise DataError(f"{p}: file not found")
-    if p.is_dir():
-        raise DataError(f"{p}: is a directory, expected a data file")
     if fmt == "parquet":
         if p.stat().st_size == 0:
             raise DataError(f"{p}: file is empty")
         try:
-            return pd.read_parquet(p)
+            df = pd.read_parquet(p)
         except Exception as e:  # pyarrow raises several types for corrupt files
             raise DataError(f"{p}: cannot read as Parquet ({type(e).__name__})") from None
-    raw = p.read_bytes()
+        return df, np.arange(1, len(df) + 1), "row"
+    raw = read_bytes(p)
     if comp:
         try:
             raw = _COMPRESSION[comp](raw)
@@ -89,21 +99,116 @@ def read_table(path: str | Path) -> pd.DataFrame:
     text = _decode(p, raw)
     if fmt == "jsonl":
         return _read_jsonl(p, text)
-    sep = "," if fmt == "csv" else "\t"
+    df = _read_delimited(p, text, fmt)
+    return df, np.arange(1, len(df) + 1), "row"
+
+
+def read_bytes(p: Path) -> bytes:
+    """The bytes of ``p``, or one line naming it (missing, a directory, unreadable)."""
+    if p.is_dir():
+        raise DataError(f"{p}: is a directory, expected a data file")
     try:
-        df = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, na_filter=False)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{p}: file is empty") from None
-    except pd.errors.ParserError as e:
-        msg = str(e).strip().splitlines()[-1]
-        raise DataError(f"{p}: cannot parse as {fmt.upper()}: {msg}") from None
-    df.columns = [str(c).strip() for c in df.columns]
-    return df
+        return p.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{p}: file not found") from None
+    except OSError as e:
+        raise DataError(f"{p}: cannot read ({e.strerror or type(e).__name__})") from None
 
 
-def _read_jsonl(p: Path, text: str) -> pd.DataFrame:
-    records = []
-    for i, line in enumerate(text.splitlines(), 1):
+def _lines(text: str) -> list[str]:
+    """Physical lines: split on line feeds only (str.splitlines also splits on form feeds, U+2028 and other
+    characters that may sit inside a note)."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
+_QUOTED = re.compile(r'"((?:[^"]|"")*)"', re.DOTALL)
+
+
+def _csv_records(p: Path, text: str):
+    """(first line, fields) of each CSV record; strict quoting, so a quote never silently swallows lines."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    start = 1
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            if "unexpected end of data" in str(e):
+                raise DataError(f"{p}: cannot parse as CSV: the quoted field opened on line {start} is never "
+                                "closed") from None
+            raise DataError(f"{p}: cannot parse as CSV at line {reader.line_num}: {e} (a field holding quotes "
+                            "must be quoted whole, with its quotes doubled)") from None
+        yield start, fields
+        start = reader.line_num + 1
+
+
+def _tsv_records(text: str):
+    """(line, fields) of each TSV line. A TSV field cannot hold a tab or a line break, so each line is one
+    record, split on tabs and read literally; a field quoted whole (``"..."`` with inner quotes doubled, as
+    spreadsheet and pandas writers quote) is unquoted."""
+    for i, line in enumerate(_lines(text), 1):
+        fields = line.split("\t") if line else []
+        yield i, [_unquote(f) for f in fields]
+
+
+def _unquote(field: str) -> str:
+    m = _QUOTED.fullmatch(field)
+    return m.group(1).replace('""', '"') if m else field
+
+
+def _read_delimited(p: Path, text: str, fmt: str) -> pd.DataFrame:
+    """A CSV or TSV file as a DataFrame of str. Every row must have as many fields as the header: a
+    ragged row is one error naming it (pandas would silently shift columns or take a field as the index)."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))     # notes can be longer than csv's 128 KiB default
+    try:
+        records = _csv_records(p, text) if fmt == "csv" else _tsv_records(text)
+        header: list[str] | None = None
+        rows: list[list[str]] = []
+        for line, fields in records:
+            if not fields or (len(fields) == 1 and not fields[0].strip()):
+                continue                                       # blank line
+            if header is None:
+                header = fields
+                continue
+            if len(fields) != len(header):
+                raise DataError(f"{p}: row {len(rows) + 1} (line {line}) has {len(fields)} fields, the header has "
+                                f"{len(header)} ({_ragged_hint(fmt, len(fields) > len(header))})")
+            rows.append(fields)
+    finally:
+        csv.field_size_limit(limit)
+    if header is None:
+        raise DataError(f"{p}: file is empty")
+    return pd.DataFrame(rows, columns=_column_names(header), dtype=str)
+
+
+def _ragged_hint(fmt: str, more: bool) -> str:
+    if fmt == "csv":
+        return ("an unquoted comma inside a field? quote fields that hold commas" if more else
+                "a missing field, or an unquoted line break?")
+    return ("a tab inside a field?" if more else
+            "a line break inside a field? TSV fields cannot hold line breaks: use CSV, JSONL or Parquet")
+
+
+def _column_names(header: list[str]) -> list[str]:
+    """Header names stripped; empty ones 'Unnamed: i' and repeated ones 'name.1', as pandas names them."""
+    names: list[str] = []
+    seen: set[str] = set()
+    for i, h in enumerate(header):
+        name = h.strip() or f"Unnamed: {i}"
+        base, k = name, 0
+        while name in seen:
+            k += 1
+            name = f"{base}.{k}"
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def _read_jsonl(p: Path, text: str) -> tuple[pd.DataFrame, np.ndarray, str]:
+    records, lines = [], []
+    for i, line in enumerate(_lines(text), 1):
         if not line.strip():
             continue
         try:
@@ -113,23 +218,71 @@ def _read_jsonl(p: Path, text: str) -> pd.DataFrame:
         if not isinstance(obj, dict):
             raise DataError(f"{p}: line {i} is not a JSON object")
         records.append(obj)
+        lines.append(i)
     if not records:
         raise DataError(f"{p}: file is empty")
-    return pd.DataFrame.from_records(records)
+    return pd.DataFrame.from_records(records), np.asarray(lines, dtype=np.int64), "line"
 
 
 def _missing(v: Any) -> bool:
-    if v is None:
+    if v is None or v is pd.NA or v is pd.NaT:
         return True
-    if isinstance(v, float) and np.isnan(v):
+    if isinstance(v, (float, np.floating)) and np.isnan(v):
         return True
     return isinstance(v, str) and not v.strip()
 
 
-def _rows_phrase(rows: Sequence[int]) -> str:
+def _is_list(v: Any) -> bool:
+    return isinstance(v, (list, tuple, np.ndarray))
+
+
+# ----------------------------------------------------------------------------------------------
+# Showing names and labels in messages without showing note text
+# ----------------------------------------------------------------------------------------------
+
+#: A column name or label is shown in a message only when it looks like a name: at most this many
+#: characters and three words. A longer value may be note text (a file without a header, or
+#: --label-col naming the text column), so it is described, never quoted.
+SHOWN_MAX_CHARS = 40
+
+
+def is_shown(value: Any) -> bool:
+    """Whether ``value`` is short enough to be a name or a label code, and so safe to print."""
+    s = str(value)
+    return 0 < len(s) <= SHOWN_MAX_CHARS and s.isprintable() and len(s.split()) <= 3
+
+
+def show_label(value: Any) -> str:
+    """``'value'`` for a short label; otherwise a description that does not contain it."""
+    if is_shown(value):
+        return f"'{value}'"
+    return f"(a {len(str(value))}-character value, not shown: it may be note text)"
+
+
+def labels_phrase(labels: Sequence[Any], limit: int = 20) -> str:
+    """``labels: a, b, c`` when every label is short; else only their number."""
+    labels = list(labels)
+    if labels and all(is_shown(l) for l in labels):
+        more = f" and {len(labels) - limit} more" if len(labels) > limit else ""
+        return "labels: " + ", ".join(map(str, labels[:limit])) + more
+    return f"{len(labels)} labels, not shown: some are long enough to be note text"
+
+
+def columns_phrase(columns: Sequence[Any], limit: int = 20) -> str:
+    """``columns: a, b`` when the header looks like names; else their number and a hint (a file without a
+    header row has a note as its 'header')."""
+    cols = list(columns)
+    if cols and all(is_shown(c) for c in cols):
+        more = f" and {len(cols) - limit} more" if len(cols) > limit else ""
+        return "columns: " + ", ".join(map(str, cols[:limit])) + more
+    return (f"{len(cols)} column(s), names not shown: the first row looks like data, not a header; "
+            "the file needs a header row")
+
+
+def _rows_phrase(rows: Sequence[int], unit: str = "row") -> str:
     rows = list(rows)
     more = f" and {len(rows) - 1} more" if len(rows) > 1 else ""
-    return f"row {rows[0]}{more}"
+    return f"{unit} {rows[0]}{more}"
 
 
 def normalise_text(t: str) -> str:
@@ -137,8 +290,10 @@ def normalise_text(t: str) -> str:
     return " ".join(t.split())
 
 
-def _normalise_labels(values: Sequence[Any], source: str, col: str) -> list:
-    """Labels as ints when every label is an integer, else as stripped strings."""
+def _normalise_labels(values: Sequence[Any]) -> list:
+    """Labels as ints when every label is an integer (a number, or a string written as a canonical integer
+    literal: ``7``, ``-2``; not ``07`` or ``+7``), else as stripped strings, so that codes such as ``007`` and
+    ``7`` stay two classes and keep their leading zeros."""
     out: list[Any] = []
     for v in values:
         if isinstance(v, (bool, np.bool_)):
@@ -149,7 +304,7 @@ def _normalise_labels(values: Sequence[Any], source: str, col: str) -> list:
             out.append(int(v) if float(v).is_integer() else str(v))
         else:
             out.append(str(v).strip())
-    if all(isinstance(v, int) or (isinstance(v, str) and _INT_RE.match(v)) for v in out):
+    if all(isinstance(v, int) or _CANONICAL_INT.match(v) for v in out):
         return [int(v) for v in out]
     return [str(v) for v in out]
 
@@ -166,6 +321,7 @@ class Examples:
     words: list | None = field(default=None, repr=False)           # NER: the words of each text
     offsets: list | None = field(default=None, repr=False)         # NER: (n_words, 2) character offsets
     index: np.ndarray | None = field(default=None, repr=False)     # position in the file's examples (0-based)
+    unit: str = "row"        # what ``rows`` counts: data rows (CSV, TSV, Parquet) or lines (JSONL, CoNLL)
 
     def __post_init__(self) -> None:
         if self.index is None:
@@ -179,7 +335,7 @@ class Examples:
         pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
         return Examples([self.texts[i] for i in idx], pick(self.labels), self.rows[idx], self.source,
                         None if self.frame is None else self.frame.iloc[idx].reset_index(drop=True),
-                        pick(self.words), pick(self.offsets), self.index[idx])
+                        pick(self.words), pick(self.offsets), self.index[idx], self.unit)
 
     def content_hash(self) -> str:
         """sha256 over texts and labels (identifies the data in caches and records, not the text)."""
@@ -209,36 +365,61 @@ def load_examples(path: str | Path, text_col: str = "text", label_col: str | Non
         ex.words, ex.offsets = words_of_texts(ex.texts)
         return ex
     source = str(path)
-    df = read_table(path)
+    df, rows, unit = read_rows(path)
     if len(df) == 0:
         raise DataError(f"{source}: file has a header but no rows")
     for col in (text_col, label_col):
         if col is not None and col not in df.columns:
-            cols = ", ".join(map(str, df.columns[:20]))
-            raise DataError(f"{source}: column '{col}' not found (columns: {cols})")
+            raise DataError(f"{source}: column '{col}' not found ({columns_phrase(df.columns)})")
     raw_texts = df[text_col].tolist()
-    bad = [i + 1 for i, t in enumerate(raw_texts) if _missing(t)]
+    bad = [rows[i] for i, t in enumerate(raw_texts) if isinstance(t, dict) or _is_list(t)]
     if bad:
-        raise DataError(f"{source}: empty or missing text in column '{text_col}' at {_rows_phrase(bad)}")
+        raise DataError(f"{source}: column '{text_col}' holds a list or an object, not text, at "
+                        f"{_rows_phrase(bad, unit)}")
+    bad = [rows[i] for i, t in enumerate(raw_texts) if _missing(t)]
+    if bad:
+        raise DataError(f"{source}: empty or missing text in column '{text_col}' at {_rows_phrase(bad, unit)}")
     texts = [t if isinstance(t, str) else str(t) for t in raw_texts]
     labels = None
     if label_col is not None:
-        raw_labels = df[label_col].tolist()
-        bad = [i + 1 for i, v in enumerate(raw_labels) if _missing(v)]
+        labels = _labels(df[label_col].tolist(), rows, unit, source, label_col, task, label_sep)
+    return Examples(texts, labels, np.asarray(rows, dtype=np.int64), source, df if keep_frame else None, unit=unit)
+
+
+def _labels(raw: list, rows: np.ndarray, unit: str, source: str, col: str, task: str, sep: str) -> list:
+    """Validated labels of one column: one per row, or a sorted tuple per row for multilabel (a cell
+    ``A|B`` split on ``sep``, or a JSON list)."""
+    where = lambda bad: _rows_phrase(bad, unit)  # noqa: E731
+    bad = [rows[i] for i, v in enumerate(raw) if isinstance(v, dict)]
+    if bad:
+        raise DataError(f"{source}: column '{col}' holds a JSON object, not a label, at {where(bad)}")
+    bad = [rows[i] for i, v in enumerate(raw) if not _is_list(v) and _missing(v)]
+    if bad:
+        raise DataError(f"{source}: empty or missing label in column '{col}' at {where(bad)}")
+    if task != "multilabel":
+        bad = [rows[i] for i, v in enumerate(raw) if _is_list(v)]
         if bad:
-            raise DataError(f"{source}: empty or missing label in column '{label_col}' at {_rows_phrase(bad)}")
-        if task == "multilabel":
-            sets = [[x.strip() for x in str(v).split(label_sep) if x.strip()] for v in raw_labels]
-            bad = [i + 1 for i, s in enumerate(sets) if not s]
-            if bad:
-                raise DataError(f"{source}: no label in column '{label_col}' at {_rows_phrase(bad)} "
-                                f"(labels are separated by '{label_sep}')")
-            flat = _normalise_labels([x for s in sets for x in s], source, label_col)
-            it = iter(flat)
-            labels = [tuple(sorted({next(it) for _ in s}, key=lambda v: (isinstance(v, str), v))) for s in sets]
+            raise DataError(f"{source}: column '{col}' holds a list of labels at {where(bad)}; a note with "
+                            "several labels needs --task multilabel")
+        return _normalise_labels(raw)
+    sets: list[list] = []
+    for i, v in enumerate(raw):
+        if _is_list(v):
+            items = list(v)
+            if any(isinstance(x, (dict, list, tuple, np.ndarray)) for x in items):
+                raise DataError(f"{source}: column '{col}' at {unit} {rows[i]}: a label list holds a list or "
+                                "an object; expected a flat list of labels")
+            items = [x for x in items if not _missing(x)]
+            sets.append([x.strip() if isinstance(x, str) else x for x in items])
         else:
-            labels = _normalise_labels(raw_labels, source, label_col)
-    return Examples(texts, labels, np.arange(1, len(texts) + 1), source, df if keep_frame else None)
+            sets.append([x.strip() for x in str(v).split(sep) if x.strip()])
+    bad = [rows[i] for i, s in enumerate(sets) if not s]
+    if bad:
+        raise DataError(f"{source}: no label in column '{col}' at {where(bad)} "
+                        f"(labels are separated by '{sep}', or a JSON list)")
+    flat = _normalise_labels([x for s in sets for x in s])
+    it = iter(flat)
+    return [tuple(sorted({next(it) for _ in s}, key=lambda v: (isinstance(v, str), v))) for s in sets]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,7 +449,7 @@ class LabelMap:
         if positive is not None:
             if str(positive) not in lm._index:
                 raise DataError(f"--positive-label '{positive}' is not a label of {source} "
-                                f"(labels: {', '.join(map(str, uniq[:20]))})")
+                                f"({labels_phrase(uniq)})")
             lm.positive = uniq[lm._index[str(positive)]]
         return lm
 
@@ -361,7 +542,7 @@ def _check_leakage(train: Examples, other: Examples, what: str, allow: bool, inf
     if clash and not allow:
         (orow, srow) = clash[0]
         raise DataError(f"{other.source}: {len(clash)} {what} text(s) also appear in {train.source} "
-                        f"(first: {what} row {orow} = train row {srow}); this leaks {what} data into training. "
+                        f"(first: {what} {other.unit} {orow} = train {train.unit} {srow}); this leaks {what} data into training. "
                         "Remove them or pass --allow-duplicates")
 
 
@@ -382,7 +563,7 @@ def prepare_splits(cfg) -> Splits:
     classes = Counter(str(x) for l in full.labels for x in task.label_items(l))
     if cfg.task == "classification" and len(classes) < 2:
         only = next(iter(classes))
-        raise DataError(f"{full.source}: column '{cfg.label_col}' has a single class '{only}'; "
+        raise DataError(f"{full.source}: column '{cfg.label_col}' has a single class {show_label(only)}; "
                         "a classifier needs at least two")
     if cfg.task == "ner" and set(classes) <= {"O"}:
         raise DataError(f"{full.source}: no entities (every tag is O)")
@@ -398,11 +579,19 @@ def prepare_splits(cfg) -> Splits:
         _check_leakage(train_all, test, "test", cfg.allow_duplicates, info)
     else:
         if cfg.task == "classification":
-            for label, n in classes.items():
-                if n < 2:
-                    raise DataError(f"{full.source}: label '{label}' has only {n} example; each class needs at "
-                                    "least 2 to be split into train and test (or give --test-data)")
+            rare = [label for label, n in classes.items() if n < 2]
+            if rare:
+                row = next(r for l, r in zip(full.labels, full.rows) if str(l) == rare[0])
+                more = f" ({len(rare)} labels have a single example)" if len(rare) > 1 else ""
+                hint = "" if is_shown(rare[0]) else f"; is column '{cfg.label_col}' really the label column?"
+                raise DataError(f"{full.source}: label {show_label(rare[0])} in column '{cfg.label_col}' at "
+                                f"{full.unit} {row} has only 1 example{more}; each class needs at least 2 to be "
+                                f"split into train and test (or give --test-data){hint}")
         keep, held = grouped_stratified_split(strata(full.labels), full.texts, cfg.test_size, cfg.seed)
+        if len(held) == 0:
+            raise DataError(f"{full.source}: the test split is empty: identical texts stay on one side of the "
+                            f"split, and no class has two distinct texts ({n_unique} distinct text(s) in "
+                            f"{len(full)} {full.unit}s); add notes or give --test-data")
         train_all, test = full.subset(keep), full.subset(held)
         info.update(split=f"stratified {1 - cfg.test_size:.0%}/{cfg.test_size:.0%} grouped by text, seed {cfg.seed}")
     val = None

@@ -21,7 +21,7 @@ def run_demo(out: str | None = "runs/demo", epochs: int | None = None) -> dict:
     from .api import train
     from .cli import print_train_summary
 
-    cfg = TrainConfig(**{**DEMO, **({"epochs": epochs} if epochs else {})}, out=out, overwrite=True)
+    cfg = TrainConfig(**{**DEMO, **({"epochs": epochs} if epochs is not None else {})}, out=out, overwrite=True)
     log.info("demo: LoRA on MiniLM, ICD-10-CM 'circulatory system or not' (%s)", cfg.data)
     res = train(cfg)
     print_train_summary(res.record, out)

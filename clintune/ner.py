@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .batching import Encoded
-from .data import Examples, LabelMap, _decode, detect_format
+from .data import Examples, LabelMap, _decode, _lines, columns_phrase, detect_format, read_bytes
 from .errors import DataError
 
 WORD_RE = re.compile(r"\w+|[^\w\s]", re.UNICODE)
@@ -49,15 +49,13 @@ def _joined_offsets(words: list[str]) -> np.ndarray:
 
 def read_conll(path: str | Path) -> Examples:
     p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: file not found")
-    raw = p.read_bytes()
+    raw = read_bytes(p)
     if not raw.strip():
         raise DataError(f"{p}: file is empty")
     text = _decode(p, raw)
     sents, tags_all, starts = [], [], []
     words, tags, start = [], [], None
-    for i, line in enumerate(text.splitlines(), 1):
+    for i, line in enumerate(_lines(text), 1):
         s = line.strip()
         if not s or s.startswith("-DOCSTART-"):
             if words:
@@ -69,7 +67,8 @@ def read_conll(path: str | Path) -> Examples:
             raise DataError(f"{p}: line {i} has no tag (expected 'token tag', a blank line between sentences)")
         tag = parts[-1]
         if not TAG_RE.match(tag):
-            raise DataError(f"{p}: line {i}: tag '{tag}' is not BIO (O, B-TYPE or I-TYPE)")
+            raise DataError(f"{p}: line {i}: the tag (the last column) is not BIO (O, B-TYPE or I-TYPE); "
+                            "expected 'token tag' per line")
         if start is None:
             start = i
         words.append(parts[0])
@@ -80,52 +79,57 @@ def read_conll(path: str | Path) -> Examples:
         raise DataError(f"{p}: no sentences found")
     texts = [" ".join(w) for w in sents]
     return Examples(texts, tags_all, np.asarray(starts), str(p), words=sents,
-                    offsets=[_joined_offsets(w) for w in sents])
+                    offsets=[_joined_offsets(w) for w in sents], unit="line")
 
 
 def read_spans(path: str | Path, text_col: str, ent_col: str) -> Examples:
-    from .data import read_table
+    from .data import read_rows
 
     p = Path(path)
-    df = read_table(p)
+    df, rows, unit = read_rows(p)
     if text_col not in df.columns:
-        raise DataError(f"{p}: column '{text_col}' not found (columns: {', '.join(map(str, df.columns[:20]))})")
+        raise DataError(f"{p}: column '{text_col}' not found ({columns_phrase(df.columns)})")
     if ent_col not in df.columns:
         if ent_col == "label" and "entities" in df.columns:
             ent_col = "entities"
         else:
             raise DataError(f"{p}: column '{ent_col}' (entity spans) not found")
     texts, tags_all, words_all, offs_all = [], [], [], []
-    for i, (text, ents) in enumerate(zip(df[text_col].tolist(), df[ent_col].tolist()), 1):
+    for i, text, ents in zip(rows, df[text_col].tolist(), df[ent_col].tolist()):
         if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{p}: empty or missing text in column '{text_col}' at row {i}")
+            raise DataError(f"{p}: empty or missing text in column '{text_col}' at {unit} {i}")
         if isinstance(ents, str):
             try:
                 ents = json.loads(ents)
             except json.JSONDecodeError:
-                raise DataError(f"{p}: row {i}: column '{ent_col}' is not a JSON list of spans") from None
+                raise DataError(f"{p}: {unit} {i}: column '{ent_col}' is not a JSON list of spans") from None
         if ents is None or (isinstance(ents, float) and np.isnan(ents)):
             ents = []
+        if not isinstance(ents, (list, tuple, np.ndarray)):
+            raise DataError(f"{p}: {unit} {i}: column '{ent_col}' is not a list of spans")
         words, offs = split_words(text)
         tags = ["O"] * len(words)
         for e in ents:
             try:
                 a, b, lab = int(e["start"]), int(e["end"]), str(e["label"])
             except (KeyError, TypeError, ValueError):
-                raise DataError(f"{p}: row {i}: each entity needs integer 'start', 'end' and a 'label'") from None
+                raise DataError(f"{p}: {unit} {i}: each entity needs integer 'start', 'end' and a 'label'") from None
             if not 0 <= a < b <= len(text):
-                raise DataError(f"{p}: row {i}: entity span {a}..{b} is outside the text (length {len(text)})")
+                raise DataError(f"{p}: {unit} {i}: entity span {a}..{b} is outside the text (length {len(text)})")
             inside = [k for k, (s, t) in enumerate(offs) if s < b and t > a]
             for n, k in enumerate(inside):
                 tags[k] = ("B-" if n == 0 else "I-") + lab
         texts.append(text), tags_all.append(tags), words_all.append(words), offs_all.append(offs)
-    return Examples(texts, tags_all, np.arange(1, len(texts) + 1), str(p), words=words_all, offsets=offs_all)
+    return Examples(texts, tags_all, np.asarray(rows, dtype=np.int64), str(p), words=words_all, offsets=offs_all,
+                    unit=unit)
 
 
 def load_ner(path: str | Path, text_col: str = "text", label_col: str = "label") -> Examples:
     if str(path).startswith("builtin:"):
         raise DataError(f"{path}: built-in datasets are not NER data")
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{p}: is a directory, expected a data file")
     try:
         fmt, _ = detect_format(p)
     except DataError:

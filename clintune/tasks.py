@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import Examples, LabelMap
+from .data import Examples, LabelMap, labels_phrase, show_label
 from .errors import DataError
 from .metrics import bootstrap_ci, classification_metrics
 
@@ -54,8 +54,8 @@ class Task:
         for labels, row in zip(ex.labels, ex.rows):
             for label in self.label_items(labels):
                 if lm.index_of(label) is None:
-                    raise DataError(f"{ex.source}: label '{label}' at row {row} of {what} never appears in the "
-                                    f"training data (labels: {', '.join(map(str, lm.labels[:20]))})")
+                    raise DataError(f"{ex.source}: label {show_label(label)} at {ex.unit} {row} of {what} never "
+                                    f"appears in the training data ({labels_phrase(lm.labels)})")
 
     def label_items(self, labels) -> list:
         return [labels]

@@ -34,6 +34,14 @@ def files(tmp_path):
     f["unseen"].write_text("text,label\nfresh note,2\n")
     f["latin1"] = tmp_path / "latin1.csv"
     f["latin1"].write_bytes("text,label\nfi\u00e8vre,1\n".encode("latin-1"))
+    f["ragged"] = tmp_path / "ragged.csv"
+    f["ragged"].write_text("text,label\nchest pain, left side,1\nrash,0\n")
+    f["noheader"] = tmp_path / "noheader.csv"
+    f["noheader"].write_text("".join(f"patient {i} has a broken arm SECRETNOTE,{i % 2}\n" for i in range(6)))
+    f["dir"] = tmp_path / "dir.csv"
+    f["dir"].mkdir()
+    f["epochs0"] = tmp_path / "run.yaml"
+    f["epochs0"].write_text("epochs: 0\n")
     return f
 
 
@@ -50,6 +58,15 @@ CASES = [
     (["--data", "{good}", "--backbone", "./no/such/dir"], "backbone './no/such/dir': directory not found"),
     (["--data", "{good}", "--lora-r", "0"], "--lora-r: 0 is out of range"),
     (["--data", "{good}", "--method", "adapters"], "--method: 'adapters' is not one of full, frozen, lora, ia3"),
+    (["--data", "{ragged}"], "ragged.csv: row 1 (line 2) has 3 fields, the header has 2"),
+    (["--data", "{noheader}"], "the first row looks like data, not a header"),
+    (["--data", "{dir}"], "dir.csv: is a directory, expected a data file"),
+    (["--data", "{good}", "--test-size", "nan"], "--test-size: nan is not a finite number"),
+    (["--data", "{good}", "--val-size", "nan"], "--val-size: nan is not a finite number"),
+    (["--data", "{good}", "--lr", "nan"], "--lr: nan is not a finite number"),
+    (["--data", "{good}", "--seed", "-1"], "--seed: -1 is out of range"),
+    (["--data", "{good}", "--max-length", "1000"], "--max-length: 1000 is more than the 512 tokens"),
+    (["--config", "{epochs0}", "--data", "{good}"], "run.yaml: epochs: 0 is out of range"),
 ]
 
 
@@ -65,7 +82,7 @@ def test_bad_input_one_line_nonzero_no_traceback(argv, needle, files, tmp_path, 
     assert code == 2
     lines = [l for l in err.splitlines() if l.strip()]
     assert len(lines) == 1 and needle in lines[0], err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "SECRETNOTE" not in err
     assert not (tmp_path / "o").exists()
 
 
@@ -107,3 +124,32 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
                        capture_output=True, text=True, env=env)
     assert p.returncode == 2
     assert p.stderr.strip() == f"clintune: error: {tmp_path / 'none.csv'}: file not found"
+
+
+@pytest.mark.parametrize("size", ["0", "-1"])
+def test_predict_batch_size_must_be_positive(size, tmp_path, files, capsys):
+    code, _, err = run(["predict", "--model", str(tmp_path / "m"), "--data", str(files["good"]), "--out",
+                        str(tmp_path / "p.csv"), "--batch-size", size], capsys)
+    assert code == 2 and err.strip() == "clintune: error: --batch-size: must be >= 1"
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_demo_epochs_zero_is_refused(tmp_path, capsys):
+    code, _, err = run(["demo", "--epochs", "0", "--out", str(tmp_path / "demo")], capsys)
+    assert code == 2 and "--epochs: 0 is out of range" in err
+    assert not (tmp_path / "demo").exists()
+
+
+def test_predict_summary_does_not_print_labels_that_look_like_text(tmp_path, capsys):
+    import clintune
+
+    labels = ["patient has a broken arm SECRETNOTE", "patient reports chest pain SECRETNOTE"]
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "".join(f"note {i} {'arm' if i % 2 else 'chest'},{labels[i % 2]}\n"
+                                             for i in range(20)))
+    clintune.train(clintune.TrainConfig(data=str(data), method="tfidf", tfidf_min_df=1, progress=False,
+                                        out=str(tmp_path / "m")))
+    code, out, err = run(["predict", "--model", str(tmp_path / "m"), "--data", str(data), "--out",
+                          str(tmp_path / "p.csv")], capsys)
+    assert code == 0, err
+    assert "20 predictions written" in out and "distinct labels" in out and "SECRETNOTE" not in out + err

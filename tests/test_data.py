@@ -138,3 +138,149 @@ def test_shared_medical_abstracts_reads(shared_data):
     assert len(ex) == 2888 and set(ex.labels) == {1, 2, 3, 4, 5}
     mo = load_examples(shared_data / "morfitt" / "train.tsv", "abstract", "specialities")
     assert len(mo) == 1514
+
+
+# ----------------------------------------------------------------------------- privacy of messages
+SECRET = "SECRETNOTE"
+
+
+def test_headerless_file_does_not_show_its_first_row(tmp_path):
+    p = write(tmp_path, "d.csv", f"patient 0 has broken arm {SECRET}0,0\npatient 1 is fine {SECRET}1,1\n")
+    with pytest.raises(DataError, match="column 'text' not found.*first row looks like data") as e:
+        load_examples(p)
+    assert SECRET not in str(e.value) and "patient" not in str(e.value)
+    p = write(tmp_path, "n.jsonl", json.dumps({"body": "x", "a very long key that is no column name at all": 1}) + "\n")
+    with pytest.raises(DataError, match="column 'text' not found") as e:
+        load_examples(p)
+    assert "very long key" not in str(e.value)
+
+
+def test_label_values_that_look_like_text_are_never_shown(tmp_path):
+    rows = "".join(f"patient {i} has a broken arm {SECRET}{i},{i % 2}\n" for i in range(6))
+    p = write(tmp_path, "d.csv", "text,label\n" + rows)
+    swapped = cfg_for(p, text_col="label", label_col="text")      # --label-col names the text column
+    with pytest.raises(DataError, match=r"at row 1 has only 1 example.*really the label column") as e:
+        prepare_splits(swapped)
+    assert SECRET not in str(e.value)
+    one = write(tmp_path, "one.csv", "text,label\n" + "".join(f"{i},patient has a broken arm {SECRET}\n" for i in range(4)))
+    with pytest.raises(DataError, match=r"single class \(a 35-character value, not shown") as e:
+        prepare_splits(cfg_for(one))
+    assert SECRET not in str(e.value)
+    with pytest.raises(DataError, match="--positive-label 'x' is not a label.*2 labels, not shown") as e:
+        LabelMap.from_labels([f"note one {SECRET}", f"note number two {SECRET}"], positive="x")
+    assert SECRET not in str(e.value)
+    # short codes are still named
+    with pytest.raises(DataError, match="label 'c' in column 'label' at row 3 has only 1 example"):
+        prepare_splits(cfg_for(write(tmp_path, "c.csv", "text,label\na,x\nb,x\nc,c\nd,y\ne,y\n")))
+
+
+def test_unseen_long_test_label_is_not_shown(tmp_path):
+    tr = write(tmp_path, "tr.csv", "text,label\na,x\nb,y\nc,x\nd,y\n")
+    te = write(tmp_path, "te.csv", f"text,label\ne,x\nf,left arm fracture seen {SECRET}\n")
+    with pytest.raises(DataError, match=r"label \(a \d+-character value, not shown.*row 2 of the test data never "
+                                        r"appears.*labels: x, y") as e:
+        prepare_splits(cfg_for(tr, test_data=str(te), val_size=0))
+    assert SECRET not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- reading without corruption
+def test_parquet_nullable_missing_values_are_missing(tmp_path):
+    p = tmp_path / "d.parquet"
+    pd.DataFrame({"text": pd.array(["a", None, "c"], dtype="string"),
+                  "label": pd.array([1, 0, 1], dtype="Int64")}).to_parquet(p)
+    with pytest.raises(DataError, match="empty or missing text in column 'text' at row 2"):
+        load_examples(p)
+    pd.DataFrame({"text": pd.array(["a", "b", "c"], dtype="string"),
+                  "label": pd.array([1, None, 0], dtype="Int64")}).to_parquet(p)
+    with pytest.raises(DataError, match="empty or missing label in column 'label' at row 2"):
+        load_examples(p)
+    pd.DataFrame({"text": pd.array(["a", "b", "c"], dtype="string"),
+                  "label": pd.array([1, 0, 1], dtype="Int64")}).to_parquet(p)
+    ex = load_examples(p)
+    assert ex.texts == ["a", "b", "c"] and ex.labels == [1, 0, 1]
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("text,label\nchest pain, left side,1\nrash,0\n", "row 1 (line 2) has 3 fields, the header has 2 (an unquoted comma"),
+    ("text,label\nchest pain, left,1\nrash, arm,0\n", "row 1 (line 2) has 3 fields"),   # one extra comma on every row
+    ("text,label\n\na,1\nb\n", "row 2 (line 4) has 1 fields, the header has 2"),
+    ('text,label\n"chest pain,1\nrash,0\n', "the quoted field opened on line 2 is never closed"),
+    ('text,label\n"chest" pain,1\n', "cannot parse as CSV at line 2"),
+])
+def test_ragged_or_badly_quoted_csv_rows_are_one_error(tmp_path, content, needle):
+    p = write(tmp_path, "d.csv", content)
+    with pytest.raises(DataError) as e:
+        load_examples(p)
+    assert needle in str(e.value) and str(p) in str(e.value)
+    assert "chest" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_csv_quoting_still_reads(tmp_path):
+    p = write(tmp_path, "d.csv", 'text,label\n"chest pain, left side",1\n"he said ""ouch""\nthen left",0\n\n')
+    ex = load_examples(p)
+    assert ex.texts == ["chest pain, left side", 'he said "ouch"\nthen left'] and ex.labels == [1, 0]
+    long = "x" * 300_000                                   # beyond the csv module's default field limit
+    ex = load_examples(write(tmp_path, "l.csv", f"text,label\n{long},1\n"))
+    assert ex.texts == [long]
+
+
+def test_tsv_is_read_literally(tmp_path):
+    p = write(tmp_path, "d.tsv", 'text\tlabel\n"Pain" in chest\t1\n"unclosed quote\t0\nrash\t1\n"whole"\t0\n"a ""b"""\t1\n')
+    ex = load_examples(p)
+    assert ex.texts == ['"Pain" in chest', '"unclosed quote', "rash", "whole", 'a "b"']   # quoted whole: unquoted
+    assert ex.labels == [1, 0, 1, 0, 1]
+    p = write(tmp_path, "r.tsv", 'text\tlabel\n"note with\nline break"\t1\n')
+    with pytest.raises(DataError, match=r"row 1 \(line 2\) has 1 fields.*TSV fields cannot hold line breaks"):
+        load_examples(p)
+    with pytest.raises(DataError, match=r"row 1 \(line 2\) has 3 fields.*a tab inside a field"):
+        load_examples(write(tmp_path, "t.tsv", "text\tlabel\na\tb\t1\n"))
+
+
+def test_labels_stay_text_unless_canonical_integers(tmp_path):
+    p = write(tmp_path, "d.csv", "text,label\na,007\nb,07\nc,7\nd,+7\ne,7\n")
+    assert load_examples(p).labels == ["007", "07", "7", "+7", "7"]
+    p = write(tmp_path, "i.csv", "text,label\na,1\nb,-2\nc,0\nd, 3 \n")
+    assert load_examples(p).labels == [1, -2, 0, 3]
+    p = write(tmp_path, "m.csv", "text,label\na,01|1\nb,1\n")
+    assert load_examples(p, task="multilabel").labels == [("01", "1"), ("1",)]
+
+
+def test_jsonl_list_labels(tmp_path):
+    p = write(tmp_path, "d.jsonl", '{"text": "a", "label": ["I50", "E11"]}\n\n{"text": "b", "label": "E11"}\n'
+                                   '{"text": "c", "label": [7, 10]}\n')
+    assert load_examples(p, task="multilabel").labels == [("E11", "I50"), ("E11",), ("10", "7")]
+    with pytest.raises(DataError, match="holds a list of labels at line 1 and 1 more; .*--task multilabel"):
+        load_examples(p)
+    p = write(tmp_path, "e.jsonl", '{"text": "a", "label": []}\n')
+    with pytest.raises(DataError, match="no label in column 'label' at line 1"):
+        load_examples(p, task="multilabel")
+    p = write(tmp_path, "o.jsonl", '{"text": "a", "label": {"code": 1}}\n')
+    with pytest.raises(DataError, match="holds a JSON object, not a label, at line 1"):
+        load_examples(p)
+    p = write(tmp_path, "t.jsonl", '{"text": ["a"], "label": 1}\n')
+    with pytest.raises(DataError, match="column 'text' holds a list or an object, not text, at line 1"):
+        load_examples(p)
+
+
+def test_jsonl_messages_and_rows_are_line_numbers(tmp_path):
+    p = write(tmp_path, "d.jsonl", '{"text": "a", "label": 1}\n\n\n\n{"text": " ", "label": 0}\n')
+    with pytest.raises(DataError, match="empty or missing text in column 'text' at line 5"):
+        load_examples(p)
+    p = write(tmp_path, "ok.jsonl", '{"text": "a\u2028b", "label": 1}\n\n{"text": "c", "label": 0}\n')
+    ex = load_examples(p)                                   # U+2028 inside a text is no line break
+    assert ex.texts == ["a\u2028b", "c"] and list(ex.rows) == [1, 3] and ex.unit == "line"
+    assert list(ex.subset([1]).rows) == [3] and ex.subset([1]).unit == "line"
+
+
+def test_empty_test_split_is_refused_before_training(tmp_path):
+    p = write(tmp_path, "d.csv", "text,label\nsame a,x\nsame  a,x\nsame b,y\nsame b,y\n")
+    with pytest.raises(DataError, match=r"d.csv: the test split is empty.*--test-data"):
+        prepare_splits(cfg_for(p))
+
+
+def test_a_directory_is_not_a_data_file(tmp_path):
+    for name in ("data", "data.csv", "data.conll"):
+        (tmp_path / name).mkdir()
+        for task in ("classification", "ner"):
+            with pytest.raises(DataError, match=f"{name}: is a directory, expected a data file"):
+                load_examples(tmp_path / name, task=task)

@@ -144,11 +144,12 @@ def test_ner_reads_jsonl_spans(tmp_path):
     assert ex.words[0] == ["Acute", "heart", "failure", ",", "no", "eczema", "."]
     assert ex.labels[0] == ["O", "B-Disease", "I-Disease", "O", "O", "B-Disease", "O"]
     p.write_text(json.dumps({"text": "abc", "entities": [{"start": 2, "end": 9, "label": "X"}]}) + "\n")
-    with pytest.raises(clintune.ClintuneError, match="row 1: entity span 2..9 is outside the text"):
+    with pytest.raises(clintune.ClintuneError, match="line 1: entity span 2..9 is outside the text"):
         load_examples(p, task="ner")
     (tmp_path / "bad.conll").write_text("heart B-Disease\nfailure Q-Disease\n")
-    with pytest.raises(clintune.ClintuneError, match="line 2: tag 'Q-Disease' is not BIO"):
+    with pytest.raises(clintune.ClintuneError, match=r"line 2: the tag \(the last column\) is not BIO") as e:
         load_examples(tmp_path / "bad.conll", task="ner")
+    assert "Q-Disease" not in str(e.value)                      # the line's words are never shown
 
 
 def test_ner_entity_metrics_by_hand():
@@ -211,3 +212,19 @@ def test_label_bearing_sentence_at_the_end_of_a_long_note_counts_only_with_chunk
     clf.config = clf.config.replace(long="truncate")                                # same model, truncated
     p_trunc = clf.predict_proba(notes)[:, 1]
     assert p_trunc[0] == pytest.approx(p_trunc[1], abs=1e-6)                        # the ending is cut off
+
+
+def test_unknown_label_message_names_line_and_hides_text_like_labels(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "a", "label": ["I50"]}\n\n{"text": "b", "label": ["I50", "left arm fracture SECRETNOTE"]}\n')
+    ex = load_examples(p, task="multilabel")
+    task = get_task("multilabel")
+    lm = clintune.data.LabelMap(["E11", "I50"])
+    with pytest.raises(clintune.ClintuneError, match=r"label \(a 28-character value, not shown.*at line 3 of the "
+                                                     r"test data never appears.*labels: E11, I50") as e:
+        task.check_known(ex, lm, "the test data")
+    assert "SECRETNOTE" not in str(e.value)
+    with pytest.raises(clintune.ClintuneError, match="labels, not shown") as e:
+        task.check_known(load_examples(p, task="multilabel"), clintune.data.LabelMap(["x", "a long code with words in it"]),
+                         "the test data")
+    assert "long code" not in str(e.value)
