@@ -21,7 +21,7 @@ settings: {{backbone: {backbone}, epochs: 2, batch_size: 16, max_length: 32, lr:
 grid:
   - method: frozen
   - method: lora
-  - backbone: ./no-such-backbone     # fails at run time: recorded, the sweep goes on
+  - backbone: nobody/no-such-model  # a Hub id not in the cache (offline): fails at run time, recorded
     seed: 1
 seeds: [1, 2]
 {extra}""")
@@ -46,7 +46,7 @@ def rows(out):
 
 
 def test_every_run_recorded_once_in_its_own_process(sweep):
-    assert sweep["code"] == 0
+    assert sweep["code"] == 1                                           # one run failed: not a clean sweep
     runs = rows(sweep["out"])
     assert len(runs) == 5
     ok = [r for r in runs.values() if r.status == "success"]
@@ -72,20 +72,20 @@ def test_every_run_recorded_once_in_its_own_process(sweep):
 
 def test_failed_run_is_recorded_with_its_error(sweep):
     (bad,) = [r for r in rows(sweep["out"]).values() if r.status == "failed"]
-    assert bad.error.startswith("BackboneError: backbone") and "directory not found" in bad.error
-    assert bad.record["status"] == "failed" and bad.record["config"]["backbone"].endswith("no-such-backbone")
+    assert bad.error.startswith("BackboneError: backbone 'nobody/no-such-model' cannot be loaded")
+    assert bad.record["status"] == "failed" and bad.record["config"]["backbone"] == "nobody/no-such-model"
     assert "\n" not in bad.error
 
 
 def test_rerun_trains_nothing_and_retry_failed_retrains_only_failures(sweep, capsys):
     before = rows(sweep["out"])
-    assert main(["bench", sweep["spec"], "--out", str(sweep["out"])]) == 0
+    assert main(["bench", sweep["spec"], "--out", str(sweep["out"])]) == 1  # the failed run is still failed
     out = capsys.readouterr().out
     assert "5 already recorded; 0 to train" in out
     after = rows(sweep["out"])
     assert {k: (r.attempts, r.finished, r.status) for k, r in after.items()} == \
            {k: (r.attempts, r.finished, r.status) for k, r in before.items()}
-    assert main(["bench", sweep["spec"], "--out", str(sweep["out"]), "--retry-failed"]) == 0
+    assert main(["bench", sweep["spec"], "--out", str(sweep["out"]), "--retry-failed"]) == 1
     assert "1 to train" in capsys.readouterr().out
     again = rows(sweep["out"])
     for k, r in again.items():
@@ -128,18 +128,70 @@ def test_report_bad_baseline_is_one_line(sweep, capsys):
     assert err.startswith("clintune: error: --baseline 'no-such-config' matches no") and err.count("\n") == 1
 
 
-def test_bench_refuses_changed_data(sweep, tmp_path, capsys):
+def test_bench_refuses_changed_data(sweep, tmp_path, capsys, tiny_backbone):
     import shutil
 
     d = tmp_path
     data = d / "notes.csv"
     shutil.copy(rows(sweep["out"]).popitem()[1].config["data"], data)
-    spec = write_spec(d, "./nothing", str(data))
+    spec = write_spec(d, tiny_backbone, str(data))
     out = d / "out"
     with RunStore(out / "runs.db") as s:
         s.set_meta(f"data:{data}", "0" * 64)                            # as if the sweep began on other content
     assert main(["bench", spec, "--out", str(out)]) == 2
     assert "the file changed since this sweep started" in capsys.readouterr().err
+
+
+def test_bench_refuses_another_spec_on_the_same_out(sweep, capsys):
+    """A SPEC with another setting (or a trimmed grid) would mix its results with the first SPEC's: refused in one
+    line before anything is registered or trained."""
+    before = rows(sweep["out"])
+    text = open(sweep["spec"]).read()
+    for name, changed in (("more.yaml", text.replace("lr: 5.0e-3", "lr: 5.0e-3, weight_decay: 0.1")),
+                          ("fewer.yaml", text.replace("seeds: [1, 2]", "seeds: [1]"))):
+        other = sweep["dir"] / name
+        other.write_text(changed)
+        assert main(["bench", str(other), "--out", str(sweep["out"])]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"clintune: error: {sweep['out']}: this sweep was made by another SPEC (spec.yaml, with other "
+                       f"data, settings, grid or search than {name}); its results would mix with this one's. Use "
+                       "another --out\n")
+    assert {k: (r.status, r.attempts) for k, r in rows(sweep["out"]).items()} == \
+        {k: (r.status, r.attempts) for k, r in before.items()}
+
+
+def test_bad_inputs_are_refused_before_anything_runs(tmp_path, tiny_backbone, capsys):
+    spec = write_spec(tmp_path, tiny_backbone, "nofile.csv")
+    for argv in (["bench", spec, "--dry-run"], ["bench", spec, "--out", str(tmp_path / "out")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err == f"clintune: error: spec.yaml: data: data: {tmp_path / 'nofile.csv'}: file not found\n"
+    assert not (tmp_path / "out").exists()
+    spec = write_spec(tmp_path, "./nomodel", "builtin:icd10-circulatory")
+    assert main(["bench", spec, "--dry-run"]) == 2
+    assert capsys.readouterr().err == (f"clintune: error: spec.yaml: settings: backbone: {tmp_path / 'nomodel'}: "
+                                       "directory not found\n")
+    spec = write_spec(tmp_path, tiny_backbone, "builtin:icd10-circulatory")
+    assert main(["bench", spec, "--out", str(tmp_path / "out"), "--address", "x"]) == 2
+    assert capsys.readouterr().err == "clintune: error: --address is for --executor ray\n"
+    assert not (tmp_path / "out").exists()
+    assert main(["bench", spec, "--dry-run"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in listed[:-1]] == ["C1", "C2", "C3", "C1", "C2"]   # C numbers as in the report
+
+
+def test_val_data_content_is_checked_too(tmp_path):
+    from clintune.errors import ConfigError
+    from clintune.sweep.runner import check_data
+
+    val = tmp_path / "val.csv"
+    val.write_text("text,label\na,0\n")
+    with RunStore(tmp_path / "runs.db") as s:
+        check_data(s, {"val_data": str(val)})
+        check_data(s, {"val_data": str(val)})                          # unchanged: fine
+        val.write_text("text,label\nb,1\n")
+        with pytest.raises(ConfigError, match="the file changed since this sweep started"):
+            check_data(s, {"val_data": str(val)})
 
 
 @pytest.mark.skipif(not HAS_MLFLOW, reason="MLflow is not installed (pip install 'clintune[mlflow]')")

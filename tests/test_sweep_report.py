@@ -1,11 +1,13 @@
 """The report from a hand-made runs.db: paired tests align predictions on `row`, every plot is embedded, the
 composite efficiency and the Pareto fronts match the hand computation."""
+import json
 import re
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from clintune.errors import ConfigError
 from clintune.metrics import bootstrap_ci, classification_metrics
 from clintune.sweep import stats
 from clintune.sweep.report import analyse, build_report
@@ -113,6 +115,8 @@ def test_report_has_every_plot_and_table(sweep):
     row_c2 = re.search(r"<tr><td class=\"t\">C2</td>.*?</tr>", page[page.index('id="comparisons"'):]).group(0)
     assert "+0.0000" in row_c2 and "1.000" in row_c2
     assert "Different from the baseline C1 after Holm adjustment (p &lt; 0.05): C3" in page
+    assert "adjusted for the 3 comparisons with paired runs" in page
+    assert "each seed&#x27;s test split is resampled on its own" in page
     assert "BackboneError: not here" in page
     md = res["md"].read_text()
     assert md.count("](report_files/") == 6
@@ -146,7 +150,8 @@ def test_label_set_and_entity_predictions_are_paired_too(tmp_path, task):
     out = tmp_path / "s"
     with RunStore(out / "runs.db") as s:
         for name, seed in (("x", 1), ("y", 2)):
-            cfg = {"data": "d", "task": task, "method": "frozen" if name == "x" else "lora", "seed": 1}
+            cfg = {"data": "d", "task": task, "method": "frozen" if name == "x" else "lora", "seed": 1,
+                   "label_sep": ";"}   # the data's separator; stored label sets are joined with "|" regardless
             p = Point(run_id(cfg), cfg, "")
             s.register([p])
             s.start(p.id, "w")
@@ -162,3 +167,57 @@ def test_label_set_and_entity_predictions_are_paired_too(tmp_path, task):
     assert c["boot"]["a"] == pytest.approx(f1_x) and c["boot"]["b"] == pytest.approx(1.0)
     assert c["boot"]["delta"] == pytest.approx(1 - f1_x) and c["boot"]["p"] < 0.01
     assert (c["mcnemar"]["b"], c["mcnemar"]["c"]) == ((0, 50) if task == "multilabel" else (0, 100))
+
+
+def _store_runs(out, runs, test_sha):
+    """runs: (method, seed, status, predictions) on GOLD; test_sha(seed) names each run's test split."""
+    with RunStore(out / "runs.db") as s:
+        for method, seed, status, pred in runs:
+            cfg = {"data": "d", "backbone": "tiny", "method": method, "seed": seed}
+            p = Point(run_id(cfg), cfg, "")
+            s.register([p])
+            s.start(p.id, "w")
+            if status != "success":
+                s.finish(p.id, {"config": cfg, "status": "failed", "error": "BackboneError: not here"})
+                continue
+            df = pd.DataFrame({"row": np.arange(1, N + 1), "gold": GOLD, "predicted_label": pred})
+            s.finish(p.id, {"config": cfg, "status": "success", "metrics": {"f1": 0.5}, "cost": {},
+                            "data": {"test_split_sha256": test_sha(seed), "n_test": N}}, predictions_to_bytes(df), N)
+
+
+def test_seeds_on_one_test_file_count_each_example_once(tmp_path):
+    """With a given test file every seed predicts the same examples: the comparison resamples them together
+    and McNemar counts each example once, so two identical seeds give exactly the one-seed statistics."""
+    base, better = predictions(0.70, 1), predictions(0.80, 1)
+    runs = [(m, seed, "success", pred) for seed in (1, 2) for m, pred in (("frozen", base), ("lora", better))]
+    _store_runs(tmp_path, runs, lambda seed: "the-test-file")
+    a, store = analyse(tmp_path, n_boot=1000)
+    store.close()
+    (c,) = a.comparisons
+    one = stats.paired_bootstrap([(GOLD, base, better)], 2, metric="f1", positive=1, n_boot=1000)
+    assert c["pairs"] == 2 and c["shared"]
+    assert (c["boot"]["delta"], c["boot"]["ci"], c["boot"]["p"], c["boot"]["n"]) == \
+        (one["delta"], one["ci"], one["p"], N)
+    assert c["mcnemar"] == stats.mcnemar([(GOLD, base, better)])
+    page = build_report(tmp_path, n_boot=200)["html"].read_text()
+    assert "seeds that share a test set (a given test file) are resampled together" in page
+
+
+def test_configurations_are_numbered_over_the_grid(tmp_path):
+    """C numbers follow the grid, whatever has finished: a configuration without a successful run keeps its
+    number, and naming it as the baseline is one error instead of another configuration's comparison."""
+    pred = predictions(0.70, 1)
+    _store_runs(tmp_path, [("frozen", 1, "failed", None), ("lora", 1, "success", pred), ("full", 1, "success", pred)],
+                lambda seed: "split")
+    a, store = analyse(tmp_path, n_boot=100)
+    store.close()
+    assert list(a.groups["cid"]) == ["C2", "C3"] and list(a.groups["method"]) == ["lora", "full"]
+    assert a.groups.loc[a.groups["group"] == a.baseline, "cid"].item() == "C2"   # default: first with a success
+    with pytest.raises(ConfigError) as e:
+        analyse(tmp_path, baseline="C1", n_boot=100)
+    assert str(e.value).startswith("--baseline 'C1' is C1 (frozen), which has no successful run; choose a "
+                                   "configuration that has one: C2 = lora; C3 = full")
+    with RunStore(tmp_path / "runs.db") as s:                 # the same baseline from the SPEC's report: section
+        s.set_meta("spec", json.dumps({"report": {"baseline": "frozen"}}))
+    with pytest.raises(ConfigError, match=r"^report: baseline \(in the SPEC\) 'frozen' is C1 \(frozen\)"):
+        analyse(tmp_path, n_boot=100)

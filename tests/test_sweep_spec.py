@@ -131,3 +131,69 @@ def test_shipped_examples_validate(name):
         assert {"lora", "ia3"} <= {p.config["method"] for p in points}
         assert {"scratch-small", "scratch-base"} <= {p.config["backbone"] for p in points}
         assert spec.search is not None and spec.search.metric == "auroc"
+
+
+def test_val_data_is_resolved_like_test_data(tmp_path):
+    spec = spec_of(tmp_path, "data: {data: notes.csv, test_data: t.csv, val_data: v.csv}\n")
+    (p,) = spec.points()
+    assert (p.config["test_data"], p.config["val_data"]) == (str(tmp_path / "t.csv"), str(tmp_path / "v.csv"))
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ("report: {metric: nope}", "spec.yaml: report: metric: unknown metric 'nope'"),
+    ("report: {metric: f1_macr}", "unknown metric 'f1_macr' (did you mean 'f1_macro'?)"),
+    ("grid: {head: [linear, adapter]}\nreport: {baseline: C3}", "spec.yaml: report: baseline: C3 is not a "
+                                                                "configuration of the grid (C1..C2;"),
+])
+def test_report_section_is_checked_at_load(tmp_path, extra, needle):
+    with pytest.raises(ConfigError) as e:
+        spec_of(tmp_path, BASE + extra)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    spec_of(tmp_path, BASE + "grid: {head: [linear, adapter]}\nreport: {baseline: C2, metric: auroc}")  # fine
+
+
+def test_inputs_are_checked_before_training(tmp_path, tiny_backbone):
+    (tmp_path / "notes.csv").write_text("text,label\na,0\n")
+    (tmp_path / "empty").mkdir()
+    ok = f"data: notes.csv\nsettings: {{backbone: {tiny_backbone}}}\n"
+    spec_of(tmp_path, ok).check_inputs()
+    spec_of(tmp_path, ok + "grid: {backbone: [minilm, org/some-hub-model]}").check_inputs()  # resolved by the run
+    for text, needle in [
+        ("data: nofile.csv\n", f"spec.yaml: data: data: {tmp_path / 'nofile.csv'}: file not found"),
+        ("data: {data: notes.csv, val_data: v.csv}\n", f"spec.yaml: data: val_data: {tmp_path / 'v.csv'}: file "
+                                                       "not found"),
+        ("data: builtin:nope\n", "spec.yaml: data: data: 'builtin:nope' is not a built-in dataset (known: "
+                                 "builtin:icd10-circulatory"),
+        ("data: notes.csv\nsettings: {backbone: ./nomodel}\n", f"spec.yaml: settings: backbone: "
+                                                                f"{tmp_path / 'nomodel'}: directory not found"),
+        (ok + "grid: [{method: frozen}, {backbone: ./empty}]", "spec.yaml: grid[1]: backbone: "
+                                                               f"{tmp_path / 'empty'}: not a Hugging Face model"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            spec_of(tmp_path, text).check_inputs()
+        assert str(e.value).startswith(needle) and "\n" not in str(e.value), str(e.value)
+
+
+def test_options_a_method_ignores_do_not_multiply_its_runs(tmp_path):
+    spec = spec_of(tmp_path, BASE + "grid: {method: [frozen, lora], lora_r: [4, 16]}\nseeds: [1, 2]")
+    points = spec.points()
+    assert len(points) == 2 * (1 + 2)                  # per seed: one frozen run, two LoRA ranks
+    assert sorted((p.config["method"], p.config["lora_r"]) for p in points if p.config["seed"] == 1) == \
+        [("frozen", 8), ("lora", 4), ("lora", 16)]     # frozen keeps lora_r's default (it does not use it)
+
+
+def test_digest_is_what_the_spec_computes(tmp_path):
+    search = "search: {trials: 3, fixed: {method: lora}, lora_r: [4, 8]}\n"
+    base = BASE + "grid: {head: [linear, adapter]}\nseeds: [1, 2]\n"
+    d = spec_of(tmp_path, base + search).digest()
+    same = [  # block order, runtime-only options, the number of trials and report: do not change the digest
+        BASE + "grid: [{head: adapter}, {head: linear}]\nseeds: [1, 2]\n" + search,
+        base.replace("epochs: 1", "epochs: 1, threads: 1") + search,
+        base + search.replace("trials: 3", "trials: 9") + "report: {metric: auroc}\n",
+    ]
+    other = [base.replace("epochs: 1", "epochs: 1, lr: 0.01") + search,      # a setting added
+             base.replace("seeds: [1, 2]", "seeds: [1]") + search,           # the grid trimmed
+             base + search.replace("[4, 8]", "[4, 16]"),                     # other search choices
+             base + search + "name: other\n"]                                # another study name
+    assert all(spec_of(tmp_path, t).digest() == d for t in same)
+    assert len({d} | {spec_of(tmp_path, t).digest() for t in other}) == 1 + len(other)

@@ -158,3 +158,36 @@ def test_holm_and_mean_sd():
     assert (m, n) == (2.0, 3) and s == pytest.approx(1.0)
     assert stats.mean_sd([4.0]) == (4.0, None, 1)
     assert stats.mean_sd([]) == (None, None, 0)
+
+
+def test_seeds_sharing_a_test_set_are_resampled_together():
+    """k seeds on one test set are N examples, not k N: with identical seeds the shared bootstrap is exactly the
+    one-seed bootstrap (every resample's mean of k equal deltas is that delta); pooling them as independent
+    test sets would shrink the p-value."""
+    y, a, b = _systems(60, 4, n=100, n_wrong_b=1)
+    one = stats.paired_bootstrap([(y, a, b)], 2, metric="accuracy", n_boot=2000)
+    shared = stats.paired_bootstrap([(y, a, b)] * 3, 2, metric="accuracy", n_boot=2000, shared=["t"] * 3)
+    assert (shared["delta"], shared["ci"], shared["p"], shared["n"]) == (one["delta"], one["ci"], one["p"], 100)
+    pooled = stats.paired_bootstrap([(y, a, b)] * 3, 2, metric="accuracy", n_boot=2000)   # as distinct test sets
+    assert pooled["n"] == 300 and pooled["p"] < one["p"]
+    # two different seeds on one test set: delta is the mean of their deltas (0.03 and 0.01)
+    y2, a2, b2 = _systems(60, 1, n=100)
+    r = stats.paired_bootstrap([(y, a, b), (y2, a2, b2)], 2, metric="accuracy", n_boot=200, shared=["t", "t"])
+    assert r["delta"] == pytest.approx((0.03 + 0.01) / 2) and r["n"] == 100
+    with pytest.raises(ValueError, match="same examples"):
+        stats.paired_bootstrap([(y, a, b), (y[:50], a[:50], b[:50])], 2, n_boot=10, shared=["t", "t"])
+
+
+def test_mcnemar_counts_each_shared_example_once():
+    # six examples, two seeds on the same test set; 1 = right
+    a1, b1 = [1, 1, 0, 0, 1, 0], [0, 1, 1, 0, 1, 1]
+    a2, b2 = [1, 0, 0, 0, 1, 1], [1, 1, 1, 0, 0, 1]
+    strata = [(np.array(a1, bool), np.array(b1, bool)), (np.array(a2, bool), np.array(b2, bool))]
+    # distinct test sets: seed 1 b = 1 (ex 0), c = 2 (ex 2, 5); seed 2 b = 1 (ex 4), c = 2 (ex 1, 2)
+    assert stats.mcnemar_correct(strata) == {"b": 2, "c": 4, "p": pytest.approx(2 * (1 + 6 + 15) / 64)}
+    # shared: r_A = [1, .5, 0, 0, 1, .5], r_B = [.5, 1, 1, 0, .5, 1]: A ahead on ex 0, 4; B on ex 1, 2, 5
+    r = stats.mcnemar_correct(strata, shared=["t", "t"])
+    assert (r["b"], r["c"]) == (2, 3) and r["p"] == 1.0         # 2 P(X <= 2), X ~ Bin(5, 1/2) = 2 * 16/32
+    # one seed repeated: the same as the seed alone
+    y, a, b = _systems(60, 10, n_wrong_b=3)
+    assert stats.mcnemar([(y, a, b)] * 3, shared=[0, 0, 0]) == stats.mcnemar([(y, a, b)])

@@ -122,3 +122,86 @@ def test_recover_records_a_finished_workers_result(tmp_path):
         assert s.get(q.id).status == "running"                          # no result: trained again by the sweep
         assert not any((tmp_path / "work").iterdir())
     assert Job(p.id, p.config, 1).attempt == 1
+
+
+class _FakeRay:
+    """Just what RayExecutor.poll uses: wait() hands back every ref, get() raises for a lost task."""
+
+    class TaskLost(Exception):
+        pass
+
+    def __init__(self, results):
+        self.results = results
+
+    def wait(self, refs, num_returns, timeout):
+        return list(refs), []
+
+    def get(self, ref):
+        res = self.results[ref]
+        if isinstance(res, Exception):
+            raise res
+        return res
+
+
+def test_lost_or_interrupted_ray_tasks_go_back_to_pending(tmp_path):
+    """A Ray task that gives no result (node lost, cancelled, its worker interrupted on the node) is not the run's
+    failure: the run goes back to pending, the others are recorded as usual, and the sweep goes on."""
+    from clintune.sweep.executors import RayExecutor
+    from clintune.sweep.runner import drive
+
+    p_lost, p_int, p_ok = point(1), point(2), point(3)
+    ex = RayExecutor.__new__(RayExecutor)                    # no Ray needed: poll() with a stand-in
+    ex.jobs, ex.logs = 3, tmp_path / "logs"
+    ex.ray = _FakeRay({"r1": _FakeRay.TaskLost("node died"),
+                       "r2": {"record": {"status": "failed", "error": "worker exited"}, "interrupted": True},
+                       "r3": {"record": record(p_ok.config), "predictions": predictions_to_bytes(PREDS),
+                              "n_predictions": 3}})
+    queue = [("r1", p_lost), ("r2", p_int), ("r3", p_ok)]
+    with RunStore(tmp_path / "runs.db") as s:
+        s.register([p_lost, p_int, p_ok])
+
+        def next_job():
+            if not queue:
+                return None
+            ref, p = queue.pop(0)
+            ex.refs[ref] = job = Job(p.id, p.config, s.start(p.id, "w"))
+            return job
+
+        ex.refs = {}
+        ex.submit = lambda job: "ray"
+        assert drive(s, ex, next_job) == 1                     # one result recorded; the other two not results
+        assert s.get(p_ok.id).status == "success"
+        lost, interrupted = s.get(p_lost.id), s.get(p_int.id)
+        assert (lost.status, lost.attempts) == ("pending", 1)
+        assert lost.error == "Ray task lost: TaskLost: node died; put back to pending"
+        assert (interrupted.status, interrupted.error) == ("pending", "Ray worker interrupted on its node; put back "
+                                                                      "to pending")
+
+
+def test_worker_outcome_is_written_whole(tmp_path):
+    from clintune.sweep.worker import write_durable
+
+    write_durable(tmp_path / "outcome.json", b'{"id": "x"}\n')
+    assert [f.name for f in tmp_path.iterdir()] == ["outcome.json"]      # no temporary file left behind
+    assert json.loads((tmp_path / "outcome.json").read_text()) == {"id": "x"}
+
+
+def test_check_spec_records_the_digest_and_refuses_another(tmp_path):
+    from clintune.sweep.runner import check_spec
+    from clintune.sweep.spec import Spec
+
+    a = Spec.from_dict({"data": "x.csv", "grid": {"head": ["linear", "adapter"]}}, source="a.yaml")
+    b = Spec.from_dict({"data": "x.csv", "grid": {"head": ["linear"]}}, source="b.yaml")
+    with RunStore(tmp_path / "new" / "runs.db") as s:
+        check_spec(s, a)
+        check_spec(s, a)                                                 # the same SPEC again: fine
+        assert s.get_meta("spec_digest") == a.digest() and s.get_meta("spec_source") == "a.yaml"
+        with pytest.raises(ConfigError, match=r"made by another SPEC \(a\.yaml, with other .* than b\.yaml\)"):
+            check_spec(s, b)
+    # a store from before digests: accepted when its grid runs are all this SPEC's, refused otherwise
+    with RunStore(tmp_path / "old" / "runs.db") as s:
+        s.register(a.points())
+        with pytest.raises(ConfigError, match=r"made by another SPEC \(with other"):
+            check_spec(s, b)
+        check_spec(s, a)
+        assert s.get_meta("spec_digest") == a.digest()

@@ -86,6 +86,16 @@ def test_tune_trials_are_runs_and_resume(spec, tmp_path, capsys):
     assert len(after) == 3 and all(r.attempts == 1 for r in after.values())
     assert {k: r.finished for k, r in after.items() if k in runs} == {k: r.finished for k, r in runs.items()}
 
+    # Another search space (or other settings) in the same directory: refused in one line, nothing trained
+    # (Optuna could not continue the study with other choices, and its best trial would be the old SPEC's).
+    other = tmp_path / "other.yaml"
+    other.write_text(spec.read_text().replace("lora_r: [2, 4]", "lora_r: [2, 8]"))
+    assert main(["tune", str(other), "--out", str(out)]) == 2
+    assert "this sweep was made by another SPEC (spec.yaml, with other data, settings, grid or search than " \
+           "other.yaml)" in capsys.readouterr().err
+    with RunStore(out / "runs.db", create=False) as s:
+        assert len(s.runs()) == 3
+
 
 def test_tune_needs_a_search_section(tmp_path, capsys):
     p = tmp_path / "spec.yaml"

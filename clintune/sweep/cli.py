@@ -37,9 +37,14 @@ def _cmd_bench(args) -> int:
 
     spec = load_spec(args.spec)
     if args.dry_run:
+        from .spec import config_key
+
+        spec.check_inputs()
         points = spec.points()
-        for p in points:
-            print(f"{p.id[:10]}  {p.label}")
+        cids: dict = {}
+        for p in points:  # C numbers as the report gives them: configurations in grid order
+            cid = cids.setdefault(config_key(p.config), f"C{len(cids) + 1}")
+            print(f"{cid:<4} {p.id[:10]}  {p.label}")
         extra = f"; plus a search of {spec.search.trials} trials" if spec.search else ""
         print(f"{spec.name}: {len(points)} runs{extra} (SPEC is valid; nothing was trained)")
         return 0
@@ -51,7 +56,8 @@ def _cmd_bench(args) -> int:
                         retry_failed=args.retry_failed, mlflow=args.mlflow, echo=_echo)
     except SweepInterrupted as e:
         return _interrupted(e)
-    return 0 if summary.counts["pending"] + summary.counts["running"] == 0 else 1
+    # 0 only when every run succeeded: a failed or unfinished run is a sweep still to look at
+    return 0 if summary.counts["success"] == sum(summary.counts.values()) else 1
 
 
 def _cmd_tune(args) -> int:

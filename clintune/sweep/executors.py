@@ -47,6 +47,8 @@ class Outcome:
     log: str | None = None              # the worker's log, where it is not already on this machine
     workdir: Path | None = field(default=None, repr=False)
     interrupted: bool = False           # stopped by Ctrl-C/SIGTERM: back to pending, not a failure
+    lost: str | None = None             # why a remote task gave no result (node lost, cancelled, worker
+                                        # interrupted there): back to pending, and the sweep goes on
 
     @property
     def status(self) -> str:
@@ -221,7 +223,7 @@ def run_blocking(job_dict: dict, env_extra: dict | None = None) -> dict:
         oc = collect(job, wd, code, f"the log of run {job.id[:10]}")
         log_text = log_path.read_bytes()[-1_000_000:].decode("utf-8", errors="replace")
         return {"record": oc.record, "predictions": oc.predictions, "n_predictions": oc.n_predictions,
-                "log": f"--- on {socket.gethostname()}\n{log_text}"}
+                "interrupted": oc.interrupted, "log": f"--- on {socket.gethostname()}\n{log_text}"}
 
 
 class RayExecutor:
@@ -273,13 +275,17 @@ class RayExecutor:
             job = self.refs.pop(ref)
             try:
                 d = self.ray.get(ref)
-            except Exception as e:  # the task itself failed (node lost, worker crashed)
+            except Exception as e:  # the task itself failed (node lost, task cancelled): not the run's result
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                out.append(Outcome(job, failed_record(job.config, f"Ray task failed: {type(e).__name__}: {msg[:300]}")))
+                why = f"Ray task lost: {type(e).__name__}{': ' + msg[:300] if msg else ''}"
+                out.append(Outcome(job, failed_record(job.config, why), lost=why))
                 continue
             self.logs.mkdir(parents=True, exist_ok=True)
             with open(self.logs / f"{job.id[:16]}.log", "a", encoding="utf-8") as f:
                 f.write(f"=== {job.label or job.id[:10]}: attempt {job.attempt} (ray)\n{d.get('log') or ''}")
+            if d.get("interrupted"):  # its worker was stopped on the node (SIGTERM, Ctrl-C there)
+                out.append(Outcome(job, d["record"], lost="Ray worker interrupted on its node"))
+                continue
             out.append(Outcome(job, d["record"], d.get("predictions"), int(d.get("n_predictions") or 0)))
         return out
 

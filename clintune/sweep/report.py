@@ -14,7 +14,8 @@ What it shows, from runs.db alone:
   quality vs LoRA rank (a plot the sweep has no variation for is skipped with a note);
 * failed runs with their errors, and the environment (versions, git sha, device, threads).
 
-Configurations are numbered C1, C2, ... in table and plot alike. Nothing here contains note text.
+Configurations are numbered C1, C2, ... over the whole grid in its order (those without a successful run keep
+their number), in table and plot alike. Nothing here contains note text.
 """
 from __future__ import annotations
 
@@ -163,7 +164,18 @@ def _frame(runs: list[Run], metric: str, run_keys: list[str], group_keys: list[s
     return df
 
 
-def _groups(df: pd.DataFrame) -> pd.DataFrame:
+def _configurations(runs: list[Run], group_keys: list[str]) -> pd.DataFrame:
+    """Every configuration of the sweep (all runs, whatever their status) in registration order, numbered
+    C1, C2, ...: the numbers follow the grid, so they do not shift while runs finish or fail."""
+    rows: dict = {}
+    for r in runs:
+        key = config_key(r.config)
+        if key not in rows:
+            rows[key] = {"group": key, "cid": f"C{len(rows) + 1}", "label": describe(r.config, group_keys)}
+    return pd.DataFrame(list(rows.values()), columns=["group", "cid", "label"])
+
+
+def _groups(df: pd.DataFrame, cids: dict) -> pd.DataFrame:
     rows = []
     for key, g in df.groupby("group", sort=False):
         g = g.sort_values("seq")
@@ -178,31 +190,42 @@ def _groups(df: pd.DataFrame) -> pd.DataFrame:
         rows.append(row)
     out = pd.DataFrame(rows)
     if len(out):
-        out = out.sort_values("seq").reset_index(drop=True)
-        out["cid"] = [f"C{i + 1}" for i in range(len(out))]
+        out["cid"] = [cids[g] for g in out["group"]]
+        out = out.assign(_n=[int(c[1:]) for c in out["cid"]]).sort_values("_n").drop(columns="_n")
+        out = out.reset_index(drop=True)
     return out
 
 
-def _resolve_baseline(groups: pd.DataFrame, df: pd.DataFrame, baseline: str | None) -> str | None:
+def _resolve_baseline(configs: pd.DataFrame, groups: pd.DataFrame, runs: list[Run], baseline: str | None,
+                      where: str = "--baseline") -> str | None:
+    """The config key of the baseline: a run id (prefix of 4+ characters), a C number or a label (exact, else
+    a unique substring); default the first configuration with a successful run. A configuration without a
+    successful run cannot be the baseline: one error, never a silent switch to another one."""
     if not len(groups):
         return None
     if not baseline:
         return groups["group"].iloc[0]
     b = str(baseline).strip()
+    key = None
     if len(b) >= 4:
-        hits = df[df["id"].str.startswith(b)]
-        if len(hits["group"].unique()) == 1:
-            return hits["group"].iloc[0]
+        keys = {config_key(r.config) for r in runs if r.id.startswith(b.lower())}
+        key = keys.pop() if len(keys) == 1 else None
     for col in ("cid", "label"):
-        hits = groups[groups[col].astype(str).str.lower() == b.lower()]
-        if len(hits) == 1:
-            return hits["group"].iloc[0]
-    hits = groups[groups["label"].str.lower().str.contains(b.lower(), regex=False)]
-    if len(hits) == 1:
-        return hits["group"].iloc[0]
+        hits = configs[configs[col].astype(str).str.lower() == b.lower()]
+        if key is None and len(hits) == 1:
+            key = hits["group"].iloc[0]
+    hits = configs[configs["label"].str.lower().str.contains(b.lower(), regex=False)]
+    if key is None and len(hits) == 1:
+        key = hits["group"].iloc[0]
     choices = "; ".join(f"{c} = {l}" for c, l in zip(groups["cid"], groups["label"]))
-    what = "matches several configurations" if len(hits) > 1 else "matches no successful run or configuration"
-    raise ConfigError(f"--baseline '{baseline}' {what} (give a run id, a C number or a label: {choices})")
+    if key is None:
+        what = "matches several configurations" if len(hits) > 1 else "matches no configuration"
+        raise ConfigError(f"{where} '{baseline}' {what} (give a run id, a C number or a label: {choices})")
+    if key not in set(groups["group"]):
+        cid, label = configs.loc[configs["group"] == key, ["cid", "label"]].iloc[0]
+        raise ConfigError(f"{where} '{baseline}' is {cid} ({label}), which has no successful run; choose a "
+                          f"configuration that has one: {choices}")
+    return key
 
 
 def _pair_counts(store: RunStore, cache: dict, ra: pd.Series, rb: pd.Series, metric: str):
@@ -218,6 +241,7 @@ def _pair_counts(store: RunStore, cache: dict, ra: pd.Series, rb: pd.Series, met
     if col is None or pa is None or pb is None or not {"row", "gold", col} <= set(pa.columns) & set(pb.columns):
         return None, "no comparable per-example predictions"
     m = pa[["row", "gold", col]].merge(pb[["row", "gold", col]], on="row", suffixes=("_a", "_b"))
+    m = m.sort_values("row", kind="stable").reset_index(drop=True)  # runs on one test set align row by row
     if len(m) == 0 or len(m) != len(pa) or len(m) != len(pb) or \
             (m["gold_a"].astype(str) != m["gold_b"].astype(str)).any():
         return None, "different test examples"
@@ -228,10 +252,9 @@ def _pair_counts(store: RunStore, cache: dict, ra: pd.Series, rb: pd.Series, met
         kind = stats.single_label_kind(metric, k, _positive_index(names, rb["positive"]))
         return (stats.counts_single_label(y, a, k), stats.counts_single_label(y, b, k), kind), ""
     if task == "multilabel":
-        sep = ra["label_sep"] or "|"
-
+        # stored label sets are always joined with "|" (whatever the data's --label-sep was)
         def sets(col_):
-            return [frozenset(x for x in str(v).split(sep) if x) if isinstance(v, str) else frozenset() for v in col_]
+            return [frozenset(x for x in str(v).split("|") if x) if isinstance(v, str) else frozenset() for v in col_]
     else:  # ner: entities as (start, end, type); right only if span and type both match
         def sets(col_):
             return [frozenset((int(e["start"]), int(e["end"]), str(e["label"])) for e in json.loads(v or "[]"))
@@ -260,7 +283,7 @@ def _compare(store: RunStore, df: pd.DataFrame, groups: pd.DataFrame, base: str,
     for _, g in groups.iterrows():
         if g["group"] == base:
             continue
-        strata, kinds, pairs = [], set(), []
+        strata, kinds, pairs, splits = [], set(), [], []
         for _, rb in df[df["group"] == g["group"]].sort_values("seq").iterrows():
             cands = base_runs[base_runs["test_sha"] == rb["test_sha"]] if rb["test_sha"] else base_runs.iloc[0:0]
             if not len(cands):
@@ -275,15 +298,17 @@ def _compare(store: RunStore, df: pd.DataFrame, groups: pd.DataFrame, base: str,
                 continue
             ca, cb, kind = got
             strata.append((ca, cb))
+            splits.append(rb["test_sha"])   # seeds on one test split (a given test file) share its examples
             kinds.add(kind)
             pairs.append({"a": ra, "b": rb, "boot": stats.paired_bootstrap_counts([(ca, cb)], kind, n_boot=n_boot),
                           "mcnemar": stats.mcnemar_correct([(ca.correct, cb.correct)])})
         if not strata or len(kinds) != 1:
             comps.append({"group": g, "pairs": 0})
             continue
-        boot = stats.paired_bootstrap_counts(strata, kinds.pop(), n_boot=n_boot)
-        mc = stats.mcnemar_correct([(ca.correct, cb.correct) for ca, cb in strata])
-        comps.append({"group": g, "pairs": len(strata), "boot": boot, "mcnemar": mc})
+        boot = stats.paired_bootstrap_counts(strata, kinds.pop(), n_boot=n_boot, shared=splits)
+        mc = stats.mcnemar_correct([(ca.correct, cb.correct) for ca, cb in strata], shared=splits)
+        comps.append({"group": g, "pairs": len(strata), "boot": boot, "mcnemar": mc,
+                      "shared": len(set(splits)) < len(splits)})
         details.extend(pairs)
     ps = [c["boot"]["p"] if c.get("pairs") else None for c in comps]
     for c, adj in zip(comps, stats.holm(ps)):
@@ -299,19 +324,23 @@ def analyse(out: str | Path, *, baseline: str | None = None, metric: str | None 
     runs = store.runs()
     spec_meta = json.loads(store.get_meta("spec") or "{}")
     report_defaults = spec_meta.get("report") or {}
+    # errors name where a value came from: the flag, or the SPEC's report: section
+    metric_from = "--metric" if metric else "report: metric (in the SPEC)"
+    baseline_from = "--baseline" if baseline else "report: baseline (in the SPEC)"
     metric = metric or report_defaults.get("metric") or "f1"
     baseline = baseline or report_defaults.get("baseline")
     name = store.get_meta("name") or out.name
     run_keys = label_keys([r.config for r in runs])
     group_keys = [k for k in run_keys if k != "seed"]
+    configs = _configurations(runs, group_keys)
     ok = [r for r in runs if r.status == "success"]
     df = _frame(ok, metric, run_keys, group_keys)
-    groups = _groups(df) if len(df) else pd.DataFrame()
+    groups = _groups(df, dict(zip(configs["group"], configs["cid"]))) if len(df) else pd.DataFrame()
     notes = []
     if len(df) and df["primary"].isna().all():
-        raise ConfigError(f"--metric {metric}: no successful run has this metric "
+        raise ConfigError(f"{metric_from} {metric}: no successful run has this metric "
                           f"(e.g. f1, auroc, accuracy, f1_macro, f1_micro)")
-    base = _resolve_baseline(groups, df, baseline)
+    base = _resolve_baseline(configs, groups, runs, baseline, baseline_from)
     cmp_metric = metric if metric in stats.PAIRED_METRICS else "f1"
     if cmp_metric != metric:
         notes.append(f"Paired tests compare {metric_name(cmp_metric)} (they work on predicted labels; "
@@ -401,11 +430,21 @@ def comparisons_table(a: Analysis) -> Table:
         sig[7] = _isnum(c["p_holm"]) and c["p_holm"] < 0.05
         sig[9] = mc["p"] < 0.05
         marks.append(sig)
+    paired = [c for c in a.comparisons if c.get("pairs")]
+    shared = any(c.get("shared") for c in paired)
+    seeds_note = ("seeds that share a test set (a given test file) are resampled together, one draw of the "
+                  "examples for all of them, so each example counts once" if shared else
+                  "each seed's test split is resampled on its own (stratified)")
+    mc_note = ("McNemar: exact binomial test on discordant examples (b: the baseline right, the configuration "
+               "wrong; c: the reverse); where seeds share the test examples each example counts once, b / c "
+               "counting examples the baseline / the configuration gets right in more of those seeds (a sign "
+               "test)" if shared else "McNemar: exact binomial test on discordant errors (b: baseline right, "
+               "config wrong; c: the reverse), summed over the seeds' distinct test splits")
     note = (f"Each configuration against the baseline {cids[a.baseline]} ({base_label}) on the same test examples "
-            f"(runs paired by test split; across seeds the bootstrap is stratified by seed and Δ is the mean of "
-            f"the per-seed differences). p (bootstrap): two-sided paired bootstrap, {a.comparisons[0]['boot']['n_boot'] if a.comparisons and a.comparisons[0].get('pairs') else 0} "
-            f"resamples; p (Holm): adjusted for the {len(a.comparisons)} comparisons; McNemar: exact binomial test "
-            f"on discordant errors (b: baseline right, config wrong; c: the reverse). Emphasised: p < 0.05.")
+            f"(runs paired by test split; Δ is the mean of the per-seed differences; {seeds_note}). p (bootstrap): "
+            f"two-sided paired bootstrap, {paired[0]['boot']['n_boot'] if paired else 0} resamples; p (Holm): "
+            f"adjusted for the {len(paired)} comparison{'' if len(paired) == 1 else 's'} with paired runs; "
+            f"{mc_note}. Emphasised: p < 0.05.")
     return Table("Comparisons with the baseline", headers, rows, note, "comparisons", marks)
 
 

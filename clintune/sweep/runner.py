@@ -1,9 +1,10 @@
 """The resumable sweep: register every grid point in runs.db, train what is not finished, record each result.
 
-``bench(spec, out)``:
+``bench(spec, out)``, after checking that the SPEC's data files and backbone directories exist:
 
 1. takes ``DIR/.lock`` (one sweep per DIR) and opens ``DIR/runs.db``;
-2. checks that the data files still have the content the sweep started with;
+2. checks that DIR was made by this SPEC (:func:`check_spec`: another SPEC's results would mix with
+   this one's) and that the data files still have the content the sweep started with;
 3. registers the grid (``INSERT OR IGNORE`` by run id: points already there keep their state);
 4. recovers runs left ``running`` by a sweep that died after its worker had written the result (the
    result is recorded, not retrained); every other ``running`` row is trained again;
@@ -28,7 +29,7 @@ from typing import Callable
 
 from ..errors import ClintuneError, ConfigError
 from .executors import Job, Outcome, make_executor, workdir_name
-from .spec import Point, Spec
+from .spec import DATA_FILES, Point, Spec
 from .store import DB_NAME, Run, RunStore, sweep_lock
 
 log = logging.getLogger("clintune")
@@ -64,9 +65,35 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_spec(store: RunStore, spec: Spec) -> None:
+    """Refuse to continue a sweep with another SPEC (its results would mix with this one's).
+
+    The first ``bench``/``tune`` on a directory records :meth:`Spec.digest` (the set of grid run ids and the
+    search); a later one must have the same digest. Only ``search: trials`` (how many trials to finish),
+    ``report:`` and runtime-only options (``threads``, ``cache``...) may change. A store from before digests
+    were kept is accepted if every grid run it holds is one of this SPEC's.
+    """
+    digest = spec.digest()
+    seen = store.get_meta("spec_digest")
+    if seen is None:
+        ids = {p.id for p in spec.points()}
+        if any(r.id not in ids for r in store.runs(source="grid")):
+            seen = "legacy"
+        else:
+            store.set_meta("spec_digest", digest)
+            store.set_meta("spec_source", spec.source)
+            return
+    if seen != digest:
+        made_by = store.get_meta("spec_source")
+        made_by = f"{made_by}, " if made_by else ""
+        raise ConfigError(f"{store.path.parent}: this sweep was made by another SPEC ({made_by}with other data, "
+                          f"settings, grid or search than {spec.source}); its results would mix with this one's. "
+                          "Use another --out")
+
+
 def check_data(store: RunStore, data: dict) -> None:
     """Refuse to continue a sweep whose data files changed since it started (results would mix)."""
-    for key in ("data", "test_data"):
+    for key in DATA_FILES:
         value = data.get(key)
         if not value or str(value).startswith("builtin:") or not Path(value).is_file():
             continue
@@ -95,7 +122,8 @@ def drive(store: RunStore, executor, next_job: Callable[[], Job | None],
     """Keep up to ``executor.jobs`` runs in flight until ``next_job`` has no more; return runs finished.
 
     Each result is recorded in runs.db (one transaction) before the next run is started. Ctrl-C stops
-    the workers, puts their runs back to pending and raises :class:`SweepInterrupted`.
+    the workers, puts their runs back to pending and raises :class:`SweepInterrupted`. A run whose remote
+    task was lost (``Outcome.lost``) goes back to pending and the others go on.
     """
     finished = 0
     exhausted = False
@@ -121,6 +149,12 @@ def drive(store: RunStore, executor, next_job: Callable[[], Job | None],
                     store.release(oc.job.id, "interrupted")
                     executor.discard(oc)
                     raise KeyboardInterrupt
+                if oc.lost:
+                    # a remote task that gave no result (node lost, cancelled): not the run's failure, so it is
+                    # trained again by the next bench, as an interrupted local run is
+                    store.release(oc.job.id, f"{oc.lost}; put back to pending")
+                    executor.discard(oc)
+                    continue
                 record_outcome(store, oc)
                 executor.discard(oc)
                 finished += 1
@@ -179,6 +213,8 @@ class Sweep:
         self.echo = echo
         if executor not in ("local", "ray"):
             raise ConfigError(f"--executor: '{executor}' is not one of local, ray")
+        if address and executor != "ray":
+            raise ConfigError("--address is for --executor ray")
 
     def __enter__(self) -> "Sweep":
         self.out.mkdir(parents=True, exist_ok=True)
@@ -225,10 +261,12 @@ class Sweep:
 def bench(spec: Spec, out: str | Path, *, executor: str = "local", jobs: int = 1, address: str | None = None,
           retry_failed: bool = False, mlflow: str | None = None, echo: Callable[[str], None] = print) -> SweepSummary:
     """Run ``spec``'s grid into ``out`` (resumable); then its search section, if any."""
+    spec.check_inputs()
     points = spec.points()
     with Sweep(out, executor=executor, jobs=jobs, address=address, mlflow=mlflow, experiment=spec.name,
                echo=echo) as sw:
         store = sw.store
+        check_spec(store, spec)
         check_data(store, spec.data)
         if store.get_meta("name") is None:
             store.set_meta("name", spec.name)

@@ -25,7 +25,9 @@ A SPEC is a YAML file::
 Every grid point is a :class:`~clintune.config.TrainConfig`, validated as such (errors name the SPEC
 key). Its **run id** is the sha256 of the canonical JSON of the config minus the runtime-only fields
 (``out``, ``overwrite``, ``progress``, ``cache``, ``cache_dir``, ``threads``), which change how a run
-executes but not what it computes: equal ids, equal runs, so a finished id is never trained again.
+executes but not what it computes: equal ids, equal runs, so a finished id is never trained again. Options
+a run's method does not use (``lora_r`` of a frozen run, :data:`METHOD_ONLY`) take their defaults first.
+:meth:`Spec.digest` hashes what a whole SPEC computes; a sweep directory keeps the results of one digest.
 """
 from __future__ import annotations
 
@@ -48,6 +50,12 @@ RUNTIME_ONLY = ("out", "overwrite", "progress", "cache", "cache_dir", "threads")
 #: Fields the sweep sets itself for every run.
 MANAGED = {"out": None, "overwrite": False, "progress": False}
 TOP_KEYS = ("name", "data", "settings", "grid", "seeds", "train_fractions", "search", "report")
+#: The data options that name files (resolved relative to the SPEC file, checked, hashed by the sweep).
+DATA_FILES = ("data", "test_data", "val_data")
+#: Metrics the report can rank by (higher is better), as runs record them.
+REPORT_METRICS = ("f1", "auroc", "accuracy", "f1_macro", "f1_micro", "auroc_macro", "precision", "recall",
+                  "precision_macro", "recall_macro", "precision_micro", "recall_micro", "subset_accuracy",
+                  "token_accuracy")
 #: Keys shown first (as bare values) in a configuration's label.
 LABEL_FIRST = ("backbone", "method", "head")
 ID_VERSION = 1
@@ -277,7 +285,7 @@ class Spec:
                 raise _unknown(k, DATA_KEYS, f"{source}: data")
         if not data.get("data"):
             raise ConfigError(f"{source}: data: data: missing (the training file or builtin:NAME)")
-        for k in ("data", "test_data"):
+        for k in DATA_FILES:
             data[k] = _resolve_path(data.get(k), base_dir) if data.get(k) is not None else None
         data = {k: v for k, v in data.items() if v is not None}
         make_config(data, f"{source}: data")
@@ -334,16 +342,76 @@ class Spec:
         for k in report:
             if k not in ("baseline", "metric"):
                 raise _unknown(k, ("baseline", "metric"), f"{source}: report")
+        if "metric" in report and report["metric"] not in REPORT_METRICS:
+            raise _unknown(report["metric"], REPORT_METRICS, f"{source}: report: metric", "metric")
         spec = cls(name, data, settings, blocks, seeds, fractions, search, report, source, single)
-        spec.points()  # validate every grid point now, with errors naming its block
+        points = spec.points()  # validate every grid point now, with errors naming its block
+        b = str(report.get("baseline") or "")
+        if re.fullmatch(r"[Cc]\d+", b) and search is None:
+            n = len({config_key(p.config) for p in points})
+            if not 1 <= int(b[1:]) <= n:
+                raise ConfigError(f"{source}: report: baseline: {b} is not a configuration of the grid "
+                                  f"(C1..C{n}; `clintune bench SPEC --dry-run` lists them)")
         return spec
+
+    # -- identity and inputs ---------------------------------------------------------------------
+    def digest(self) -> str:
+        """What this SPEC computes, as a sha256: the ids of its grid runs (as a set: block order, comments and
+        runtime-only options such as ``threads`` do not count) and its search (every field but ``trials``,
+        which only says how many trials to finish, over the run config the trials start from; and the name,
+        which names the Optuna study). A sweep directory holds the results of one digest."""
+        search = None
+        if self.search is not None:
+            s = dataclasses.asdict(self.search)
+            s.pop("trials")
+            base = make_config({**self.base_config(), **self.search.fixed, "val_metric": self.search.metric},
+                               f"{self.source}: search").to_dict()
+            search = {**s, "base": identity(base), "name": self.name}
+        return _digest({"v": ID_VERSION, "grid": sorted(p.id for p in self.points()), "search": search})
+
+    def check_inputs(self) -> None:
+        """Before anything trains: every data file exists (a ``builtin:`` name is a known one) and every
+        backbone given as a path (``./``, ``../``, ``/``, ``~``) is a model directory. One ConfigError line
+        naming the SPEC key otherwise, instead of every run failing on its own."""
+        for k in DATA_FILES:
+            v = self.data.get(k)
+            if not v:
+                continue
+            v = str(v)
+            if v.startswith("builtin:"):
+                from ..builtin import BUILTINS
+
+                if v[len("builtin:"):] not in BUILTINS:
+                    raise ConfigError(f"{self.source}: data: {k}: '{v}' is not a built-in dataset (known: "
+                                      f"{', '.join('builtin:' + n for n in BUILTINS)})")
+            elif not Path(v).expanduser().is_file():
+                raise ConfigError(f"{self.source}: data: {k}: {v}: file not found")
+        where = [(f"{self.source}: settings", [self.settings.get("backbone")])]
+        for i, axes in enumerate(self.blocks):
+            where.append((f"{self.source}: grid" if self.single_block else f"{self.source}: grid[{i}]",
+                          axes.get("backbone") or []))
+        if self.search is not None:
+            where.append((f"{self.source}: search: fixed", [self.search.fixed.get("backbone")]))
+        for w, values in where:
+            for b in values:
+                if not isinstance(b, str) or not b.startswith((".", "/", "~")):
+                    continue  # minilm, scratch-*, Hub ids: resolved (or not) by the run
+                p = Path(b).expanduser()
+                if not p.is_dir():
+                    raise ConfigError(f"{w}: backbone: {b}: directory not found")
+                if not (p / "config.json").is_file():
+                    raise ConfigError(f"{w}: backbone: {b}: not a Hugging Face model directory (no config.json)")
 
     # -- expansion -------------------------------------------------------------------------------
     def base_config(self) -> dict:
         return {**self.data, **self.settings}
 
     def points(self) -> list[Point]:
-        """Every grid point, seeds outermost (a stopped sweep has whole seeds done first), duplicates once."""
+        """Every grid point, seeds outermost (a stopped sweep has whole seeds done first), duplicates once.
+
+        Options that only mean something for other methods (:data:`METHOD_ONLY`, e.g. ``lora_r`` of a frozen
+        run) are set to their defaults first, so ``method: [frozen, lora] x lora_r: [4, 16]`` gives one frozen
+        run per seed, not two identical ones."""
         out: list[Point] = []
         seen: set[str] = set()
         base = self.base_config()
@@ -358,8 +426,11 @@ class Spec:
             keys = list(axes)
             for combo in itertools.product(*(axes[k] for k in keys)):
                 values = dict(zip(keys, combo))
-                cfg = make_config({**base, **values}, where)
-                expanded.append((cfg.seed, i, cfg.to_dict()))
+                cfg = make_config({**base, **values}, where).to_dict()
+                for k, methods in METHOD_ONLY.items():  # options the method ignores: one run, not one each
+                    if cfg.get("method") not in methods:
+                        cfg[k] = _FIELDS[k].default
+                expanded.append((cfg["seed"], i, cfg))
         seed_order = {s: j for j, s in enumerate(dict.fromkeys(s for s, _, _ in expanded))}
         expanded.sort(key=lambda t: (seed_order[t[0]], t[1]))  # stable: product order kept within a block
         configs = []

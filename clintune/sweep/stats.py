@@ -6,11 +6,17 @@
   replacement B times, recompute delta = F1(B) - F1(A) on each resample. The 95% CI is the 2.5th and
   97.5th percentiles of the resampled deltas; the two-sided p-value of H0: delta = 0 uses the
   bootstrap distribution shifted to the null, p = (1 + #{|delta* - delta| >= |delta|}) / (B + 1).
-  Across seeds (each seed its own test split) the resampling is stratified: each seed's test set is
-  resampled on its own and delta is the mean of the per-seed deltas.
+  Over several seeds delta is the mean of the per-seed deltas, and the resampling follows the test
+  examples: seeds with their own test split (strata) are resampled each on its own (stratified), while
+  seeds that share one test set (a given test file) are resampled together: one draw of example indices
+  serves all of them (a cluster bootstrap over examples), so k seeds on N shared examples count as N
+  examples, not k N independent ones.
 * **McNemar's exact test** on the discordant errors: b = examples A gets right and B wrong, c = the
   reverse; under H0 each discordant example is B's win with probability 1/2, so p is the two-sided
-  exact binomial p-value of b in b + c trials (summed over seeds: still Binomial(b + c, 1/2) under H0).
+  exact binomial p-value of b in b + c trials (summed over distinct test sets: still Binomial(b + c, 1/2)
+  under H0). Where several seeds share the test examples each example counts once: with r_A(i), r_B(i)
+  the fractions of those seeds in which A and B get example i right, b = #{r_A(i) > r_B(i)} and
+  c = #{r_A(i) < r_B(i)} (a sign test over examples; McNemar's test when there is one seed).
   "Right" is the label for single-label tasks, the whole label set for multi-label, all entities for NER.
 * Every task's F1 (positive-class, macro, micro; entity-level for NER) and accuracy is a function of
   per-example true/false positive and false negative counts, so one bootstrap serves them all.
@@ -188,32 +194,59 @@ def metric_of_sums(sums: np.ndarray, k: int, n: int, kind) -> np.ndarray:
     return _f1(tp[:, kind], fp[:, kind], fn[:, kind])
 
 
-def paired_bootstrap_counts(strata: Sequence[tuple[Counts, Counts]], kind, *, n_boot: int = 5000, seed: int = 0,
-                            alpha: float = 0.05, chunk: int = 500) -> dict:
-    """Paired bootstrap of delta = metric(B) - metric(A) over one or more test sets (strata).
+def _shared(strata: Sequence, shared: Sequence | None) -> list[list[int]]:
+    """Indices of the strata grouped by test set: ``shared[i]`` names stratum i's set of examples (strata
+    with equal names hold the same examples in the same order); ``None``: every stratum its own set."""
+    keys = list(range(len(strata))) if shared is None else list(shared)
+    if len(keys) != len(strata):
+        raise ValueError("shared: one test-set name per stratum")
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    for idx in groups.values():
+        if len({len(strata[i][0]) for i in idx}) != 1:
+            raise ValueError("strata that share a test set must have the same examples")
+    return list(groups.values())
 
-    Returns ``{"delta", "ci": [lo, hi], "p", "a", "b", "n", "n_boot"}`` (``a``/``b``: mean metrics).
+
+def paired_bootstrap_counts(strata: Sequence[tuple[Counts, Counts]], kind, *, n_boot: int = 5000, seed: int = 0,
+                            alpha: float = 0.05, chunk: int = 500, shared: Sequence | None = None) -> dict:
+    """Paired bootstrap of delta = metric(B) - metric(A), the mean over one or more strata (seeds).
+
+    ``shared``: a name per stratum for its test set (e.g. its test split's sha256); strata with the same
+    name share their examples, aligned row by row, and every resample draws ONE multiset of example
+    indices for all of them: delta* = mean_s [metric(B_s on w) - metric(A_s on w)] with w ~ Multinomial(N,
+    1/N), drawn once per test set. Without ``shared`` each stratum is its own test set, resampled on its own.
+    Returns ``{"delta", "ci": [lo, hi], "p", "a", "b", "n", "n_boot"}`` (``a``/``b``: mean metrics;
+    ``n``: distinct test examples, each shared test set counted once).
     """
     rng = np.random.default_rng(seed)
     boot = np.zeros(n_boot)
     deltas, a_obs, b_obs = [], [], []
-    for ca, cb in strata:
-        n, k = len(ca), ca.tp.shape[1]
-        xa, xb = ca.matrix(), cb.matrix()                                        # (N, 3k + 1)
-        ma = float(metric_of_sums(xa.sum(0, keepdims=True), k, n, kind)[0])
-        mb = float(metric_of_sums(xb.sum(0, keepdims=True), k, n, kind)[0])
-        a_obs.append(ma), b_obs.append(mb), deltas.append(mb - ma)
+    n_examples = 0
+    for idx in _shared(strata, shared):
+        n, k = len(strata[idx[0]][0]), strata[idx[0]][0].tp.shape[1]
+        n_examples += n
+        xs = []
+        for i in idx:
+            ca, cb = strata[i]
+            xa, xb = ca.matrix(), cb.matrix()                                    # (N, 3k + 1)
+            ma = float(metric_of_sums(xa.sum(0, keepdims=True), k, n, kind)[0])
+            mb = float(metric_of_sums(xb.sum(0, keepdims=True), k, n, kind)[0])
+            a_obs.append(ma), b_obs.append(mb), deltas.append(mb - ma)
+            xs.append((xa, xb))
         for s in range(0, n_boot, chunk):
             e = min(n_boot, s + chunk)
             w = rng.multinomial(n, np.full(n, 1.0 / n), size=e - s).astype(np.float64)   # (b, N) resample counts
-            boot[s:e] += metric_of_sums(w @ xb, k, n, kind) - metric_of_sums(w @ xa, k, n, kind)
+            for xa, xb in xs:                                                    # the same w for every seed
+                boot[s:e] += metric_of_sums(w @ xb, k, n, kind) - metric_of_sums(w @ xa, k, n, kind)
     boot /= len(strata)
     delta = float(np.mean(deltas))
     lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
     extreme = np.abs(boot - delta) >= abs(delta) - 1e-12
     p = (1 + int(extreme.sum())) / (n_boot + 1)
     return {"delta": delta, "ci": [float(lo), float(hi)], "p": float(min(1.0, p)), "a": float(np.mean(a_obs)),
-            "b": float(np.mean(b_obs)), "n": int(sum(len(ca) for ca, _ in strata)), "n_boot": n_boot}
+            "b": float(np.mean(b_obs)), "n": int(n_examples), "n_boot": n_boot}
 
 
 def single_label_kind(metric: str, k: int, positive: int | None):
@@ -235,22 +268,27 @@ def paired_bootstrap(strata: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]
                                     for y, a, b in strata], kind, **kw)
 
 
-def mcnemar_correct(strata: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict:
+def mcnemar_correct(strata: Sequence[tuple[np.ndarray, np.ndarray]], shared: Sequence | None = None) -> dict:
     """McNemar's exact test on which examples each system gets entirely right: ``{"b", "c", "p"}``.
 
-    b: A right and B wrong; c: A wrong and B right. p: two-sided exact binomial test of b ~ Bin(b + c, 1/2).
+    b: A right and B wrong; c: A wrong and B right, summed over distinct test sets. Strata that share a
+    test set (equal ``shared`` names, examples aligned) count each example once: with r_A(i), r_B(i) the
+    fractions of those strata where A and B get example i right, b = #{r_A(i) > r_B(i)}, c = #{r_A(i) <
+    r_B(i)} (a sign test; McNemar's for one stratum). p: two-sided exact binomial test of b ~ Bin(b + c, 1/2).
     """
     from scipy.stats import binomtest
 
     b = c = 0
-    for ra, rb in strata:
-        ra, rb = np.asarray(ra, dtype=bool), np.asarray(rb, dtype=bool)
-        b += int((ra & ~rb).sum())
-        c += int((~ra & rb).sum())
+    for idx in _shared(strata, shared):
+        ra = np.mean([np.asarray(strata[i][0], dtype=np.float64) for i in idx], axis=0)
+        rb = np.mean([np.asarray(strata[i][1], dtype=np.float64) for i in idx], axis=0)
+        b += int((ra > rb).sum())
+        c += int((ra < rb).sum())
     p = 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5, alternative="two-sided").pvalue)
     return {"b": b, "c": c, "p": p}
 
 
-def mcnemar(strata: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict:
+def mcnemar(strata: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], shared: Sequence | None = None) -> dict:
     """McNemar's exact test for single-label predictions: ``strata`` of (gold, pred_a, pred_b)."""
-    return mcnemar_correct([(np.asarray(a) == np.asarray(y), np.asarray(b) == np.asarray(y)) for y, a, b in strata])
+    return mcnemar_correct([(np.asarray(a) == np.asarray(y), np.asarray(b) == np.asarray(y)) for y, a, b in strata],
+                           shared)

@@ -10,7 +10,9 @@ Every trial is a run like any other: registered in runs.db (``source = 'search'`
 trained in a fresh worker by the sweep's executor, recorded once. The study lives in
 ``DIR/optuna.journal`` (Optuna's append-only journal storage), so tuning resumes too: trials left running
 by a killed tune are closed and their parameters queued again, and a trial whose config was already
-trained (same run id) is answered from runs.db instead of being trained twice.
+trained (same run id) is answered from runs.db instead of being trained twice. A directory holds one
+SPEC's study: tuning another SPEC (other settings, search space or name) into it is refused
+(:func:`~clintune.sweep.runner.check_spec`), as are changed choices Optuna could not continue with.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import math
 
 from ..errors import ConfigError
 from .executors import Job
-from .runner import Sweep, check_data, drive
+from .runner import Sweep, check_data, check_spec, drive
 from .spec import MANAGED, Point, Spec, make_config, run_id
 from .store import Run
 
@@ -149,8 +151,10 @@ def tune(spec: Spec, out, *, trials: int | None = None, executor: str = "local",
     """``clintune tune``: run only the SPEC's search section into ``out``."""
     if spec.search is None:
         raise ConfigError(f"{spec.source}: no search: section to tune")
+    spec.check_inputs()
     with Sweep(out, executor=executor, jobs=jobs, address=address, mlflow=mlflow, experiment=spec.name,
                echo=echo) as sw:
+        check_spec(sw.store, spec)
         check_data(sw.store, spec.data)
         if sw.store.get_meta("name") is None:
             sw.store.set_meta("name", spec.name)

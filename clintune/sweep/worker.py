@@ -6,7 +6,8 @@ not the sweep. The worker trains ``JOB.json``'s config with :func:`clintune.api.
 saved: the sweep keeps records, not weights), then writes into WORKDIR
 
 * ``predictions.parquet``: per test example ``row``, ``gold``, ``predicted_label``, ``prob_<label>``;
-* ``outcome.json`` (last, atomically): ``{"id", "attempt", "record", "predictions", "n_predictions"}``.
+* ``outcome.json`` (last; written to a temporary file, fsync'ed, then renamed into place):
+  ``{"id", "attempt", "record", "predictions", "n_predictions"}``.
 
 A run that fails (bad data, a backbone that is not available, a bug) still writes ``outcome.json``, with
 a failed record holding the error. A worker whose parent dies exits at once: on Linux the kernel sends
@@ -65,7 +66,7 @@ def run_job(job: dict, workdir: Path) -> int:
     import traceback
 
     from ..errors import ClintuneError
-    from ..store import write_json
+    from ..store import _json_default
     from .spec import make_config
 
     config = job["config"]
@@ -87,13 +88,30 @@ def run_job(job: dict, workdir: Path) -> int:
     outcome = {"id": job["id"], "attempt": job.get("attempt"), "record": record, "predictions": None,
                "n_predictions": 0}
     if preds is not None and record.get("status") == "success":
-        from ..store import atomic_path
+        from .store import predictions_to_bytes
 
-        with atomic_path(workdir / "predictions.parquet") as tmp:
-            preds.to_parquet(tmp, index=False)
+        write_durable(workdir / "predictions.parquet", predictions_to_bytes(preds))
         outcome.update(predictions="predictions.parquet", n_predictions=int(len(preds)))
-    write_json(workdir / "outcome.json", outcome)
+    write_durable(workdir / "outcome.json",
+                  (json.dumps(outcome, indent=2, default=_json_default) + "\n").encode("utf-8"))
     return 0
+
+
+def write_durable(path: Path, data: bytes) -> None:
+    """Write ``path`` so that after a crash or power loss it is either absent or complete: a temporary file
+    beside it is flushed to disk (fsync) before it is renamed into place, then the directory is flushed.
+    (A sweep that died records a worker's outcome.json when it finds one, so it must never be truncated.)"""
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def main(argv: list[str] | None = None) -> int:
