@@ -254,10 +254,39 @@ def _attention_kernels() -> bool:
     products on the tiles instead (square products at 1.4-2.4 TF/s and these 32-wide attention products at about
     0.8 on a 2-core Xeon, the most that two cores' AVX-512 units could reach at all), so there the kernels step
     aside: they were not measured on such a CPU."""
+    lib = masks.compiled()
+    return bool(lib is not None and lib.attention_bf16_available() and not _amx())
+
+
+@lru_cache(maxsize=1)
+def _amx() -> bool:
+    """Whether the CPU has AMX tiles for bf16 (oneDNN, and so PyTorch's products and SDPA, run on them)."""
     from .runtime import cpu_flags
 
-    lib = masks.compiled()
-    return bool(lib is not None and lib.attention_bf16_available() and "amx_bf16" not in cpu_flags())
+    return "amx_bf16" in cpu_flags()
+
+
+def packing_pays() -> bool:
+    """Whether bf16 prediction on this CPU packs notes without padding (:mod:`clintune.packing`): where the
+    compiled bf16 kernels attend the packed notes in one call, and on CPUs with AMX, where each note goes to
+    PyTorch's fused attention on its own (:func:`_packed_attention`; measured on 2 Xeon cores with AMX, 16 notes
+    of 60-256 tokens, 12 heads of 32: 5.3 ms one note at a time, 6.3 ms padded, 8.0 ms for the packed kernel).
+    Elsewhere the packed notes would attend one at a time through the chunked products, never measured."""
+    return _attention_kernels() or _amx()
+
+
+def _predict_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                       scale: float) -> torch.Tensor:
+    """Prediction's bf16 attention on CPU where the compiled bf16 kernel does not run: (B, h, T, d) -> (B, T, h, d).
+
+    With AMX, PyTorch's fused attention (SDPA: its flash kernel's products run on the tiles, scores and softmax
+    in fp32); measured on 2 Xeon cores with AMX, 12 heads: 6.3 ms at 16 x 256 x 32 against 12.0 for
+    :func:`_chunked_attention` and 12.4 for the compiled kernel; 29.2 against 40.2 and 78.4 at 16 x 512 x 64.
+    Without AMX, :func:`_chunked_attention` (faster than SDPA on Zen 4)."""
+    if _amx():
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return out.transpose(1, 2).contiguous()
+    return _chunked_attention(q, k, v, mask, scale)
 
 
 def _examples_per_chunk(h: int, t: int) -> int:
@@ -341,9 +370,11 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
 
     Only for plain bidirectional self-attention (modules that say ``is_causal = False``, as BERT-family
     encoders do); anything else goes to transformers' SDPA attention unchanged.
-    Without gradients: bf16 on CPU :func:`masks.attention` (:func:`_attention_kernels`) or :func:`_chunked_attention`,
-    otherwise PyTorch's fused SDPA; a module marked ``int8_attention`` (``--quantize int8``,
-    :func:`clintune.quantize.quantize_int8`) takes :func:`masks.attention_int8` first. Training with
+    Without gradients: bf16 on CPU :func:`masks.attention` (:func:`_attention_kernels`) or
+    :func:`_predict_attention` (PyTorch's fused SDPA with AMX, else :func:`_chunked_attention`), otherwise PyTorch's
+    fused SDPA; a module marked ``int8_attention`` (``--quantize int8``, :func:`clintune.quantize.quantize_int8`)
+    takes :func:`masks.attention_int8` first wherever it is built (AVX-512 VNNI), AMX CPUs included (4.9 ms against
+    SDPA's 6.3 at 16 x 12 heads x 256 x 32 on 2 Xeon cores with AMX). Training with
     dropout on CPU: :class:`_DropoutAttention`.
     Otherwise (gradients without dropout) the unfused form: on CPU the fused kernel's backward is slower
     than two matrix products, softmax and their gradients. ``kernels=False`` (:data:`NO_KERNEL`, ``--fast-off
@@ -368,12 +399,11 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     if not needs_grad:
         if query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.bfloat16:
             out = None
-            if kernels and _attention_kernels():
-                if getattr(module, "int8_attention", False):         # --quantize int8 (clintune.quantize)
-                    out = masks.attention_int8(query, key, value, attention_mask, scale)
-                if out is None:
-                    out = masks.attention(query, key, value, attention_mask, scale)
-            return (out if out is not None else _chunked_attention(query, key, value, attention_mask, scale)), None
+            if kernels and getattr(module, "int8_attention", False):     # --quantize int8 (clintune.quantize)
+                out = masks.attention_int8(query, key, value, attention_mask, scale)     # None: no VNNI kernel
+            if out is None and kernels and _attention_kernels():
+                out = masks.attention(query, key, value, attention_mask, scale)
+            return (out if out is not None else _predict_attention(query, key, value, attention_mask, scale)), None
         out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling)
         return out.transpose(1, 2).contiguous(), None
     if not module.training:
@@ -396,11 +426,11 @@ def _packed_attention(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """(1, h, N, d) query/key/value of sequences packed one after another (``starts``: (B + 1,) offsets,
     :mod:`clintune.packing`) -> (1, N, h, d), each sequence attending to itself alone: the compiled kernels in
     one call where they run, else :func:`attention` one sequence at a time."""
-    if kernels and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16 and _attention_kernels():
+    if kernels and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16:
         out = None
         if getattr(module, "int8_attention", False):
             out = masks.attention_int8(q, k, v, None, scale, starts=starts)
-        if out is None:
+        if out is None and _attention_kernels():
             out = masks.attention(q, k, v, None, scale, starts=starts)
         if out is not None:
             return out
@@ -823,7 +853,8 @@ def fingerprint(on: bool, off, device: torch.device) -> dict:
         out["gpu"] = torch.cuda.get_device_name(device)
     else:
         out.update(isa=torch.backends.cpu.get_cpu_capability(), amx="amx_bf16" in cpu_flags(),
-                   kernels=bool(on) and masks.compiled() is not None)
+                   kernels=bool(on) and masks.compiled() is not None,
+                   attention="sdpa" if _amx() else "clintune")      # prediction's bf16 attention (_predict_attention)
     return out
 
 

@@ -81,6 +81,7 @@ def test_attention_matches_eager_attention_and_respects_the_mask():
 
 
 def test_inference_attention_in_bf16_is_chunked_softmax_as_close_to_exact_as_sdpa(monkeypatch):
+    monkeypatch.setattr(fast, "_amx", lambda: False)                            # the chunked form (SDPA with AMX)
     q, k, v, mask = _qkv(b=5, h=3, t=24, d=8, seed=3)
     mask[3, :, :, 10:] = False
     q, k, v = (x.bfloat16() for x in (q, k, v))
@@ -253,16 +254,43 @@ def test_attention_kernels_step_aside_on_amx(monkeypatch):
     """On CPUs with AMX, oneDNN's products run on its tiles: the AVX-512 kernels are not used there."""
     from clintune import runtime
 
-    fast._attention_kernels.cache_clear()
+    def clear():
+        fast._attention_kernels.cache_clear()
+        fast._amx.cache_clear()
+
+    clear()
     try:
         monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16"}))
-        assert not fast._attention_kernels()
-        fast._attention_kernels.cache_clear()
+        assert not fast._attention_kernels() and fast._amx() and fast.packing_pays()
+        clear()
         monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
         lib = masks.compiled()
-        assert fast._attention_kernels() == bool(lib and lib.attention_bf16_available())
+        assert fast._attention_kernels() == bool(lib and lib.attention_bf16_available()) == fast.packing_pays()
+        assert not fast._amx()
     finally:
-        fast._attention_kernels.cache_clear()
+        clear()
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_prediction_attention_without_the_kernel_is_sdpa_with_amx_and_chunked_without(monkeypatch, amx):
+    """Where the compiled bf16 kernel does not run, prediction's bf16 attention is PyTorch's fused SDPA on AMX
+    CPUs (measured faster there) and the chunked products elsewhere: the same attention to bf16 rounding."""
+    monkeypatch.setattr(fast, "_amx", lambda: amx)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 40, 32).bfloat16() for _ in range(3))
+    mask = torch.ones(3, 1, 1, 40, dtype=torch.bool)
+    mask[1, ..., 25:] = False
+    sdpa, chunked = [], fast._chunked_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, _f=torch.nn.functional.scaled_dot_product_attention, **kw: sdpa.append(1) or _f(*a, **kw))
+    monkeypatch.setattr(fast, "_chunked_attention", lambda *a: sdpa.append(0) or chunked(*a))
+    with torch.inference_mode():
+        got = fast._predict_attention(q, k, v, mask, 32 ** -0.5).float()
+        scores = (q.float() @ k.float().transpose(-1, -2)) * 32 ** -0.5
+        want = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ v.float()
+    assert sdpa == [1 if amx else 0]
+    assert got.shape == (3, 40, 2, 32)
+    torch.testing.assert_close(got, want.transpose(1, 2), atol=0.03, rtol=0.02)
 
 
 def test_dropout_attention_broadcasts_one_mask_over_the_batch():

@@ -74,6 +74,9 @@ def test_pack_lays_the_notes_end_to_end_and_unpack_puts_them_back():
     assert kwargs["input_ids"].tolist() == [[2, 10, 11, 12, 3, 2, 13, 3, 2, 3]]
     assert kwargs["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 0, 1]]
     assert kwargs[STARTS].tolist() == [0, 5, 8, 10]
+    # no padding, said outright: transformers would otherwise read the restarting positions as packed sequences
+    # and build an (N, N) block-diagonal mask for every forward pass
+    assert kwargs["attention_mask"].tolist() == [[1] * 10]
     states = torch.arange(10.0).view(1, 10, 1).expand(1, 10, 2)
     back = layout.unpack(states, first_token_only=False)
     assert back[..., 0].tolist() == [[0, 1, 2, 3, 4], [5, 6, 7, 0, 0], [8, 9, 0, 0, 0]]
@@ -162,7 +165,8 @@ def test_packed_attention_runs_the_kernel_once_per_layer_or_each_sequence_withou
             return enc(**kwargs).last_hidden_state.float()
 
     a = run()
-    assert calls == [True, True]                        # one packed call per layer
+    # one packed call per layer; with AMX, where the bf16 kernel steps aside, SDPA one note at a time
+    assert calls == ([True, True] if fast._attention_kernels() else [])
     calls.clear()
     enc.config._attn_implementation = fast.NO_KERNEL    # PyTorch's products, one note at a time
     b = run()
@@ -215,8 +219,8 @@ def test_a_classifier_predicts_packed_with_the_padded_probabilities(packing_back
 
     from clintune import modeling
 
-    if not _kernels(False):
-        pytest.skip("no AVX-512 BF16 kernels on this CPU: prediction stays padded")
+    if not fast.packing_pays():
+        pytest.skip("neither AVX-512 BF16 kernels nor AMX on this CPU: prediction stays padded")
     kernel_backbone, kind = packing_backbone
     texts = ["heart cardiac noted", "rash eczema today", "cardiac", "skin rash rash eczema heart noted today",
              "patient presents with history of acute chronic heart infarction noted on exam today"]
