@@ -4,7 +4,10 @@
 For each encoder: a LoRA classifier trained for one short epoch (the weights do not change the timing), then
 the same loaded model predicts the test notes packed and padded, alternating in ABBA order ``--rounds`` times
 after a warm-up call of each; prints the medians, the speed-up, the largest change in a probability, and the
-share of padding the packed form leaves out (the sorted pieces' padded tokens that are not a note's). Encoders:
+share of padding the packed form leaves out (the sorted pieces' padded tokens that are not a note's). On a CPU with
+AMX, where prediction's bf16 attention is PyTorch's SDPA (one note at a time when packed), a third arm predicts
+padded with the chunked products that AMX CPUs used before (``clintune.fast._chunked_attention``), and the
+order is ABCCBA. Encoders:
 
 * ``minilm``: the embedded MiniLM-L6 (BERT's code, 6 x 384, head size 32), as trained in ``speed.py``;
 * ``roberta-base``: RoBERTa's code at CamemBERT-base's (and CamemBERT-bio's, DrBERT's) size, 12 x 768, head
@@ -64,7 +67,7 @@ def main() -> None:
     a = ap.parse_args()
 
     import clintune
-    from clintune import modeling
+    from clintune import fast, modeling
 
     work = Path(a.work)
     train_csv, test_csv = medabs(work / "medabs")
@@ -79,35 +82,50 @@ def main() -> None:
                     "--precision", "bf16", "--val-size", "0", "--patience", "0", "--seed", "42"])
         clf = clintune.load(out)
         if not clf.model.packed:
-            print(f"{name}: does not pack here (no attention kernels on this CPU, or an encoder packing does not take)")
+            print(f"{name}: does not pack here (neither attention kernels nor AMX on this CPU, or an encoder packing does not take)")
             continue
-        times: dict[bool, list[float]] = {True: [], False: []}
-        probs, seen, real_pack = {}, [], modeling.pack
+        amx = fast._amx()
+        arms = ["packed", "padded"] + (["chunked"] if amx else [])       # chunked: padded, AMX's previous attention
+        times: dict[str, list[float]] = {arm: [] for arm in arms}
+        probs, seen, real_pack, real_amx = {}, [], modeling.pack, fast._amx
 
         def counting(ids, mask, *rest):                 # the pieces' padded and real token counts
             seen.append((mask.numel(), int(mask.sum())))
             return real_pack(ids, mask, *rest)
 
+        def predict(arm: str):
+            clf.model.packed = arm == "packed"
+            fast._amx = (lambda: False) if arm == "chunked" else real_amx
+            try:
+                return clf.predict_proba(texts)
+            finally:
+                fast._amx = real_amx
+
         modeling.pack = counting
-        for packed in (True, False):                                  # warm-up: the first call's allocations
-            clf.model.packed = packed
-            probs[packed] = clf.predict_proba(texts)
+        probs["packed"] = predict("packed")                         # warm-up: the first call's allocations
         modeling.pack = real_pack
+        for arm in arms[1:]:
+            probs[arm] = predict(arm)
         padded, real = map(sum, zip(*seen))
         for _ in range(a.rounds):
-            for packed in (True, False, False, True):
-                clf.model.packed = packed
+            for arm in arms + arms[::-1]:
                 t = time.perf_counter()
-                clf.predict_proba(texts)
-                times[packed].append(time.perf_counter() - t)
-        on, off = statistics.median(times[True]), statistics.median(times[False])
+                predict(arm)
+                times[arm].append(time.perf_counter() - t)
+        on, off = statistics.median(times["packed"]), statistics.median(times["padded"])
         config = clf.model.encoder.get_base_model().config if hasattr(clf.model.encoder, "get_base_model") \
             else clf.model.encoder.config
         print(f"{name} ({config.model_type}, first position {clf.model.first_position}): {len(texts)} notes, "
               f"{real} tokens in {padded} padded ({1 - real / padded:.1%} padding); padded {off:.2f} s, packed {on:.2f} s "
               f"(medians of {a.rounds * 2}): {off / on:.3f}x; largest |p packed - p padded| "
-              f"{float(np.abs(probs[True] - probs[False]).max()):.1e}; argmax changes "
-              f"{int((probs[True].argmax(1) != probs[False].argmax(1)).sum())}")
+              f"{float(np.abs(probs['packed'] - probs['padded']).max()):.1e}; argmax changes "
+              f"{int((probs['packed'].argmax(1) != probs['padded'].argmax(1)).sum())}")
+        if amx:
+            old = statistics.median(times["chunked"])
+            print(f"  AMX: padded with the chunked products {old:.2f} s, with SDPA {off:.2f} s ({old / off:.3f}x), "
+                  f"packed {on:.2f} s ({old / on:.3f}x against the chunked products); largest |p SDPA - p chunked| "
+                  f"{float(np.abs(probs['padded'] - probs['chunked']).max()):.1e}; argmax changes "
+                  f"{int((probs['padded'].argmax(1) != probs['chunked'].argmax(1)).sum())}")
 
 
 if __name__ == "__main__":
