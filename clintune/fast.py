@@ -266,15 +266,6 @@ def _amx() -> bool:
     return "amx_bf16" in cpu_flags()
 
 
-def packing_pays() -> bool:
-    """Whether bf16 prediction on this CPU packs notes without padding (:mod:`clintune.packing`): where the
-    compiled bf16 kernels attend the packed notes in one call, and on CPUs with AMX, where each note goes to
-    PyTorch's fused attention on its own (:func:`_packed_attention`; measured on 2 Xeon cores with AMX, 16 notes
-    of 60-256 tokens, 12 heads of 32: 5.3 ms one note at a time, 6.3 ms padded, 8.0 ms for the packed kernel).
-    Elsewhere the packed notes would attend one at a time through the chunked products, never measured."""
-    return _attention_kernels() or _amx()
-
-
 def _predict_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                        scale: float) -> torch.Tensor:
     """Prediction's bf16 attention on CPU where the compiled bf16 kernel does not run: (B, h, T, d) -> (B, T, h, d).
@@ -282,7 +273,8 @@ def _predict_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     With AMX, PyTorch's fused attention (SDPA: its flash kernel's products run on the tiles, scores and softmax
     in fp32); measured on 2 Xeon cores with AMX, 12 heads: 6.3 ms at 16 x 256 x 32 against 12.0 for
     :func:`_chunked_attention` and 12.4 for the compiled kernel; 29.2 against 40.2 and 78.4 at 16 x 512 x 64.
-    Without AMX, :func:`_chunked_attention` (faster than SDPA on Zen 4)."""
+    Whole bf16 prediction of 200 benchmark notes there: 1.26 s against 1.65 s with the chunked products, paired in
+    one process (``benchmarks/packing.py``). Without AMX, :func:`_chunked_attention` (faster than SDPA on Zen 4)."""
     if _amx():
         out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         return out.transpose(1, 2).contiguous()

@@ -196,11 +196,12 @@ class Classifier:
             require_cpu(config.quantize, self.runtime.device)
             self.int8_linears = quantize_int8(self.model.encoder)
         if self.speedups is not None and "packing" not in (config.fast_off or ()) and self.runtime.precision == "bf16":
-            from .fast import packing_pays
+            from .fast import _attention_kernels
             from .packing import first_position
 
-            # notes packed without padding where the attention takes them at a gain (clintune.packing)
-            first = first_position(self.model.encoder) if packing_pays() else None
+            # notes packed without padding where the compiled attention kernels take them (clintune.packing); not
+            # with AMX, where padded batches through SDPA were faster (benchmarks/README.md, "AMX")
+            first = first_position(self.model.encoder) if _attention_kernels() else None
             self.model.packed, self.model.first_position = first is not None, first or 0
 
     def calibrate(self, texts: Sequence[str], words=None, offsets=None, *, source: str = "calibration notes",

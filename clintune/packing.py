@@ -11,8 +11,8 @@ place where notes must not see each other: with offsets starts = (0, L_0, L_0 + 
 
 which clintune's attention (:func:`clintune.fast.attention`) computes from transformers' ``cu_seq_lens_q``
 keyword, passed down to the attention function by BERT's layers (the compiled kernels take the offsets:
-:func:`clintune.masks.attention`, :func:`~clintune.masks.attention_int8`; on CPUs with AMX, where the bf16 kernel
-steps aside, each note goes to PyTorch's fused attention on its own, :func:`clintune.fast.packing_pays`). A last layer trimmed to the first
+:func:`clintune.masks.attention`, :func:`~clintune.masks.attention_int8`; elsewhere each note goes to
+:func:`clintune.fast.attention` on its own). A last layer trimmed to the first
 token (:mod:`clintune.prune`) takes each note's first row. The encoder's output is unpacked to (B, T, H), zeros
 at the padding (or (B, 1, H) from a trimmed last layer), so the heads see what they saw before.
 
@@ -21,8 +21,10 @@ attention sees the same keys. In bf16 the products' rounding may differ in the l
 another number of rows differently; with ``--quantize int8`` the dynamic activation ranges are taken over the
 real tokens only, no longer over padding as well, so codes move by a step here and there.
 
-Used for prediction on CPU in bf16 where it pays (:func:`clintune.fast.packing_pays`; :class:`clintune.modeling.
-Classifier`, ``--fast``; ``--fast-off packing`` leaves it out) by encoders whose embeddings take position ids and whose layers pass keywords down
+Used for prediction on CPU in bf16 where the compiled bf16 kernels attend (:class:`clintune.modeling.Classifier`,
+``--fast``; ``--fast-off packing`` leaves it out; not with AMX, where they step aside and padded batches through
+PyTorch's SDPA measured faster: 4.89 s against 5.26 s packed one note at a time for the 797 notes, bf16, and
+4.10 against 4.06 s with ``--quantize int8``) by encoders whose embeddings take position ids and whose layers pass keywords down
 (:func:`first_position`: BERT's code (BERT, MiniLM, ...), RoBERTa's (CamemBERT, CamemBERT-bio, DrBERT, XLM-R),
 ELECTRA's and DistilBERT's); other encoders, and training, keep padded batches.
 """
@@ -84,8 +86,7 @@ def first_position(encoder: nn.Module) -> int | None:
     - the embeddings add learned absolute positions from the ``position_ids`` given: BERT's and DistilBERT's
       count from 0, RoBERTa's (and its copies') from padding_idx + 1, as they number a right-padded note;
     - every self-attention module is BERT's or DistilBERT's, at a head size the kernels are compiled for
-      (:data:`clintune.masks.ATTENTION_HEAD_SIZES`), and the attention is clintune's with its kernels (with AMX,
-      the int8 kernel or SDPA one note at a time)
+      (:data:`clintune.masks.ATTENTION_HEAD_SIZES`), and the attention is clintune's with its kernels
       (:func:`clintune.fast.accelerate`; not ``--fast-off attention_kernel``).
     Elsewhere packed notes would attend one at a time (:func:`clintune.fast.attention`'s fallback), or other
     embeddings would number the positions in their own way."""

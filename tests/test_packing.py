@@ -219,8 +219,10 @@ def test_a_classifier_predicts_packed_with_the_padded_probabilities(packing_back
 
     from clintune import modeling
 
-    if not fast.packing_pays():
-        pytest.skip("neither AVX-512 BF16 kernels nor AMX on this CPU: prediction stays padded")
+    if not _kernels(False):
+        pytest.skip("no AVX-512 BF16 kernels on this CPU: prediction stays padded")
+    amx = not fast._attention_kernels()                     # with AMX the kernels step aside: made to run here
+    monkeypatch.setattr(fast, "_attention_kernels", lambda: True)
     kernel_backbone, kind = packing_backbone
     texts = ["heart cardiac noted", "rash eczema today", "cardiac", "skin rash rash eczema heart noted today",
              "patient presents with history of acute chronic heart infarction noted on exam today"]
@@ -247,3 +249,7 @@ def test_a_classifier_predicts_packed_with_the_padded_probabilities(packing_back
     assert not clintune.load(out).model.packed
     (out / "config.yaml").write_text(yaml.safe_dump({**cfg, "precision": "fp32"}))
     assert not clintune.load(out).model.packed                      # fp32: the kernels are bf16
+    if amx:                                 # as shipped on an AMX CPU: padded batches through SDPA (faster there)
+        monkeypatch.undo()
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+        assert not clintune.load(out).model.packed
