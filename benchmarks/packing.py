@@ -7,7 +7,9 @@ after a warm-up call of each; prints the medians, the speed-up, the largest chan
 share of padding the packed form leaves out (the sorted pieces' padded tokens that are not a note's). On a CPU with
 AMX, where prediction's bf16 attention is PyTorch's SDPA (one note at a time when packed), a third arm predicts
 padded with the chunked products that AMX CPUs used before (``clintune.fast._chunked_attention``), and the
-order is ABCCBA. Encoders:
+order is ABCCBA; AMX CPUs predict padded as shipped, so there the packed arm is what packing would give.
+``--quantize int8|int8-static`` loads the same model in an int8 form (int8-static calibrated on the training
+notes). Encoders:
 
 * ``minilm``: the embedded MiniLM-L6 (BERT's code, 6 x 384, head size 32), as trained in ``speed.py``;
 * ``roberta-base``: RoBERTa's code at CamemBERT-base's (and CamemBERT-bio's, DrBERT's) size, 12 x 768, head
@@ -15,6 +17,7 @@ order is ABCCBA. Encoders:
 * ``distilbert-base``: DistilBERT's code at distilbert-base's size, 6 x 768, random weights likewise.
 
     python benchmarks/packing.py [--encoders minilm,roberta-base,distilbert-base] [--notes 200] [--rounds 3]
+                                 [--quantize int8|int8-static]
 """
 from __future__ import annotations
 
@@ -63,28 +66,35 @@ def main() -> None:
     ap.add_argument("--notes", type=int, default=200, help="test notes predicted per call")
     ap.add_argument("--train-notes", type=int, default=64, help="notes of the short training run")
     ap.add_argument("--rounds", type=int, default=3, help="ABBA rounds (each: packed, padded, padded, packed)")
+    ap.add_argument("--quantize", choices=["int8", "int8-static"], default=None,
+                    help="predict with the int8 forms (the same model, loaded quantised)")
     ap.add_argument("--work", default="/tmp/clintune-bench/packing")
     a = ap.parse_args()
 
     import clintune
     from clintune import fast, modeling
+    from clintune.packing import first_position
 
     work = Path(a.work)
     train_csv, test_csv = medabs(work / "medabs")
     small = work / f"train{a.train_notes}.csv"
     pd.read_csv(train_csv).sample(a.train_notes, random_state=0).to_csv(small, index=False)
     texts = pd.read_csv(test_csv)["text"].tolist()[: a.notes]
+    amx = fast._amx()               # AMX CPUs predict padded (through SDPA in bf16): packed is measured all the same
     for name in a.encoders.split(","):
         backbone = "minilm" if name == "minilm" else _random_encoder(name, work / name)
         out = work / f"run-{name}"
         train(out, ["--data", str(small), "--backbone", backbone, "--method", "lora", "--head", "pooler",
                     "--pooling", "cls", "--epochs", "1", "--batch-size", "16", "--max-length", "256",
                     "--precision", "bf16", "--val-size", "0", "--patience", "0", "--seed", "42"])
-        clf = clintune.load(out)
-        if not clf.model.packed:
+        calibration = pd.read_csv(small)["text"].tolist()
+        clf = clintune.load(out, **({"quantize": a.quantize, "calibration": calibration} if a.quantize == "int8-static"
+                                    else {"quantize": a.quantize} if a.quantize else {}))
+        first = first_position(clf.model.encoder)
+        if first is None or not (clf.model.packed or amx):
             print(f"{name}: does not pack here (neither attention kernels nor AMX on this CPU, or an encoder packing does not take)")
             continue
-        amx = fast._amx()
+        clf.model.first_position = first
         arms = ["packed", "padded"] + (["chunked"] if amx else [])       # chunked: padded, AMX's previous attention
         times: dict[str, list[float]] = {arm: [] for arm in arms}
         probs, seen, real_pack, real_amx = {}, [], modeling.pack, fast._amx
@@ -115,7 +125,8 @@ def main() -> None:
         on, off = statistics.median(times["packed"]), statistics.median(times["padded"])
         config = clf.model.encoder.get_base_model().config if hasattr(clf.model.encoder, "get_base_model") \
             else clf.model.encoder.config
-        print(f"{name} ({config.model_type}, first position {clf.model.first_position}): {len(texts)} notes, "
+        print(f"{name} ({config.model_type}{', ' + a.quantize if a.quantize else ''}, first position "
+              f"{clf.model.first_position}): {len(texts)} notes, "
               f"{real} tokens in {padded} padded ({1 - real / padded:.1%} padding); padded {off:.2f} s, packed {on:.2f} s "
               f"(medians of {a.rounds * 2}): {off / on:.3f}x; largest |p packed - p padded| "
               f"{float(np.abs(probs['packed'] - probs['padded']).max()):.1e}; argmax changes "
