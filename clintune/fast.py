@@ -253,7 +253,9 @@ def _attention_kernels() -> bool:
     dot products, measured faster than oneDNN's batched products on Zen 4 (no AMX). With AMX, oneDNN runs its
     products on the tiles instead (square products at 1.4-2.4 TF/s and these 32-wide attention products at about
     0.8 on a 2-core Xeon, the most that two cores' AVX-512 units could reach at all), so there the kernels step
-    aside: they were not measured on such a CPU."""
+    aside. Measured on such a CPU (2 Xeon cores with AMX, ``benchmarks/attention_cpu.py``, 16 x 12 heads x 256 x
+    32): training's attention forward and backward 38.6 ms with the kernels against 32.9 with the chunked
+    products; prediction 11.5 ms against 6.1 for PyTorch's SDPA (:func:`_predict_attention`)."""
     lib = masks.compiled()
     return bool(lib is not None and lib.attention_bf16_available() and not _amx())
 
@@ -271,8 +273,9 @@ def _predict_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     """Prediction's bf16 attention on CPU where the compiled bf16 kernel does not run: (B, h, T, d) -> (B, T, h, d).
 
     With AMX, PyTorch's fused attention (SDPA: its flash kernel's products run on the tiles, scores and softmax
-    in fp32); measured on 2 Xeon cores with AMX, 12 heads: 6.3 ms at 16 x 256 x 32 against 12.0 for
-    :func:`_chunked_attention` and 12.4 for the compiled kernel; 29.2 against 40.2 and 78.4 at 16 x 512 x 64.
+    in fp32); measured on 2 Xeon cores with AMX, 12 heads (``benchmarks/attention_cpu.py``): 6.1 ms at 16 x 256 x
+    32 against 9.3 for :func:`_chunked_attention` and 11.5 for the compiled kernel; 30.1 against 41.0 and 79.5 at
+    16 x 512 x 64.
     Whole bf16 prediction of 200 benchmark notes there: 1.26 s against 1.65 s with the chunked products, paired in
     one process (``benchmarks/packing.py``). Without AMX, :func:`_chunked_attention` (faster than SDPA on Zen 4)."""
     if _amx():
@@ -365,8 +368,8 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     Without gradients: bf16 on CPU :func:`masks.attention` (:func:`_attention_kernels`) or
     :func:`_predict_attention` (PyTorch's fused SDPA with AMX, else :func:`_chunked_attention`), otherwise PyTorch's
     fused SDPA; a module marked ``int8_attention`` (``--quantize int8``, :func:`clintune.quantize.quantize_int8`)
-    takes :func:`masks.attention_int8` first wherever it is built (AVX-512 VNNI), AMX CPUs included (4.9 ms against
-    SDPA's 6.3 at 16 x 12 heads x 256 x 32 on 2 Xeon cores with AMX). Training with
+    takes :func:`masks.attention_int8` first wherever it is built (AVX-512 VNNI), AMX CPUs included (4.8 ms against
+    SDPA's 6.1 at 16 x 12 heads x 256 x 32 on 2 Xeon cores with AMX). Training with
     dropout on CPU: :class:`_DropoutAttention`.
     Otherwise (gradients without dropout) the unfused form: on CPU the fused kernel's backward is slower
     than two matrix products, softmax and their gradients. ``kernels=False`` (:data:`NO_KERNEL`, ``--fast-off
@@ -838,15 +841,14 @@ def fingerprint(on: bool, off, device: torch.device) -> dict:
     which parts are left out, whether its compiled kernels are built (``CLINTUNE_NO_KERNELS``, no compiler), and
     the hardware whose kernels round (the CPU's instruction set and AMX, or the GPU). Each changes the low-order
     bits of bf16 outputs, so the feature cache keys its entries by it (:mod:`clintune.cache`)."""
-    from .runtime import cpu_flags
-
     out = {"fast": bool(on), "off": sorted(off or ()) if on else []}
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
     else:
-        out.update(isa=torch.backends.cpu.get_cpu_capability(), amx="amx_bf16" in cpu_flags(),
+        out.update(isa=torch.backends.cpu.get_cpu_capability(), amx=_amx(),
                    kernels=bool(on) and masks.compiled() is not None,
-                   attention="sdpa" if _amx() else "clintune")      # prediction's bf16 attention (_predict_attention)
+                   # prediction's bf16 attention (_predict_attention): AMX entries cached when it was not SDPA differ
+                   attention="sdpa" if _amx() else "clintune")
     return out
 
 

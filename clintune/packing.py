@@ -24,9 +24,9 @@ real tokens only, no longer over padding as well, so codes move by a step here a
 Used for prediction on CPU in bf16 where the compiled bf16 kernels attend (:class:`clintune.modeling.Classifier`,
 ``--fast``; ``--fast-off packing`` leaves it out; not with AMX, where they step aside and padded batches through
 PyTorch's SDPA measured faster: 4.89 s against 5.26 s packed one note at a time for the 797 notes, bf16, and
-4.10 against 4.06 s with ``--quantize int8``) by encoders whose embeddings take position ids and whose layers pass keywords down
-(:func:`first_position`: BERT's code (BERT, MiniLM, ...), RoBERTa's (CamemBERT, CamemBERT-bio, DrBERT, XLM-R),
-ELECTRA's and DistilBERT's); other encoders, and training, keep padded batches.
+4.10 against 4.06 s with ``--quantize int8``) by encoders whose embeddings take position ids and whose layers
+pass keywords down (:func:`first_position`: BERT's code (BERT, MiniLM, ...), RoBERTa's (CamemBERT,
+CamemBERT-bio, DrBERT, XLM-R), ELECTRA's and DistilBERT's); other encoders, and training, keep padded batches.
 """
 from __future__ import annotations
 
