@@ -23,9 +23,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_data import cpu_line  # noqa: E402
 
 SHAPES = [(16, 12, 256, 32), (64, 12, 256, 32), (16, 12, 512, 64), (16, 12, 128, 64)]   # MiniLM; base at 512/128
 PACKED = [256] * 9 + [200, 180, 150, 120, 100, 80, 60]
@@ -48,13 +53,11 @@ def main() -> None:
     a = ap.parse_args()
 
     from clintune import fast, masks
-    from clintune.runtime import cpu_flags, cpu_name
 
     lib = masks.compiled()
     bf16_kernel = bool(lib is not None and lib.attention_bf16_available())
     int8_kernel = bool(bf16_kernel and lib.attention_int8_available())
-    isa = ", ".join(f for f in ("avx512_bf16", "avx512_vnni", "amx_bf16") if f in cpu_flags()) or "no AVX-512 bf16"
-    print(f"{cpu_name()} ({isa}), {torch.get_num_threads()} threads; clintune's choice: "
+    print(f"{cpu_line()}, {torch.get_num_threads()} threads; clintune's choice: "
           f"{'compiled kernels' if fast._attention_kernels() else 'SDPA (prediction), chunked products (training)' if fast._amx() else 'chunked products'}")
     torch.manual_seed(0)
     sdpa = torch.nn.functional.scaled_dot_product_attention

@@ -19,6 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 
+def cpu_line() -> str:
+    """The CPU's name and the instruction sets that decide clintune's CPU paths (bf16, VNNI, AMX)."""
+    from clintune.runtime import cpu_flags, cpu_name
+
+    isa = ", ".join(f for f in ("avx512_bf16", "avx512_vnni", "amx_bf16") if f in cpu_flags()) or "no AVX-512 bf16"
+    return f"{cpu_name() or 'unknown CPU'} ({isa})"
+
+
 def need_shared() -> Path:
     if not (SHARED / "data").is_dir():
         sys.exit(f"benchmarks need ../shared/data next to the repository ({SHARED} not found)")

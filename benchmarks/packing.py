@@ -6,8 +6,8 @@ the same loaded model predicts the test notes packed and padded, alternating in 
 after a warm-up call of each; prints the medians, the speed-up, the largest change in a probability, and the
 share of padding the packed form leaves out (the sorted pieces' padded tokens that are not a note's). On a CPU with
 AMX, where prediction's bf16 attention is PyTorch's SDPA (one note at a time when packed), a third arm predicts
-padded with the chunked products that AMX CPUs used before (``clintune.fast._chunked_attention``), and the
-order is ABCCBA; AMX CPUs predict padded as shipped, so there the packed arm is what packing would give.
+padded with the chunked products that AMX CPUs used before (``clintune.fast._chunked_attention``; bf16 only), and
+the order is ABCCBA; AMX CPUs predict padded as shipped, so there the packed arm is what packing would give.
 ``--quantize int8|int8-static`` loads the same model in an int8 form (int8-static calibrated on the training
 notes). Encoders:
 
@@ -81,21 +81,22 @@ def main() -> None:
     pd.read_csv(train_csv).sample(a.train_notes, random_state=0).to_csv(small, index=False)
     texts = pd.read_csv(test_csv)["text"].tolist()[: a.notes]
     amx = fast._amx()               # AMX CPUs predict padded (through SDPA in bf16): packed is measured all the same
+    load = ({"quantize": a.quantize, "calibration": pd.read_csv(small)["text"].tolist()} if a.quantize == "int8-static"
+            else {"quantize": a.quantize} if a.quantize else {})
     for name in a.encoders.split(","):
         backbone = "minilm" if name == "minilm" else _random_encoder(name, work / name)
         out = work / f"run-{name}"
         train(out, ["--data", str(small), "--backbone", backbone, "--method", "lora", "--head", "pooler",
                     "--pooling", "cls", "--epochs", "1", "--batch-size", "16", "--max-length", "256",
                     "--precision", "bf16", "--val-size", "0", "--patience", "0", "--seed", "42"])
-        calibration = pd.read_csv(small)["text"].tolist()
-        clf = clintune.load(out, **({"quantize": a.quantize, "calibration": calibration} if a.quantize == "int8-static"
-                                    else {"quantize": a.quantize} if a.quantize else {}))
+        clf = clintune.load(out, **load)
         first = first_position(clf.model.encoder)
         if first is None or not (clf.model.packed or amx):
             print(f"{name}: does not pack here (neither attention kernels nor AMX on this CPU, or an encoder packing does not take)")
             continue
         clf.model.first_position = first
-        arms = ["packed", "padded"] + (["chunked"] if amx else [])       # chunked: padded, AMX's previous attention
+        chunked = amx and not a.quantize          # the int8 forms attend through the int8 kernel either way
+        arms = ["packed", "padded"] + (["chunked"] if chunked else [])   # chunked: padded, AMX's previous attention
         times: dict[str, list[float]] = {arm: [] for arm in arms}
         probs, seen, real_pack, real_amx = {}, [], modeling.pack, fast._amx
 
@@ -131,7 +132,7 @@ def main() -> None:
               f"(medians of {a.rounds * 2}): {off / on:.3f}x; largest |p packed - p padded| "
               f"{float(np.abs(probs['packed'] - probs['padded']).max()):.1e}; argmax changes "
               f"{int((probs['packed'].argmax(1) != probs['padded'].argmax(1)).sum())}")
-        if amx:
+        if chunked:
             old = statistics.median(times["chunked"])
             print(f"  AMX: padded with the chunked products {old:.2f} s, with SDPA {off:.2f} s ({old / off:.3f}x), "
                   f"packed {on:.2f} s ({old / on:.3f}x against the chunked products); largest |p SDPA - p chunked| "

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -183,10 +182,7 @@ def main() -> None:
     for r in rows:  # the same model-FLOP count per sample for everyone (same encoder, same LoRA)
         if flops_per_sample and r["train_samples_per_s"] is not None:
             r["mfu"] = round(r["train_samples_per_s"] * flops_per_sample / (peak * 1e12), 4)
-    from clintune.runtime import cpu_flags, cpu_name
-
-    isa = ", ".join(f for f in ("avx512_bf16", "avx512_vnni", "amx_bf16") if f in cpu_flags()) or "no AVX-512 bf16"
-    print(f"machine: {cpu_name() or platform.machine()} ({isa}), {torch.get_num_threads()} threads, "
+    print(f"machine: {datasets.cpu_line()}, {torch.get_num_threads()} threads, "
           f"bf16 matmul peak {peak:.2f} TFLOP/s; {ours['n_train']} training notes x {a.epochs} epochs")
     print(f"{'setting':<15} {'train samp/s':>12} {'predict samp/s':>14} {'peak RSS MB':>11} {'F1':>6} {'acc':>6} {'MFU':>6}")
     def cell(v, fmt: str, width: int) -> str:

@@ -221,7 +221,7 @@ def test_a_classifier_predicts_packed_with_the_padded_probabilities(packing_back
 
     if not _kernels(False):
         pytest.skip("no AVX-512 BF16 kernels on this CPU: prediction stays padded")
-    amx = not fast._attention_kernels()                     # with AMX the kernels step aside: made to run here
+    amx = fast._amx()                                       # with AMX the kernels step aside: made to run here
     monkeypatch.setattr(fast, "_attention_kernels", lambda: True)
     kernel_backbone, kind = packing_backbone
     texts = ["heart cardiac noted", "rash eczema today", "cardiac", "skin rash rash eczema heart noted today",
