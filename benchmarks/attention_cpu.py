@@ -1,19 +1,20 @@
 #!/usr/bin/env python3
 """Which attention is fastest on this CPU? (issue 7) No training, no data: random bf16 queries, keys and values.
 
-clintune chooses its CPU attention by the instruction set (:mod:`clintune.fast`): the compiled AVX-512 BF16
-kernels where they run and the CPU has no AMX; with AMX, PyTorch's fused SDPA for prediction and the chunked
-oneDNN products for training. This times each form at the shapes of the benchmark encoders so that the choice
-can be checked on another CPU:
+clintune chooses its CPU attention by the instruction set (:mod:`clintune.fast`): the compiled bf16 kernels
+where they are built (AVX-512 BF16), in their AMX form where the CPU has AMX; where they are not built, PyTorch's
+fused SDPA (AMX) or the chunked oneDNN products for prediction and the chunked products for training. This times
+each form at the shapes of the benchmark encoders so that the choice can be checked on another CPU:
 
 * prediction (no gradients), (B, heads, T, d) with one note of the batch half padding: the compiled bf16 kernel
-  (:func:`clintune.masks.attention`), the int8 kernel (:func:`clintune.masks.attention_int8`, VNNI),
+  (:func:`clintune.masks.attention`; on a CPU with AMX its AMX form, and its AVX-512 form as "bf16 kernel avx512"),
+  the int8 kernel (:func:`clintune.masks.attention_int8`, VNNI),
   :func:`clintune.fast._chunked_attention` (oneDNN's batched products, a cache-sized chunk at a time) and
   PyTorch's ``scaled_dot_product_attention``;
 * packed notes (16 notes of 60-256 tokens end to end): the compiled kernel in one call against SDPA one note at
   a time (what :mod:`clintune.packing` would do where the kernel steps aside);
 * training with attention dropout 0.1, forward and backward (:class:`clintune.fast._DropoutAttention`): with
-  the compiled kernels and with the chunked products.
+  the compiled kernels (both forms with AMX) and with the chunked products.
 
 Medians of ``--repeats`` calls after two warm-up calls, in ms. Forms this CPU cannot run are left out.
 
@@ -57,8 +58,18 @@ def main() -> None:
     lib = masks.compiled()
     bf16_kernel = bool(lib is not None and lib.attention_bf16_available())
     int8_kernel = bool(bf16_kernel and lib.attention_int8_available())
+    amx = bool(bf16_kernel and lib.attention_amx_available())           # both forms of the bf16 kernels
+
+    def avx512(f):
+        def run():
+            lib.attention_amx_use(0)
+            try:
+                return f()
+            finally:
+                lib.attention_amx_use(1)
+        return run
     print(f"{cpu_line()}, {torch.get_num_threads()} threads; clintune's choice: "
-          f"{'compiled kernels' if fast._attention_kernels() else 'SDPA (prediction), chunked products (training)' if fast._amx() else 'chunked products'}")
+          f"{('compiled kernels, AMX form' if amx else 'compiled kernels') if fast._attention_kernels() else 'SDPA (prediction), chunked products (training)' if fast._amx() else 'chunked products'}")
     torch.manual_seed(0)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     with torch.inference_mode():
@@ -70,6 +81,8 @@ def main() -> None:
                      "sdpa": lambda: sdpa(q, k, v, attn_mask=mask).transpose(1, 2).contiguous()}
             if bf16_kernel:
                 forms["bf16 kernel"] = lambda: masks.attention(q, k, v, mask, d ** -0.5)
+            if amx:
+                forms["bf16 kernel avx512"] = avx512(forms["bf16 kernel"])
             if int8_kernel:
                 forms["int8 kernel"] = lambda: masks.attention_int8(q, k, v, mask, d ** -0.5)
             print(f"predict {b} x {h} x {t} x {d}: " + ", ".join(f"{n} {ms(f, a.repeats):.2f}" for n, f in forms.items()))
@@ -85,6 +98,8 @@ def main() -> None:
         forms = {"sdpa one note at a time": one_at_a_time}
         if bf16_kernel:
             forms["bf16 kernel packed"] = lambda: masks.attention(q, k, v, None, d ** -0.5, starts=starts)
+        if amx:
+            forms["bf16 kernel avx512 packed"] = avx512(forms["bf16 kernel packed"])
         print(f"packed {len(PACKED)} notes, {n} tokens, {h} x {d}: "
               + ", ".join(f"{name} {ms(f, a.repeats):.2f}" for name, f in forms.items()))
     b, h, t, d = SHAPES[0]
@@ -103,6 +118,8 @@ def main() -> None:
         if bf16_kernel:
             fast._attention_kernels = lambda: True                      # the kernels, AMX or not
             out["kernels"] = ms(lambda: step(True), a.repeats)
+            if amx:
+                out["kernels avx512"] = ms(avx512(lambda: step(True)), a.repeats)
         out["chunked"] = ms(lambda: step(False), a.repeats)
     finally:
         fast._attention_kernels = real

@@ -5,9 +5,8 @@ For each encoder: a LoRA classifier trained for one short epoch (the weights do 
 the same loaded model predicts the test notes packed and padded, alternating in ABBA order ``--rounds`` times
 after a warm-up call of each; prints the medians, the speed-up, the largest change in a probability, and the
 share of padding the packed form leaves out (the sorted pieces' padded tokens that are not a note's). On a CPU with
-AMX, where prediction's bf16 attention is PyTorch's SDPA (one note at a time when packed), a third arm predicts
-padded with the chunked products that AMX CPUs used before (``clintune.fast._chunked_attention``; bf16 only), and
-the order is ABCCBA; AMX CPUs predict padded as shipped, so there the packed arm is what packing would give.
+AMX, a third arm predicts padded through PyTorch's SDPA (the compiled kernels turned off: what AMX CPUs predicted
+with before the kernels' AMX form; bf16 only), and the order is ABCCBA.
 ``--quantize int8|int8-static`` loads the same model in an int8 form (int8-static calibrated on the training
 notes). Encoders:
 
@@ -80,7 +79,7 @@ def main() -> None:
     small = work / f"train{a.train_notes}.csv"
     pd.read_csv(train_csv).sample(a.train_notes, random_state=0).to_csv(small, index=False)
     texts = pd.read_csv(test_csv)["text"].tolist()[: a.notes]
-    amx = fast._amx()               # AMX CPUs predict padded (through SDPA in bf16): packed is measured all the same
+    amx = fast._amx()
     load = ({"quantize": a.quantize, "calibration": pd.read_csv(small)["text"].tolist()} if a.quantize == "int8-static"
             else {"quantize": a.quantize} if a.quantize else {})
     for name in a.encoders.split(","):
@@ -91,14 +90,14 @@ def main() -> None:
                     "--precision", "bf16", "--val-size", "0", "--patience", "0", "--seed", "42"])
         clf = clintune.load(out, **load)
         first = first_position(clf.model.encoder)
-        if first is None or not (clf.model.packed or amx):
-            print(f"{name}: does not pack here (neither attention kernels nor AMX on this CPU, or an encoder packing does not take)")
+        if first is None or not clf.model.packed:
+            print(f"{name}: does not pack here (no attention kernels on this CPU, or an encoder packing does not take)")
             continue
         clf.model.first_position = first
-        chunked = amx and not a.quantize          # the int8 forms attend through the int8 kernel either way
-        arms = ["packed", "padded"] + (["chunked"] if chunked else [])   # chunked: padded, AMX's previous attention
+        sdpa = amx and not a.quantize          # the int8 forms attend through the int8 kernel either way
+        arms = ["packed", "padded"] + (["sdpa"] if sdpa else [])   # sdpa: padded, AMX's previous attention
         times: dict[str, list[float]] = {arm: [] for arm in arms}
-        probs, seen, real_pack, real_amx = {}, [], modeling.pack, fast._amx
+        probs, seen, real_pack, real_kernels = {}, [], modeling.pack, fast._attention_kernels
 
         def counting(ids, mask, *rest):                 # the pieces' padded and real token counts
             seen.append((mask.numel(), int(mask.sum())))
@@ -106,11 +105,11 @@ def main() -> None:
 
         def predict(arm: str):
             clf.model.packed = arm == "packed"
-            fast._amx = (lambda: False) if arm == "chunked" else real_amx
+            fast._attention_kernels = (lambda: False) if arm == "sdpa" else real_kernels
             try:
                 return clf.predict_proba(texts)
             finally:
-                fast._amx = real_amx
+                fast._attention_kernels = real_kernels
 
         modeling.pack = counting
         probs["packed"] = predict("packed")                         # warm-up: the first call's allocations
@@ -132,12 +131,12 @@ def main() -> None:
               f"(medians of {a.rounds * 2}): {off / on:.3f}x; largest |p packed - p padded| "
               f"{float(np.abs(probs['packed'] - probs['padded']).max()):.1e}; argmax changes "
               f"{int((probs['packed'].argmax(1) != probs['padded'].argmax(1)).sum())}")
-        if chunked:
-            old = statistics.median(times["chunked"])
-            print(f"  AMX: padded with the chunked products {old:.2f} s, with SDPA {off:.2f} s ({old / off:.3f}x), "
-                  f"packed {on:.2f} s ({old / on:.3f}x against the chunked products); largest |p SDPA - p chunked| "
-                  f"{float(np.abs(probs['padded'] - probs['chunked']).max()):.1e}; argmax changes "
-                  f"{int((probs['padded'].argmax(1) != probs['chunked'].argmax(1)).sum())}")
+        if sdpa:
+            old = statistics.median(times["sdpa"])
+            print(f"  AMX: padded through SDPA {old:.2f} s, through the kernel {off:.2f} s ({old / off:.3f}x), "
+                  f"packed {on:.2f} s ({old / on:.3f}x against SDPA); largest |p kernel - p SDPA| "
+                  f"{float(np.abs(probs['padded'] - probs['sdpa']).max()):.1e}; argmax changes "
+                  f"{int((probs['padded'].argmax(1) != probs['sdpa'].argmax(1)).sum())}")
 
 
 if __name__ == "__main__":

@@ -248,16 +248,19 @@ class _DropoutAttention(torch.autograd.Function):
 
 @lru_cache(maxsize=1)
 def _attention_kernels() -> bool:
-    """Whether attention goes to the compiled AVX-512 BF16 kernels (:func:`masks.attention`,
-    :func:`masks.attention_backward`): where they are built, but not on CPUs with AMX. Their products are AVX-512
-    dot products, measured faster than oneDNN's batched products on Zen 4 (no AMX). With AMX, oneDNN runs its
-    products on the tiles instead (square products at 1.4-2.4 TF/s and these 32-wide attention products at about
-    0.8 on a 2-core Xeon, the most that two cores' AVX-512 units could reach at all), so there the kernels step
-    aside. Measured on such a CPU (2 Xeon cores with AMX, ``benchmarks/attention_cpu.py``, 16 x 12 heads x 256 x
-    32): training's attention forward and backward 38.6 ms with the kernels against 32.9 with the chunked
-    products; prediction 11.5 ms against 6.1 for PyTorch's SDPA (:func:`_predict_attention`)."""
+    """Whether attention goes to the compiled bf16 kernels (:func:`masks.attention`, :func:`masks.attention_backward`):
+    wherever they are built (AVX-512 BF16), in their AMX form on CPUs with AMX tiles. Their AVX-512 form's products
+    are dot products, measured faster than oneDNN's batched products on Zen 4 (no AMX) but slower than oneDNN's on
+    AMX tiles; their AMX form (the same element-wise steps, products on the tiles) is faster than both oneDNN's
+    products and PyTorch's SDPA there. Measured on 2 Xeon cores with AMX (``benchmarks/attention_cpu.py``, 16 x 12
+    heads x 256 x 32): training's attention forward and backward 21.7 ms with the AMX kernels against 35.8 with the
+    chunked products (39.7 for the AVX-512 form); prediction 5.0 ms against 6.1 for SDPA; 16 packed notes 3.7 ms
+    against 5.2 for SDPA one note at a time. Where Linux does not lend a process the tiles (kernels before 5.16),
+    the kernels step aside on AMX CPUs: the chunked products train and SDPA predicts (:func:`_predict_attention`)."""
     lib = masks.compiled()
-    return bool(lib is not None and lib.attention_bf16_available() and not _amx())
+    if lib is None or not lib.attention_bf16_available():
+        return False
+    return not _amx() or bool(lib.attention_amx_available())
 
 
 @lru_cache(maxsize=1)
@@ -272,12 +275,11 @@ def _predict_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
                        scale: float) -> torch.Tensor:
     """Prediction's bf16 attention on CPU where the compiled bf16 kernel does not run: (B, h, T, d) -> (B, T, h, d).
 
-    With AMX, PyTorch's fused attention (SDPA: its flash kernel's products run on the tiles, scores and softmax
-    in fp32); measured on 2 Xeon cores with AMX, 12 heads (``benchmarks/attention_cpu.py``): 6.1 ms at 16 x 256 x
-    32 against 9.3 for :func:`_chunked_attention` and 11.5 for the compiled kernel; 30.1 against 41.0 and 79.5 at
-    16 x 512 x 64.
-    Whole bf16 prediction of 200 benchmark notes there: 1.26 s against 1.65 s with the chunked products, paired in
-    one process (``benchmarks/packing.py``). Without AMX, :func:`_chunked_attention` (faster than SDPA on Zen 4)."""
+    With AMX (tiles not lent to the kernels' AMX form, :func:`_attention_kernels`), PyTorch's fused attention (SDPA:
+    its flash kernel's products run on the tiles, scores and softmax in fp32); measured on 2 Xeon cores with AMX,
+    12 heads (``benchmarks/attention_cpu.py``): 6.1 ms at 16 x 256 x 32 against 9.3 for :func:`_chunked_attention`
+    and 11.5 for the kernels' AVX-512 form; 30.1 against 41.0 and 79.5 at 16 x 512 x 64.
+    Without AMX, :func:`_chunked_attention` (faster than SDPA on Zen 4)."""
     if _amx():
         out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         return out.transpose(1, 2).contiguous()
@@ -365,11 +367,12 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
 
     Only for plain bidirectional self-attention (modules that say ``is_causal = False``, as BERT-family
     encoders do); anything else goes to transformers' SDPA attention unchanged.
-    Without gradients: bf16 on CPU :func:`masks.attention` (:func:`_attention_kernels`) or
-    :func:`_predict_attention` (PyTorch's fused SDPA with AMX, else :func:`_chunked_attention`), otherwise PyTorch's
-    fused SDPA; a module marked ``int8_attention`` (``--quantize int8``, :func:`clintune.quantize.quantize_int8`)
-    takes :func:`masks.attention_int8` first wherever it is built (AVX-512 VNNI), AMX CPUs included (4.8 ms against
-    SDPA's 6.1 at 16 x 12 heads x 256 x 32 on 2 Xeon cores with AMX). Training with
+    Without gradients: bf16 on CPU :func:`masks.attention` (:func:`_attention_kernels`, AMX tiles where the CPU has
+    them) or :func:`_predict_attention` (PyTorch's fused SDPA with AMX, else :func:`_chunked_attention`), otherwise
+    PyTorch's fused SDPA; a module marked ``int8_attention`` (``--quantize int8``,
+    :func:`clintune.quantize.quantize_int8`) takes :func:`masks.attention_int8` first wherever it is built (AVX-512
+    VNNI), AMX CPUs included (4.2 ms against the bf16 kernel's 5.0 at 16 x 12 heads x 256 x 32 on 2 Xeon cores with
+    AMX). Training with
     dropout on CPU: :class:`_DropoutAttention`.
     Otherwise (gradients without dropout) the unfused form: on CPU the fused kernel's backward is slower
     than two matrix products, softmax and their gradients. ``kernels=False`` (:data:`NO_KERNEL`, ``--fast-off
@@ -847,8 +850,9 @@ def fingerprint(on: bool, off, device: torch.device) -> dict:
     else:
         out.update(isa=torch.backends.cpu.get_cpu_capability(), amx=_amx(),
                    kernels=bool(on) and masks.compiled() is not None,
-                   # prediction's bf16 attention (_predict_attention): AMX entries cached when it was not SDPA differ
-                   attention="sdpa" if _amx() else "clintune")
+                   # prediction's bf16 attention: the kernels' AVX-512 or AMX form, else SDPA (AMX) or chunked
+                   attention=("clintune-amx" if _amx() else "clintune") if _attention_kernels()
+                   else "sdpa" if _amx() else "clintune")
     return out
 
 

@@ -27,7 +27,10 @@ stream: dropout itself (:func:`dropout`, both directions), a frozen linear's and
 through LoRA's dropout (:func:`dropout_add`), a BERT sublayer's dropout + residual + LayerNorm and its
 gradient (:func:`dropout_add_norm`), and GELU with its derivative (:func:`gelu_and_grad`). Where the CPU has
 AVX-512 BF16, attention is one kernel too, forward (:func:`attention`: QK^T, softmax, dropout in training, and
-PV per example and head in cache, with bf16 dot-product instructions) and backward (:func:`attention_backward`).
+PV per example and head in cache, with bf16 dot-product instructions) and backward (:func:`attention_backward`);
+where the CPU also has AMX and Linux lends the process its tiles, the same kernels make their products on the tiles
+(16 query rows at a time; the element-wise steps are the same code, so only the order of fp32 sums differs; the
+library's ``attention_amx_use(0)`` turns that form off, for tests and benchmarks).
 For int8 prediction (:mod:`clintune.quantize`) it also codes a tensor as uint8 in two passes, its range and then
 its codes (:func:`quantize_u8`: PyTorch's per-tensor scheme, without PyTorch's fp32 copy of bf16 input), and
 attends with 8-bit products where the CPU has AVX-512 VNNI (:func:`attention_int8`).
@@ -464,6 +467,74 @@ static void pack_pairs(uint32_t *xp, const uint16_t *x, int64_t t, int64_t tp, i
     const int64_t o0 = starts ? starts[b] : b * tmax;                                                        \
     const int64_t qo = starts ? starts[b] * st[2] : b * st[0], ko = starts ? starts[b] * st[5] : b * st[3],  \
                   vo = starts ? starts[b] * st[8] : b * st[6];
+#define MAXA @MAX_ATT@
+/* The element-wise steps of the attention kernels, per query row (the products around them differ: AVX-512 BF16
+   dot products or AMX tiles). softmax_row: scores s (fp32, keys 0..tp-1) times mult -> p, the softmax over the
+   keys that exist (j < t) and that row mask mr lets be attended (NULL: all), in fp32 (exp_neg) rounded once to
+   bf16, 0 elsewhere; a row with nothing to attend gives zeros. Training (probs_row given): P is kept there, and p
+   becomes P m (span_keep's mask from key keep0 on). grad_row: g = dP times mult (fp32) -> G = g m, then
+   ds = P (G - rowsum(G P)) rounded once and pm = P m, both 0 from t to tp. */
+static inline void softmax_row(float *s, uint16_t *p, int64_t t, int64_t tp, const uint8_t *mr, float mult,
+                               uint16_t *probs_row, int64_t keep0, uint64_t seed, int16_t th) {
+    const __m512 ninf = _mm512_set1_ps(-__builtin_inff()), vmult = _mm512_set1_ps(mult);
+    __m512 vm = ninf;
+    for (int64_t j0 = 0; j0 < tp; j0 += 16) {                    /* keys past t or masked out: -inf */
+        __m512 x = _mm512_mask_blend_ps(attended16(mr, j0, t), ninf, _mm512_mul_ps(_mm512_load_ps(s + j0), vmult));
+        _mm512_store_ps(s + j0, x);
+        vm = _mm512_max_ps(vm, x);
+    }
+    float m = _mm512_reduce_max_ps(vm);
+    if (m == -__builtin_inff()) m = 0.0f;                      /* a fully masked row: zeros */
+    const __m512 vmax = _mm512_set1_ps(m);
+    __m512 vsum = _mm512_setzero_ps();
+    for (int64_t j0 = 0; j0 < tp; j0 += 16) {
+        __m512 e = exp_neg16(_mm512_sub_ps(_mm512_load_ps(s + j0), vmax));
+        _mm512_store_ps(s + j0, e);
+        vsum = _mm512_add_ps(vsum, e);
+    }
+    const float sum = _mm512_reduce_add_ps(vsum);
+    const __m512 inv = _mm512_set1_ps(sum > 0.0f ? 1.0f / sum : 0.0f);
+    for (int64_t j0 = 0; j0 < tp; j0 += 16)                      /* round to nearest even, as f2bf */
+        _mm256_storeu_si256((__m256i *) (p + j0), (__m256i) _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(s + j0), inv)));
+    if (probs_row) {                                 /* training: keep P for the backward pass, then drop out */
+        uint16_t keep[MAXA + 8] __attribute__((aligned(64)));
+        memcpy(probs_row, p, t * 2);
+        span_keep(keep, keep0, t, seed, th);
+        for (int64_t j = 0; j < t; j++) p[j] &= keep[j];
+    }
+}
+static inline void grad_row(float *g, const uint16_t *pr, uint16_t *ds, uint16_t *pm, int64_t t, int64_t tp,
+                            float mult, int64_t keep0, uint64_t seed, int16_t th) {
+    uint16_t keep[MAXA + 16] __attribute__((aligned(64)));
+    span_keep(keep, keep0, t, seed, th);
+    float acc[16] = {0};
+    int64_t j = 0;
+    for (; j + 16 <= t; j += 16)
+        for (int l = 0; l < 16; l++) {
+            float gj = keep[j + l] ? g[j + l] * mult : 0.0f; g[j + l] = gj; acc[l] += gj * bf2f(pr[j + l]);
+        }
+    for (; j < t; j++) { float gj = keep[j] ? g[j] * mult : 0.0f; g[j] = gj; acc[0] += gj * bf2f(pr[j]); }
+    float dot = 0.0f;
+    for (int l = 0; l < 16; l++) dot += acc[l];
+    for (j = 0; j < t; j++) { ds[j] = f2bf(bf2f(pr[j]) * (g[j] - dot)); pm[j] = pr[j] & keep[j]; }
+    for (; j < tp; j++) { ds[j] = 0; pm[j] = 0; }
+}
+/* R query rows from i0 on of example b, head h (rows: those of them that exist) through softmax_row / grad_row,
+   S's rows tp apart (attention_##D's and attention_backward_##D's locals) */
+#define SOFTMAX_ROWS(R, S, P, TP, MULT)                                                                        \
+    for (int64_t r = 0; r < R; r++) {                                                                        \
+        if (r >= rows) { memset(P + r * (TP), 0, (TP) * 2); continue; }                                      \
+        const int64_t row = (b * nh + h) * t + i0 + r;                                                       \
+        softmax_row(S + r * (TP), P + r * (TP), t, TP, mask ? mask + b * st[9] + (i0 + r) * st[10] : 0, MULT, \
+                    probs ? probs + row * t : 0, row * ((t + 3) / 4) * 4, seed, th);                         \
+    }
+#define GRAD_ROWS(R, S, DS, PM, TP, MULT)                                                                      \
+    for (int64_t r = 0; r < R; r++) {                                                                        \
+        if (r >= rows) { memset(DS + r * (TP), 0, (TP) * 2); memset(PM + r * (TP), 0, (TP) * 2); continue; }  \
+        const int64_t row = bh * t + i0 + r;                                                                 \
+        grad_row(S + r * (TP), probs + row * t, DS + r * (TP), PM + r * (TP), t, TP, MULT, row * ((t + 3) / 4) * 4, \
+                 seed, th);                                                                                  \
+    }
 #define ATTENTION(D, R)                                                                                       \
 static int attention_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask,           \
                          uint16_t *out, int64_t nb, int64_t nh, int64_t tmax, const int64_t *st, float scale, \
@@ -486,40 +557,7 @@ static int attention_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v
             memset(qt, 0, sizeof(qt));                                                                       \
             for (int64_t r = 0; r < rows; r++) memcpy(qt + r * D, qb + (i0 + r) * st[2], D * 2);             \
             ROWS_DOT(D, R, S, qt, kp, tp, scale)                      /* S = Q K^T * scale */                \
-            for (int64_t r = 0; r < R; r++) {                                                                \
-                float *s = S + r * tp;                                                                       \
-                uint16_t *p = P + r * tp;                                                                    \
-                if (r >= rows) { memset(p, 0, tp * 2); continue; }                                           \
-                const uint8_t *mr = mask ? mask + b * st[9] + (i0 + r) * st[10] : 0;                         \
-                const __m512 ninf = _mm512_set1_ps(-__builtin_inff());                                       \
-                __m512 vm = ninf;                                                                            \
-                for (int64_t j0 = 0; j0 < tp; j0 += 16) {        /* keys past t or masked out: -inf */        \
-                    __m512 x = _mm512_mask_blend_ps(attended16(mr, j0, t), ninf, _mm512_load_ps(s + j0));    \
-                    _mm512_store_ps(s + j0, x);                                                              \
-                    vm = _mm512_max_ps(vm, x);                                                               \
-                }                                                                                            \
-                float m = _mm512_reduce_max_ps(vm);                                                          \
-                if (m == -__builtin_inff()) m = 0.0f;          /* a fully masked row: zeros */                \
-                const __m512 vmax = _mm512_set1_ps(m);                                                       \
-                __m512 vsum = _mm512_setzero_ps();                                                           \
-                for (int64_t j0 = 0; j0 < tp; j0 += 16) {                                                    \
-                    __m512 e = exp_neg16(_mm512_sub_ps(_mm512_load_ps(s + j0), vmax));                       \
-                    _mm512_store_ps(s + j0, e);                                                              \
-                    vsum = _mm512_add_ps(vsum, e);                                                           \
-                }                                                                                            \
-                const float sum = _mm512_reduce_add_ps(vsum);                                                \
-                const __m512 inv = _mm512_set1_ps(sum > 0.0f ? 1.0f / sum : 0.0f);                           \
-                for (int64_t j0 = 0; j0 < tp; j0 += 16)          /* round to nearest even, as f2bf */         \
-                    _mm256_storeu_si256((__m256i *) (p + j0),                                                \
-                                        (__m256i) _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(s + j0), inv))); \
-                if (probs) {                     /* training: keep P for the backward pass, then drop out */  \
-                    const int64_t row = (b * nh + h) * t + i0 + r;                                           \
-                    uint16_t keep[MAXA + 8] __attribute__((aligned(64)));                                    \
-                    memcpy(probs + row * t, p, t * 2);                                                       \
-                    span_keep(keep, row * ((t + 3) / 4) * 4, t, seed, th);                                   \
-                    for (int64_t j = 0; j < t; j++) p[j] &= keep[j];                                         \
-                }                                                                                            \
-            }                                                                                                \
+            SOFTMAX_ROWS(R, S, P, tp, 1.0f)                                                                  \
             __m512 o[R][D / 16];                                                                             \
             ROWS_TIMES(D, R, o, P, vp, tp)                            /* O = P V (P m V in training) */      \
             const __m512 vds = _mm512_set1_ps(dscale);                                                       \
@@ -534,7 +572,6 @@ static int attention_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v
     free(packed);                                                                                            \
     return 0;                                                                                                \
 }
-#define MAXA @MAX_ATT@
 ATTENTION(32, 8)
 ATTENTION(64, 4)
 /* The backward pass of training's attention (attention_##D with probs), one (example, head) per task with its
@@ -558,7 +595,6 @@ static int attention_backward_##D(const uint16_t *q, const uint16_t *k, const ui
         float *accv = (float *) (kv + tp / 2 * D), *acck = accv + tp * D;                                    \
         float S[R * MAXA] __attribute__((aligned(64)));                                                      \
         uint16_t DS[R * MAXA] __attribute__((aligned(64))), PM[R * MAXA] __attribute__((aligned(64)));       \
-        uint16_t keep[MAXA + 16] __attribute__((aligned(64)));                                               \
         uint16_t ot[R * D] __attribute__((aligned(64))), qt[R * D] __attribute__((aligned(64)));             \
         uint32_t op[R / 2 * D] __attribute__((aligned(64))), qp[R / 2 * D] __attribute__((aligned(64)));     \
         uint32_t pw[R / 2 * MAXA] __attribute__((aligned(64))), sw[R / 2 * MAXA] __attribute__((aligned(64))); \
@@ -582,25 +618,7 @@ static int attention_backward_##D(const uint16_t *q, const uint16_t *k, const ui
                     qp[r * D + c] = qt[2 * r * D + c] | (uint32_t) qt[(2 * r + 1) * D + c] << 16;            \
                 }                                                                                            \
             ROWS_DOT(D, R, S, ot, vk, tp, dscale)                     /* dP = dO' V^T, fp32 */               \
-            for (int64_t r = 0; r < R; r++) {                        /* dS = P (G - rowsum(G P)), P m */     \
-                uint16_t *ds = DS + r * tp, *pm = PM + r * tp;                                               \
-                if (r >= rows) { memset(ds, 0, tp * 2); memset(pm, 0, tp * 2); continue; }                   \
-                const int64_t row = bh * t + i0 + r;                                                         \
-                const uint16_t *pr = probs + row * t;                                                        \
-                float *g = S + r * tp;                                                                       \
-                span_keep(keep, row * ((t + 3) / 4) * 4, t, seed, th);                                       \
-                float acc[16] = {0};                                                                         \
-                int64_t j = 0;                                                                               \
-                for (; j + 16 <= t; j += 16)                                                                 \
-                    for (int l = 0; l < 16; l++) {                                                           \
-                        float gj = keep[j + l] ? g[j + l] : 0.0f; g[j + l] = gj; acc[l] += gj * bf2f(pr[j + l]); \
-                    }                                                                                        \
-                for (; j < t; j++) { float gj = keep[j] ? g[j] : 0.0f; g[j] = gj; acc[0] += gj * bf2f(pr[j]); } \
-                float dot = 0.0f;                                                                            \
-                for (int l = 0; l < 16; l++) dot += acc[l];                                                  \
-                for (j = 0; j < t; j++) { ds[j] = f2bf(bf2f(pr[j]) * (g[j] - dot)); pm[j] = pr[j] & keep[j]; } \
-                for (; j < tp; j++) { ds[j] = 0; pm[j] = 0; }                                                \
-            }                                                                                                \
+            GRAD_ROWS(R, S, DS, PM, tp, 1.0f)                         /* dS = P (G - rowsum(G P)), P m */     \
             __m512 o[R][D / 16];                                                                             \
             ROWS_TIMES(D, R, o, DS, kv, tp)                           /* dQ = dS K * scale */                \
             const __m512 vs = _mm512_set1_ps(scale);                                                         \
@@ -645,10 +663,194 @@ static int attention_backward_##D(const uint16_t *q, const uint16_t *k, const ui
 }
 ATTENTION_BACKWARD(32, 8)
 ATTENTION_BACKWARD(64, 4)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+/* The same two kernels with their products on AMX tiles (Intel Sapphire Rapids and later), where oneDNN's own
+   products run: 16 query rows at a time, every tile 16 rows x 64 bytes (a 16 x 32 bf16 operand, a 16 x 16 pair
+   operand or a 16 x 16 fp32 result). The packings are the AVX-512 kernels' (pack_keys' 16-key blocks of dimension
+   pairs and pack_pairs' key pairs are the tiles' pair layout), with t rounded up to 32 keys (tq); the element-wise
+   steps are the same functions, so only the order of the fp32 sums differs. The tile instructions are written
+   out (the compiler's intrinsics are asm statements that tell it nothing of the memory they read and write). */
+#define TLOAD(T, BASE, STRIDE) __asm__ volatile ("tileloadd (%0,%1,1), %%tmm" #T :: "r" ((const void *) (BASE)), \
+                                                 "r" ((int64_t) (STRIDE)) : "memory")
+#define TSTORE(T, BASE, STRIDE) __asm__ volatile ("tilestored %%tmm" #T ", (%0,%1,1)" :: "r" ((void *) (BASE)),  \
+                                                  "r" ((int64_t) (STRIDE)) : "memory")
+#define TZERO(T) __asm__ volatile ("tilezero %%tmm" #T ::)
+#define TDP(C, A, B) __asm__ volatile ("tdpbf16ps %%tmm" #B ", %%tmm" #A ", %%tmm" #C ::)   /* C += A B */
+static const uint8_t TILES[64] __attribute__((aligned(64))) = {   /* palette 1; tiles 0-7: 16 rows x 64 bytes */
+    1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    64, 0, 64, 0, 64, 0, 64, 0, 64, 0, 64, 0, 64, 0, 64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0};
+#define TCONFIG() __asm__ volatile ("ldtilecfg %0" :: "m" (*(const uint8_t (*)[64]) TILES) : "memory")
+#define TRELEASE() __asm__ volatile ("tilerelease" ::: "memory")
+static int amx_state = 0;                                  /* 0: not asked yet, 1: the tiles are ours, -1: refused */
+static int amx_off = 0;
+/* Whether the AMX kernels run: Linux lends a process the tiles' state on request (arch_prctl ARCH_REQ_XCOMP_PERM,
+   XFEATURE_XTILEDATA; PyTorch's oneDNN asks the same), unless attention_amx_use(0) turned them off. */
+int attention_amx_available(void) {
+    if (!amx_state) amx_state = syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? 1 : -1;
+    return amx_state > 0 && !amx_off;
+}
+void attention_amx_use(int on) { amx_off = !on; }
+/* S[0..15][0..tq-1] = A (16 x D rows of AT, D apart) times the keys XP (pack_keys) transposed, fp32 */
+#define TILES_DOT(D, S, AT, XP, TQ)                                                                            \
+    TLOAD(1, AT, D * 2);                                                                                     \
+    if (D == 64) TLOAD(3, (AT) + 32, D * 2);                                                                 \
+    for (int64_t j0 = 0; j0 < (TQ); j0 += 16) {                                                              \
+        const uint32_t *xc_ = (XP) + (j0 / 16) * (D / 2) * 16;                                               \
+        TZERO(0); TLOAD(2, xc_, 64); TDP(0, 1, 2);                                                           \
+        if (D == 64) { TLOAD(4, xc_ + 256, 64); TDP(0, 3, 4); }                                              \
+        TSTORE(0, (S) + j0, (TQ) * 4);                                                                       \
+    }
+/* O (16 x D fp32, D apart) = W (16 x TQ bf16, TQ apart) times the rows YP (pack_pairs) */
+#define TILES_TIMES(D, O, W, YP, TQ)                                                                           \
+    TZERO(4); TZERO(5);                                                                                      \
+    if (D == 64) { TZERO(6); TZERO(7); }                                                                     \
+    for (int64_t j0 = 0; j0 < (TQ); j0 += 32) {                                                              \
+        const uint32_t *yc_ = (YP) + (j0 / 2) * D;                                                           \
+        TLOAD(0, (W) + j0, (TQ) * 2);                                                                        \
+        TLOAD(1, yc_, D * 4); TDP(4, 0, 1); TLOAD(2, yc_ + 16, D * 4); TDP(5, 0, 2);                          \
+        if (D == 64) { TLOAD(1, yc_ + 32, D * 4); TDP(6, 0, 1); TLOAD(2, yc_ + 48, D * 4); TDP(7, 0, 2); }    \
+    }                                                                                                        \
+    TSTORE(4, O, D * 4); TSTORE(5, (O) + 16, D * 4);                                                         \
+    if (D == 64) { TSTORE(6, (O) + 32, D * 4); TSTORE(7, (O) + 48, D * 4); }
+#define ATTENTION_AMX(D)                                                                                      \
+static int attention_amx_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask,       \
+                             uint16_t *out, int64_t nb, int64_t nh, int64_t tmax, const int64_t *st, float scale, \
+                             uint16_t *probs, uint64_t seed, int16_t th, float dscale, const int64_t *starts) { \
+    const int64_t tqm = (tmax + 31) / 32 * 32, dp = D / 2, words = tqm * dp + tqm / 2 * D;                  \
+    uint32_t *packed = aligned_alloc(64, (size_t) THREADS() * words * 4);                                    \
+    if (!packed) return -1;                                                                                  \
+    _Pragma("omp parallel for schedule(static, 1) collapse(2)")                                               \
+    for (int64_t b = 0; b < nb; b++)                                                                         \
+    for (int64_t h = 0; h < nh; h++) {                                                                       \
+        SEQUENCE_OF(b)                                                                                       \
+        const int64_t tq = (t + 31) / 32 * 32;                                                               \
+        (void) tp;                                                                                           \
+        uint32_t *kp = packed + THREAD() * words, *vp = kp + tq * dp;                                        \
+        float S[16 * MAXA] __attribute__((aligned(64))), O[16 * D] __attribute__((aligned(64)));              \
+        uint16_t P[16 * MAXA] __attribute__((aligned(64))), qt[16 * D] __attribute__((aligned(64)));         \
+        const uint16_t *qb = q + qo + h * st[1], *kb = k + ko + h * st[4], *vb = v + vo + h * st[7];         \
+        pack_keys(kp, kb, t, tq, st[5], D);                                                                  \
+        pack_pairs(vp, vb, t, tq, st[8], D);                                                                 \
+        TCONFIG();                                                                                           \
+        for (int64_t i0 = 0; i0 < t; i0 += 16) {                                                             \
+            const int64_t rows = t - i0 < 16 ? t - i0 : 16;                                                  \
+            memset(qt, 0, sizeof(qt));                                                                       \
+            for (int64_t r = 0; r < rows; r++) memcpy(qt + r * D, qb + (i0 + r) * st[2], D * 2);             \
+            TILES_DOT(D, S, qt, kp, tq)                               /* S = Q K^T */                        \
+            SOFTMAX_ROWS(16, S, P, tq, scale)                                                                \
+            TILES_TIMES(D, O, P, vp, tq)                              /* O = P V (P m V in training) */      \
+            for (int64_t r = 0; r < rows; r++) {                                                             \
+                uint16_t *dst = out + ((o0 + i0 + r) * nh + h) * D;                                          \
+                for (int u = 0; u < D / 16; u++)                                                             \
+                    _mm256_storeu_si256((__m256i *) (dst + u * 16), (__m256i) _mm512_cvtneps_pbh(            \
+                        _mm512_mul_ps(_mm512_load_ps(O + r * D + u * 16), _mm512_set1_ps(dscale))));         \
+            }                                                                                                \
+        }                                                                                                    \
+        TRELEASE();                                                                                          \
+    }                                                                                                        \
+    free(packed);                                                                                            \
+    return 0;                                                                                                \
+}
+ATTENTION_AMX(32)
+ATTENTION_AMX(64)
+/* attention_backward_##D on tiles. Per 16 query rows: dP = dO V^T (V packed as keys), G, dS and P m (grad_row),
+   dQ = dS K * scale (K in pairs); P m and dS are also kept for the whole sequence in pairs of query rows (pw, sw:
+   the pair layout over queries), so that at the end dV^T = dO'^T (P m) and dK^T = Q'^T dS come out tile by tile
+   from dO and Q' transposed (ot, qt: D x tq). */
+#define ATTENTION_BACKWARD_AMX(D)                                                                             \
+static int attention_backward_amx_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v,                  \
+                                      const uint16_t *dout, const uint16_t *probs, uint16_t *dq, uint16_t *dk,  \
+                                      uint16_t *dv, int64_t nb, int64_t nh, int64_t t, const int64_t *so,        \
+                                      float scale, uint64_t seed, int16_t th, float dscale) {                  \
+    const int64_t tq = (t + 31) / 32 * 32, dp = D / 2;                                                       \
+    const int64_t words = tq * dp + tq / 2 * D + 2 * (tq / 2) * tq + D * tq;                                 \
+    uint32_t *heap = aligned_alloc(64, (size_t) THREADS() * words * 4);                                      \
+    if (!heap) return -1;                                                                                    \
+    _Pragma("omp parallel for schedule(static) collapse(2)")                                                   \
+    for (int64_t b = 0; b < nb; b++)                                                                         \
+    for (int64_t h = 0; h < nh; h++) {                                                                       \
+        uint32_t *vk = heap + THREAD() * words, *kv = vk + tq * dp, *pw = kv + tq / 2 * D, *sw = pw + tq / 2 * tq; \
+        uint16_t *otr = (uint16_t *) (sw + tq / 2 * tq), *qtr = otr + D * tq;                                \
+        float S[16 * MAXA] __attribute__((aligned(64))), O[16 * D] __attribute__((aligned(64)));              \
+        float C[2][256] __attribute__((aligned(64)));                                                        \
+        uint16_t DS[16 * MAXA] __attribute__((aligned(64))), PM[16 * MAXA] __attribute__((aligned(64)));     \
+        uint16_t ot[16 * D] __attribute__((aligned(64)));                                                    \
+        const int64_t bh = b * nh + h;                                                                       \
+        const uint16_t *qb = q + bh * t * D, *kb = k + bh * t * D, *vb = v + bh * t * D;                     \
+        const uint16_t *ob = dout + b * so[0] + h * so[1];                                                   \
+        pack_keys(vk, vb, t, tq, D, D);                                                                      \
+        pack_pairs(kv, kb, t, tq, D, D);                                                                     \
+        for (int64_t i = 0; i < tq; i++)                              /* dO and Q' transposed, 0 past t */   \
+            for (int64_t c = 0; c < D; c++) {                                                                \
+                otr[c * tq + i] = i < t ? ob[i * so[2] + c] : 0;                                             \
+                qtr[c * tq + i] = i < t ? qb[i * D + c] : 0;                                                 \
+            }                                                                                                \
+        const int64_t made = (t + 15) / 16 * 8;           /* query pairs the 16-row blocks write; the rest 0 */ \
+        memset(pw + made * tq, 0, (size_t) (tq / 2 - made) * tq * 4);                                        \
+        memset(sw + made * tq, 0, (size_t) (tq / 2 - made) * tq * 4);                                        \
+        TCONFIG();                                                                                           \
+        for (int64_t i0 = 0; i0 < t; i0 += 16) {                                                             \
+            const int64_t rows = t - i0 < 16 ? t - i0 : 16;                                                  \
+            memset(ot, 0, sizeof(ot));                                                                       \
+            for (int64_t r = 0; r < rows; r++) memcpy(ot + r * D, ob + (i0 + r) * so[2], D * 2);             \
+            TILES_DOT(D, S, ot, vk, tq)                               /* dP = dO V^T */                      \
+            GRAD_ROWS(16, S, DS, PM, tq, dscale)                      /* G = dP' m, dS, P m */               \
+            TILES_TIMES(D, O, DS, kv, tq)                             /* dQ = dS K * scale */                \
+            for (int64_t r = 0; r < rows; r++)                                                               \
+                for (int u = 0; u < D / 16; u++)                                                             \
+                    _mm256_storeu_si256((__m256i *) (dq + (bh * t + i0 + r) * D + u * 16), (__m256i)         \
+                        _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(O + r * D + u * 16), _mm512_set1_ps(scale)))); \
+            for (int64_t r = 0; r < 16; r += 2) {        /* pairs of rows of P m and dS (rows past t: 0) */ \
+                uint32_t *pwr = pw + ((i0 + r) / 2) * tq, *swr = sw + ((i0 + r) / 2) * tq;                   \
+                const uint16_t *pm0 = PM + r * tq, *pm1 = pm0 + tq, *ds0 = DS + r * tq, *ds1 = ds0 + tq;     \
+                for (int64_t j = 0; j < tq; j++) {                                                           \
+                    pwr[j] = pm0[j] | (uint32_t) pm1[j] << 16; swr[j] = ds0[j] | (uint32_t) ds1[j] << 16;    \
+                }                                                                                            \
+            }                                                                                                \
+        }                                                                                                    \
+        for (int64_t j0 = 0; j0 < t; j0 += 16)                        /* dV^T = dO'^T P m, dK^T = Q'^T dS */ \
+            for (int u = 0; u < D / 16; u++) {                                                               \
+                TZERO(0); TZERO(1);                                                                          \
+                for (int64_t i0 = 0; i0 < tq; i0 += 32) {                                                    \
+                    TLOAD(2, otr + u * 16 * tq + i0, tq * 2); TLOAD(3, pw + (i0 / 2) * tq + j0, tq * 4);      \
+                    TDP(0, 2, 3);                                                                            \
+                    TLOAD(4, qtr + u * 16 * tq + i0, tq * 2); TLOAD(5, sw + (i0 / 2) * tq + j0, tq * 4);      \
+                    TDP(1, 4, 5);                                                                            \
+                }                                                                                            \
+                TSTORE(0, C[0], 64); TSTORE(1, C[1], 64);                                                    \
+                for (int64_t n = 0; n < 16 && j0 + n < t; n++)                                               \
+                    for (int m = 0; m < 16; m++) {                                                           \
+                        dv[(bh * t + j0 + n) * D + u * 16 + m] = f2bf(C[0][m * 16 + n] * dscale);            \
+                        dk[(bh * t + j0 + n) * D + u * 16 + m] = f2bf(C[1][m * 16 + n]);                     \
+                    }                                                                                        \
+            }                                                                                                \
+        TRELEASE();                                                                                          \
+    }                                                                                                        \
+    free(heap);                                                                                              \
+    return 0;                                                                                                \
+}
+ATTENTION_BACKWARD_AMX(32)
+ATTENTION_BACKWARD_AMX(64)
+#define AMX_ON() attention_amx_available()
+#else
+int attention_amx_available(void) { return 0; }
+void attention_amx_use(int on) { (void) on; }
+#define AMX_ON() 0
+#define attention_amx_32 attention_32
+#define attention_amx_64 attention_64
+#define attention_backward_amx_32 attention_backward_32
+#define attention_backward_amx_64 attention_backward_64
+#endif
 int attention_backward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *dout,
                             const uint16_t *probs, uint16_t *dq, uint16_t *dk, uint16_t *dv, int64_t nb, int64_t nh,
                             int64_t t, int64_t d, const int64_t *so, float scale, uint64_t seed, int32_t th,
                             float dscale) {                                                     /* -1: no memory */
+    if (AMX_ON())
+        return d == 32 ? attention_backward_amx_32(q, k, v, dout, probs, dq, dk, dv, nb, nh, t, so, scale, seed, (int16_t) th, dscale)
+                       : attention_backward_amx_64(q, k, v, dout, probs, dq, dk, dv, nb, nh, t, so, scale, seed, (int16_t) th, dscale);
     return d == 32 ? attention_backward_32(q, k, v, dout, probs, dq, dk, dv, nb, nh, t, so, scale, seed, (int16_t) th, dscale)
                    : attention_backward_64(q, k, v, dout, probs, dq, dk, dv, nb, nh, t, so, scale, seed, (int16_t) th, dscale);
 }
@@ -658,6 +860,9 @@ int attention_backward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t
 int attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask, uint16_t *out,
                    int64_t nb, int64_t nh, int64_t t, int64_t d, const int64_t *st, float scale,
                    uint16_t *probs, uint64_t seed, int32_t th, float dscale, const int64_t *starts) { /* -1: no memory */
+    if (AMX_ON())
+        return d == 32 ? attention_amx_32(q, k, v, mask, out, nb, nh, t, st, scale, probs, seed, (int16_t) th, dscale, starts)
+                       : attention_amx_64(q, k, v, mask, out, nb, nh, t, st, scale, probs, seed, (int16_t) th, dscale, starts);
     return d == 32 ? attention_32(q, k, v, mask, out, nb, nh, t, st, scale, probs, seed, (int16_t) th, dscale, starts)
                    : attention_64(q, k, v, mask, out, nb, nh, t, st, scale, probs, seed, (int16_t) th, dscale, starts);
 }
@@ -889,6 +1094,8 @@ int attention_int8_available(void) { return 0; }
 #else
 int attention_bf16_available(void) { return 0; }
 int attention_int8_available(void) { return 0; }
+int attention_amx_available(void) { return 0; }
+void attention_amx_use(int on) { (void) on; }
 #endif
 """
 
@@ -972,6 +1179,9 @@ def _compile() -> ctypes.CDLL | None:
         lib.attention_bf16.restype = ctypes.c_int
         lib.attention_backward_bf16.argtypes = [p] * 8 + [i64] * 4 + [p, f32, u64, i32, f32]
         lib.attention_backward_bf16.restype = ctypes.c_int
+    lib.attention_amx_available.restype = ctypes.c_int
+    lib.attention_amx_use.argtypes = [ctypes.c_int]
+    lib.attention_amx_use.restype = None
     lib.attention_int8_available.restype = ctypes.c_int
     if lib.attention_int8_available():
         lib.attention_int8.argtypes = [p] * 5 + [i64] * 4 + [p, f32, p]

@@ -199,8 +199,8 @@ class Classifier:
             from .fast import _attention_kernels
             from .packing import first_position
 
-            # notes packed without padding where the compiled attention kernels take them (clintune.packing); not
-            # with AMX, where padded batches through SDPA were faster (benchmarks/README.md, "AMX")
+            # notes packed without padding where the compiled attention kernels take them (clintune.packing), in
+            # their AMX form too; not where they step aside (AMX tiles not lent: padded batches through SDPA)
             first = first_position(self.model.encoder) if _attention_kernels() else None
             self.model.packed, self.model.first_position = first is not None, first or 0
 

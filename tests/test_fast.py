@@ -250,9 +250,16 @@ def test_training_attention_kernels_keep_scores_in_fp32_and_give_the_formulas_gr
         monkeypatch.setattr(masks, "attention_backward", kernel_back)
 
 
-def test_attention_kernels_step_aside_on_amx(monkeypatch):
-    """On CPUs with AMX, oneDNN's products run on its tiles: the AVX-512 kernels are not used there."""
+def test_attention_kernels_take_amx_tiles_where_linux_lends_them_and_step_aside_where_it_does_not(monkeypatch):
+    """On CPUs with AMX the compiled kernels run in their AMX form (faster there than PyTorch's products and SDPA,
+    benchmarks/attention_cpu.py); where the tiles are not lent to the process (a kernel without
+    ARCH_REQ_XCOMP_PERM) they step aside, since their AVX-512 form is slower there than oneDNN's products on the
+    tiles. Without AMX, the AVX-512 form runs wherever it is built."""
     from clintune import runtime
+
+    lib = masks.compiled()
+    if lib is None or not lib.attention_bf16_available():
+        pytest.skip("no AVX-512 BF16 attention kernel here")
 
     def clear():
         fast._attention_kernels.cache_clear()
@@ -261,13 +268,18 @@ def test_attention_kernels_step_aside_on_amx(monkeypatch):
     clear()
     try:
         monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16"}))
-        assert not fast._attention_kernels() and fast._amx()
-        clear()
+        for lent in (1, 0):
+            monkeypatch.setattr(lib, "attention_amx_available", lambda lent=lent: lent)
+            clear()
+            assert fast._amx() and fast._attention_kernels() == bool(lent)
+            assert fast.fingerprint(True, (), torch.device("cpu"))["attention"] == ("clintune-amx" if lent else "sdpa")
         monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
-        lib = masks.compiled()
-        assert fast._attention_kernels() == bool(lib and lib.attention_bf16_available())
-        assert not fast._amx()
+        monkeypatch.setattr(lib, "attention_amx_available", lambda: 0)
+        clear()
+        assert fast._attention_kernels() and not fast._amx()
+        assert fast.fingerprint(True, (), torch.device("cpu"))["attention"] == "clintune"
     finally:
+        monkeypatch.undo()
         clear()
 
 

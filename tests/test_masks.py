@@ -298,6 +298,26 @@ def _attention_kernel():
         pytest.skip("no AVX-512 BF16 on this CPU: prediction attends with the chunked form (tests/test_fast.py)")
 
 
+def _amx_tiles() -> bool:
+    lib = masks.compiled()
+    return bool(lib is not None and lib.attention_bf16_available() and lib.attention_amx_available())
+
+
+@pytest.fixture(params=["avx512", "amx"])
+def kernel_form(request):
+    """The bf16 attention kernels' two forms: AVX-512 BF16 dot products, and AMX tiles where the CPU has them (the
+    kernels choose AMX there; this runs the other form too, so that both are checked on such a CPU)."""
+    _attention_kernel()
+    if request.param == "amx" and not _amx_tiles():
+        pytest.skip("no AMX tiles on this CPU")
+    lib, had = masks.compiled(), _amx_tiles()
+    lib.attention_amx_use(int(request.param == "amx"))
+    try:
+        yield request.param
+    finally:
+        lib.attention_amx_use(int(had))
+
+
 def _exact_attention(q, k, v, mask, scale):
     s = q.double() @ k.double().transpose(-1, -2) * scale
     if mask is not None:
@@ -329,8 +349,8 @@ def _same_bits_for_copies_and_padding(kernel, q, k, v, lens, mask, scale, out):
     assert torch.equal(kernel(q, k, v2, mask, scale), out)
 
 
-@pytest.mark.parametrize("b,h,t,d", [(3, 2, 37, 32), (2, 3, 16, 64), (2, 12, 130, 32), (1, 1, 1, 64)])
-def test_attention_kernel_is_exact_attention_to_bf16_rounding(b, h, t, d):
+@pytest.mark.parametrize("b,h,t,d", [(3, 2, 37, 32), (2, 3, 16, 64), (2, 12, 130, 32), (1, 1, 1, 64), (2, 2, 512, 32)])
+def test_attention_kernel_is_exact_attention_to_bf16_rounding(b, h, t, d, kernel_form):
     _attention_kernel()
     q, k, v, lens, mask, scale = _padded_case(b, h, t, d)
     out = masks.attention(q, k, v, mask, scale)
@@ -344,7 +364,7 @@ def test_attention_kernel_is_exact_attention_to_bf16_rounding(b, h, t, d):
     _same_bits_for_copies_and_padding(masks.attention, q, k, v, lens, mask, scale, out)
 
 
-def test_attention_kernel_takes_any_attend_mask_and_declines_what_it_cannot_do():
+def test_attention_kernel_takes_any_attend_mask_and_declines_what_it_cannot_do(kernel_form):
     _attention_kernel()
     g = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(2, 2, 20, 32, generator=g).bfloat16() for _ in range(3))
@@ -367,7 +387,7 @@ def test_attention_kernel_takes_any_attend_mask_and_declines_what_it_cannot_do()
     assert masks.attention(q, k, v, mask.float(), 0.2) is None                          # additive masks
 
 
-def test_attention_backward_kernel_is_the_formula_over_a_shared_mask_and_a_row_with_nothing_to_attend():
+def test_attention_backward_kernel_is_the_formula_over_a_shared_mask_and_a_row_with_nothing_to_attend(kernel_form):
     """Training's pair of kernels with one mask for the batch (keys 13.. hidden) and one row that attends to
     nothing (zeros out, no gradient through it): the gradients of O = (P m) V / (1 - p) to bf16 rounding."""
     _attention_kernel()
@@ -395,6 +415,41 @@ def test_attention_backward_kernel_is_the_formula_over_a_shared_mask_and_a_row_w
     assert masks.attention_backward(q48, q48, q48, q48, torch.zeros(1, 1, 4, 4).bfloat16(), 1, 0, 1.0, 1.0) is None
     with pytest.raises(ValueError, match="probs"):
         masks.attention_backward(q, k, v, d_out.transpose(1, 2), probs.float(), seed, thr, 1.25, 0.5)
+
+
+@pytest.mark.parametrize("t,d", [(45, 32), (33, 64), (256, 32), (7, 64)])
+def test_amx_and_avx512_kernels_compute_the_same_attention_and_gradients(t, d):
+    """The AMX form of the kernels against the AVX-512 form on the same inputs, dropout mask and padding: the same
+    element-wise steps, only the order of the fp32 sums differs, so the outputs, the kept P and the gradients
+    agree to a bf16 rounding step (P exactly in most places), and so do packed sequences."""
+    _attention_kernel()
+    if not _amx_tiles():
+        pytest.skip("no AMX tiles on this CPU")
+    lib = masks.compiled()
+    g = torch.Generator().manual_seed(t + d)
+    b, h, thr, seed = 3, 2, -29491, 11
+    q, k, v = (torch.randn(b, h, t, d, generator=g).mul(1.5).bfloat16() for _ in range(3))
+    mask = torch.ones(b, 1, t, t, dtype=torch.bool)
+    mask[1, ..., t // 3:] = False
+    d_out = torch.randn(b, t, h, d, generator=g).bfloat16()
+    starts = torch.tensor([0, t // 4, t // 2, t], dtype=torch.int64)
+    runs = []
+    try:
+        for amx in (1, 0):
+            lib.attention_amx_use(amx)
+            probs = torch.empty(b, h, t, t, dtype=torch.bfloat16)
+            out = masks.attention(q, k, v, mask, 0.3, probs=probs, seed=seed, threshold=thr, dropout_scale=1.25)
+            grads = masks.attention_backward(q, k, v, d_out.transpose(1, 2), probs, seed, thr, 1.25, 0.3)
+            predicted = masks.attention(q, k, v, mask, 0.3)
+            packed = masks.attention(q[:1], k[:1], v[:1], None, 0.3, starts=starts)
+            runs.append((out, probs, *grads, predicted, packed))
+    finally:
+        lib.attention_amx_use(1)
+    for a, w in zip(*runs):
+        scale = w.double().abs().max().item()
+        assert (a.double() - w.double()).abs().max().item() <= 2 ** -7 * scale + 1e-6
+        assert (a == w).double().mean() > 0.5                                     # mostly the very same bits
+    assert not runs[0][3][1, :, t // 3:].any() and not runs[0][4][1, :, t // 3:].any()   # hidden keys: no gradient
 
 
 def _int8_attention_kernel():
