@@ -172,6 +172,13 @@ def _gelu_kind(act: nn.Module) -> str | None:
     return None
 
 
+def _original(mod: nn.Module, method: str):
+    """``mod``'s class's ``method`` as transformers wrote it: that of the class :func:`clintune.fast.fuse_passes`
+    swapped out, where it swapped one in."""
+    cls = type(mod)
+    return getattr(getattr(cls, "_fused_from", cls), method, None)
+
+
 def _linear_then_gelu(encoder: nn.Module):
     """(module, linear's name, activation's name, algorithm) for each feed-forward block whose code is a linear
     then its activation and whose activation is a GELU: BERT's intermediate layer (and its copies in RoBERTa,
@@ -185,7 +192,7 @@ def _linear_then_gelu(encoder: nn.Module):
               ("ff_chunk", FFN.ff_chunk, "lin1", "activation"))
     for mod in encoder.modules():
         for method, code, lin, act in shapes:
-            if _same_code(getattr(type(mod), method, None), code) and isinstance(getattr(mod, act, None), nn.Module):
+            if _same_code(_original(mod, method), code) and isinstance(getattr(mod, act, None), nn.Module):
                 kind = _gelu_kind(getattr(mod, act))
                 if kind is not None and isinstance(getattr(mod, lin, None), Int8Linear):
                     yield mod, lin, act, kind
@@ -239,7 +246,7 @@ def static_sites(encoder: nn.Module) -> list[tuple[str, Int8Linear, Int8Linear]]
                 sites.append((f"{name}.lin2", mod.lin1, mod.lin2))
         elif _same_code(getattr(cls, "feed_forward_chunk", None), BertLayer.feed_forward_chunk):
             up, down = getattr(mod, "intermediate", None), getattr(mod, "output", None)
-            if (_same_code(getattr(type(up), "forward", None), BertIntermediate.forward)
+            if (_same_code(_original(up, "forward"), BertIntermediate.forward)
                     and fused(getattr(up, "dense", None)) and isinstance(up.intermediate_act_fn, nn.Identity)
                     and (type(down).forward is _sublayer_end_forward
                          or _same_code(getattr(type(down), "forward", None), BertSelfOutput.forward))

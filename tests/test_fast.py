@@ -715,7 +715,7 @@ def test_fused_lora_linear_is_peft_lora_with_the_same_masks(dropout):
     for fuse in (False, True):
         if fuse:
             fused = fast.fuse_passes(model)
-            assert [len(v) for v in fused.values()] == [0, 0, 1]
+            assert {k: len(v) for k, v in fused.items()} == {"sublayer_end": 0, "gelu": 0, "lora": 1, "ffn": 0}
         leaf = x.clone().requires_grad_()
         torch.manual_seed(9)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -852,6 +852,7 @@ def test_fast_off_leaves_out_just_that_part_and_keeps_the_gradients(kernel_backb
     fused = report["fused_passes"]
     assert ("lora" in fused) == (part not in ("lora", "dropout")) and ("sublayer_end" in fused) == (
         part not in ("sublayer_end", "dropout")) and ("gelu" in fused) == (part != "gelu")
+    assert ("ffn" in fused) == (part != "gelu") and (fused.get("ffn", 0) > 0) == (part not in ("gelu", "bf16_weights"))
     assert (fused.get("lora", 0) > 0) == (part not in ("lora", "dropout", "bf16_weights"))
     assert ("reuse_freed_memory" in report) == (part != "memory")
     if fast._attention_kernels():
@@ -897,3 +898,47 @@ def test_flop_counter_counts_cpu_attention_as_its_products():
         counts.append(counter.get_total_flops())
     forward = 2 * (2 * b * h * s * s * d)                    # Q K^T and P V
     assert counts[0] == counts[1] == 3 * forward             # backward: four products, twice the forward
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh"])
+def test_prediction_applies_the_feed_forward_gelu_inside_the_frozen_product(act):
+    """BERT's intermediate layer over a bf16 FrozenLinear, without gradients: GELU(x W^T + b) from oneDNN's product
+    with the GELU as a post-op, within a bf16 rounding of the float64 formula and no farther from it than the
+    unfused product then GELU; with gradients (training) the original forward, GELU keeping its derivative; int8
+    quantisation still moves the GELU into its own product after the swap."""
+    from transformers import BertConfig
+    from transformers.models.bert.modeling_bert import BertIntermediate
+
+    from clintune import quantize
+
+    if masks.compiled() is None or not fast._onednn_linear():
+        pytest.skip("no compiled kernels or no oneDNN linear here")
+    torch.manual_seed(0)
+    mod = BertIntermediate(BertConfig(hidden_size=32, intermediate_size=96, hidden_act=act))
+    x = torch.randn(4, 7, 32).bfloat16()
+    w64, b64 = mod.dense.weight.detach().bfloat16().double(), mod.dense.bias.detach().bfloat16().double()
+    pre = x.double() @ w64.t() + b64
+    want = torch.nn.functional.gelu(pre, approximate="none" if act == "gelu" else "tanh")
+    for p in mod.parameters():
+        p.requires_grad_(False)
+    fast.frozen_linears_to(mod, torch.bfloat16)
+    fast.frozen_linear_class(mod)
+    with torch.no_grad():
+        unfused = mod(x)
+    fused = fast.fuse_passes(mod)
+    assert len(fused["ffn"]) == 1 and mod._gelu_algorithm == ("none" if act == "gelu" else "tanh")
+    with torch.no_grad():
+        got = mod(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (4, 7, 96)
+    err, err_unfused = ((y.double() - want).abs().max().item() for y in (got, unfused))
+    assert err <= err_unfused and ((got.double() - want).abs() <= want.abs() * 2 ** -8 + 1e-6).all()
+    leaf = x.clone().requires_grad_()
+    out = mod(leaf)                                                    # training: the original forward
+    assert torch.equal(out.detach(), unfused)
+    out.float().sum().backward()
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+    if quantize.int8_available():
+        quantize.quantize_int8(mod)
+        assert mod.dense.gelu == ("none" if act == "gelu" else "tanh") and isinstance(mod.intermediate_act_fn, torch.nn.Identity)
+        with torch.no_grad():
+            torch.testing.assert_close(mod(x).double(), want, atol=0.05, rtol=0.05)
