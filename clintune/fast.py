@@ -571,14 +571,20 @@ class FrozenLinear(nn.Linear):
     """``nn.Linear`` whose frozen bf16 weights go through :class:`_FrozenLinear` on CPU (same parameters, same
     state dict; the class is swapped in place by :func:`frozen_linear_class` and back by ``restore``)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def onednn_input(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``x`` in the weights' dtype where the product goes to oneDNN (frozen bf16 weights and bias on CPU, ``x``
+        bf16 or under bf16 autocast), else None."""
         w, b = self.weight, self.bias
         if (x.device.type == "cpu" and w.dtype == torch.bfloat16 and not w.requires_grad
                 and (b is None or (b.dtype == w.dtype and not b.requires_grad))
                 and (x.dtype == w.dtype or (torch.is_autocast_enabled("cpu")
                                             and torch.get_autocast_dtype("cpu") == w.dtype))):
-            return _FrozenLinear.apply(x.to(w.dtype), w, b)
-        return super().forward(x)
+            return x.to(w.dtype)
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xb = self.onednn_input(x)
+        return super().forward(x) if xb is None else _FrozenLinear.apply(xb, self.weight, self.bias)
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -736,16 +742,11 @@ def _ffn_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     applies the GELU to the product as it writes it (a post-op, as ``--quantize int8`` does: the same function
     of the fp32 sums rather than of their bf16 rounding, and one pass over the 4H-wide activations fewer).
     Training, and anything else, takes the original forward."""
-    dense, x = self.dense, hidden_states
-    if type(dense) is not FrozenLinear:                        # e.g. int8 (clintune.quantize: its own GELU)
-        return self._fused_from.forward(self, hidden_states)
-    w, b = dense.weight, dense.bias
-    if (x.device.type == "cpu" and w.dtype == torch.bfloat16
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-            and (b is None or (b.dtype == w.dtype and not b.requires_grad))
-            and (x.dtype == w.dtype or (torch.is_autocast_enabled("cpu")
-                                        and torch.get_autocast_dtype("cpu") == w.dtype))):
-        return torch.ops.mkldnn._linear_pointwise(x.to(w.dtype), w, b, "gelu", [], self._gelu_algorithm)
+    dense = self.dense
+    if type(dense) is FrozenLinear and not (torch.is_grad_enabled() and hidden_states.requires_grad):
+        xb = dense.onednn_input(hidden_states)     # None: not oneDNN's product (e.g. fp32); int8 has its own GELU
+        if xb is not None:
+            return torch.ops.mkldnn._linear_pointwise(xb, dense.weight, dense.bias, "gelu", [], self._gelu_algorithm)
     return self._fused_from.forward(self, hidden_states)
 
 
@@ -766,6 +767,21 @@ def exact_gelu(mod: nn.Module) -> bool:
     return isinstance(mod, GELUActivation) and getattr(mod, "act", None) is nn.functional.gelu
 
 
+def gelu_algorithm(act: nn.Module) -> str | None:
+    """oneDNN's GELU algorithm computing ``act`` exactly: "none" for the exact (erf) GELU, "tanh" for its tanh
+    approximation; None for any other activation (left as it is)."""
+    from transformers.activations import GELUTanh
+
+    if exact_gelu(act):
+        return "none"
+    if type(act) is GELUTanh and isinstance(act.act, partial) and act.act.func is nn.functional.gelu \
+            and act.act.keywords == {"approximate": "tanh"} and not act.act.args:
+        return "tanh"
+    if type(act) is nn.GELU:
+        return act.approximate
+    return None
+
+
 def _fusable(mod: nn.Module) -> str | None:
     """"sublayer_end" for a module whose forward is BERT's ``BertSelfOutput.forward`` (dense, dropout,
     LayerNorm of the sum; also RoBERTa's, CamemBERT's ... copies), "gelu" for transformers' exact GELU,
@@ -780,11 +796,9 @@ def _fusable(mod: nn.Module) -> str | None:
         return "lora"
     if (type(getattr(mod, "dense", None)) is FrozenLinear and _same_code(type(mod).forward, BertIntermediate.forward)
             and isinstance(getattr(mod, "intermediate_act_fn", None), nn.Module)):
-        from .quantize import _gelu_kind
-
-        kind = _gelu_kind(mod.intermediate_act_fn)
+        kind = gelu_algorithm(mod.intermediate_act_fn)
         if kind is not None:
-            mod._gelu_algorithm = kind
+            mod._gelu_algorithm = kind                               # what _ffn_forward asks oneDNN for
             return "ffn"
     if (isinstance(getattr(mod, "LayerNorm", None), nn.LayerNorm) and isinstance(getattr(mod, "dense", None), nn.Module)
             and isinstance(getattr(mod, "dropout", None), (nn.Dropout, FastDropout))

@@ -155,23 +155,6 @@ def require_cpu(quantize: str, device: torch.device) -> None:
                           "(device='cpu' from Python) or drop --quantize")
 
 
-def _gelu_kind(act: nn.Module) -> str | None:
-    """oneDNN's GELU algorithm computing ``act`` exactly: "none" for the exact (erf) GELU, "tanh" for its tanh
-    approximation; None for any other activation (left as it is)."""
-    from transformers.activations import GELUTanh
-
-    from .fast import exact_gelu
-
-    if exact_gelu(act):
-        return "none"
-    if type(act) is GELUTanh and isinstance(act.act, functools.partial) and act.act.func is nn.functional.gelu \
-            and act.act.keywords == {"approximate": "tanh"} and not act.act.args:
-        return "tanh"
-    if type(act) is nn.GELU:
-        return act.approximate
-    return None
-
-
 def _original(mod: nn.Module, method: str):
     """``mod``'s class's ``method`` as transformers wrote it: that of the class :func:`clintune.fast.fuse_passes`
     swapped out, where it swapped one in."""
@@ -186,14 +169,14 @@ def _linear_then_gelu(encoder: nn.Module):
     from transformers.models.bert.modeling_bert import BertIntermediate
     from transformers.models.distilbert.modeling_distilbert import FFN
 
-    from .fast import _same_code
+    from .fast import _same_code, gelu_algorithm
 
     shapes = (("forward", BertIntermediate.forward, "dense", "intermediate_act_fn"),
               ("ff_chunk", FFN.ff_chunk, "lin1", "activation"))
     for mod in encoder.modules():
         for method, code, lin, act in shapes:
             if _same_code(_original(mod, method), code) and isinstance(getattr(mod, act, None), nn.Module):
-                kind = _gelu_kind(getattr(mod, act))
+                kind = gelu_algorithm(getattr(mod, act))
                 if kind is not None and isinstance(getattr(mod, lin, None), Int8Linear):
                     yield mod, lin, act, kind
 

@@ -8,6 +8,7 @@ from torch import nn
 import clintune
 from clintune import masks
 from clintune.errors import ConfigError
+from clintune.fast import gelu_algorithm
 from clintune.quantize import Int8Linear, _SharedInput, int8_available, quantize_int8
 
 from conftest import tiny_config
@@ -208,7 +209,7 @@ def test_feed_forward_gelu_moves_into_the_int8_product(kind, act, algorithm, mon
         a = enc(input_ids=ids, attention_mask=mask).last_hidden_state
         b = ref(input_ids=ids, attention_mask=mask).last_hidden_state
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)   # fp32: the same function, only where it is applied moved
-    assert quantize._gelu_kind(nn.GELU()) == "none" and quantize._gelu_kind(nn.ReLU()) is None
+    assert gelu_algorithm(nn.GELU()) == "none" and gelu_algorithm(nn.ReLU()) is None
 
 
 @needs_int8
