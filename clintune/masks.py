@@ -409,6 +409,11 @@ static inline __m512 exp_neg16(__m512 x) {      /* exp_neg on 16 lanes: the same
    broadcast row: xp[(j / 16) (d / 2) 16 + c 16 + j % 16] = dimensions (2c, 2c + 1) of row j. pack_pairs lays them
    out so that one makes 16 dimensions of a weighted sum of two rows: xp[jp d + c] = x[2 jp, c] | x[2 jp + 1, c] << 16.
    Both write zeros for the rows t..tp-1. */
+/* rows 0..rows-1 of x (ld apart, d wide) into a block of R rows, d apart; the block's rows past them 0 */
+static inline void gather_rows(uint16_t *block, const uint16_t *x, int64_t rows, int64_t R, int64_t ld, int64_t d) {
+    memset(block, 0, (size_t) R * d * 2);
+    for (int64_t r = 0; r < rows; r++) memcpy(block + r * d, x + r * ld, d * 2);
+}
 static void pack_keys(uint32_t *xp, const uint16_t *x, int64_t t, int64_t tp, int64_t ld, int64_t d) {
     for (int64_t j = 0; j < tp; j++)
         for (int64_t c = 0; c < d / 2; c++) {
@@ -554,8 +559,7 @@ static int attention_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v
         pack_pairs(vp, vb, t, tp, st[8], D);                                                                 \
         for (int64_t i0 = 0; i0 < t; i0 += R) {                                                              \
             const int64_t rows = t - i0 < R ? t - i0 : R;                                                    \
-            memset(qt, 0, sizeof(qt));                                                                       \
-            for (int64_t r = 0; r < rows; r++) memcpy(qt + r * D, qb + (i0 + r) * st[2], D * 2);             \
+            gather_rows(qt, qb + i0 * st[2], rows, R, st[2], D);                                             \
             ROWS_DOT(D, R, S, qt, kp, tp, scale)                      /* S = Q K^T * scale */                \
             SOFTMAX_ROWS(R, S, P, tp, 1.0f)                                                                  \
             __m512 o[R][D / 16];                                                                             \
@@ -606,12 +610,8 @@ static int attention_backward_##D(const uint16_t *q, const uint16_t *k, const ui
         memset(accv, 0, (size_t) tp * D * 8);                                                                \
         for (int64_t i0 = 0; i0 < t; i0 += R) {                                                              \
             const int64_t rows = t - i0 < R ? t - i0 : R;                                                    \
-            memset(ot, 0, sizeof(ot));                                                                       \
-            memset(qt, 0, sizeof(qt));                                                                       \
-            for (int64_t r = 0; r < rows; r++) {                                                             \
-                memcpy(ot + r * D, ob + (i0 + r) * so[2], D * 2);                                            \
-                memcpy(qt + r * D, qb + (i0 + r) * D, D * 2);                                                \
-            }                                                                                                \
+            gather_rows(ot, ob + i0 * so[2], rows, R, so[2], D);                                             \
+            gather_rows(qt, qb + i0 * D, rows, R, D, D);                                                     \
             for (int r = 0; r < R / 2; r++)                                                                  \
                 for (int c = 0; c < D; c++) {                                                                \
                     op[r * D + c] = ot[2 * r * D + c] | (uint32_t) ot[(2 * r + 1) * D + c] << 16;            \
@@ -737,8 +737,7 @@ static int attention_amx_##D(const uint16_t *q, const uint16_t *k, const uint16_
         TCONFIG();                                                                                           \
         for (int64_t i0 = 0; i0 < t; i0 += 16) {                                                             \
             const int64_t rows = t - i0 < 16 ? t - i0 : 16;                                                  \
-            memset(qt, 0, sizeof(qt));                                                                       \
-            for (int64_t r = 0; r < rows; r++) memcpy(qt + r * D, qb + (i0 + r) * st[2], D * 2);             \
+            gather_rows(qt, qb + i0 * st[2], rows, 16, st[2], D);                                            \
             TILES_DOT(D, S, qt, kp, tq)                               /* S = Q K^T */                        \
             SOFTMAX_ROWS(16, S, P, tq, scale)                                                                \
             TILES_TIMES(D, O, P, vp, tq)                              /* O = P V (P m V in training) */      \
@@ -794,8 +793,7 @@ static int attention_backward_amx_##D(const uint16_t *q, const uint16_t *k, cons
         TCONFIG();                                                                                           \
         for (int64_t i0 = 0; i0 < t; i0 += 16) {                                                             \
             const int64_t rows = t - i0 < 16 ? t - i0 : 16;                                                  \
-            memset(ot, 0, sizeof(ot));                                                                       \
-            for (int64_t r = 0; r < rows; r++) memcpy(ot + r * D, ob + (i0 + r) * so[2], D * 2);             \
+            gather_rows(ot, ob + i0 * so[2], rows, 16, so[2], D);                                            \
             TILES_DOT(D, S, ot, vk, tq)                               /* dP = dO V^T */                      \
             GRAD_ROWS(16, S, DS, PM, tq, dscale)                      /* G = dP' m, dS, P m */               \
             TILES_TIMES(D, O, DS, kv, tq)                             /* dQ = dS K * scale */                \
