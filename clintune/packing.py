@@ -22,9 +22,10 @@ another number of rows differently; with ``--quantize int8`` the dynamic activat
 real tokens only, no longer over padding as well, so codes move by a step here and there.
 
 Used for prediction on CPU in bf16 where the compiled bf16 kernels attend (:class:`clintune.modeling.Classifier`,
-``--fast``; ``--fast-off packing`` leaves it out; not with AMX, where they step aside and padded batches through
-PyTorch's SDPA measured faster: 4.89 s against 5.26 s packed one note at a time for the 797 notes, bf16, and
-4.10 against 4.06 s with ``--quantize int8``) by encoders whose embeddings take position ids and whose layers
+``--fast``; ``--fast-off packing`` leaves it out; AMX CPUs included since the kernels' AMX form: 200 notes in
+1.09 s packed against 1.13 s padded through that kernel and 1.17 s padded through PyTorch's SDPA, which AMX CPUs
+used before, ``benchmarks/packing.py``; not where the kernels step aside) by encoders whose embeddings take
+position ids and whose layers
 pass keywords down (:func:`first_position`: BERT's code (BERT, MiniLM, ...), RoBERTa's (CamemBERT,
 CamemBERT-bio, DrBERT, XLM-R), ELECTRA's and DistilBERT's); other encoders, and training, keep padded batches.
 """
