@@ -62,12 +62,10 @@ def main() -> None:
 
     def avx512(f):
         def run():
-            lib.attention_amx_use(0)
-            try:
+            with masks.amx_form(False):
                 return f()
-            finally:
-                lib.attention_amx_use(1)
         return run
+
     print(f"{cpu_line()}, {torch.get_num_threads()} threads; clintune's choice: "
           f"{('compiled kernels, AMX form' if amx else 'compiled kernels') if fast._attention_kernels() else 'SDPA (prediction), chunked products (training)' if fast._amx() else 'chunked products'}")
     torch.manual_seed(0)

@@ -30,7 +30,7 @@ AVX-512 BF16, attention is one kernel too, forward (:func:`attention`: QK^T, sof
 PV per example and head in cache, with bf16 dot-product instructions) and backward (:func:`attention_backward`);
 where the CPU also has AMX and Linux lends the process its tiles, the same kernels make their products on the tiles
 (16 query rows at a time; the element-wise steps are the same code, so only the order of fp32 sums differs; the
-library's ``attention_amx_use(0)`` turns that form off, for tests and benchmarks).
+library's ``attention_amx_use(0)`` turns that form off, for tests and benchmarks: :func:`amx_form`).
 For int8 prediction (:mod:`clintune.quantize`) it also codes a tensor as uint8 in two passes, its range and then
 its codes (:func:`quantize_u8`: PyTorch's per-tensor scheme, without PyTorch's fp32 copy of bf16 input), and
 attends with 8-bit products where the CPU has AVX-512 VNNI (:func:`attention_int8`).
@@ -46,6 +46,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -1185,6 +1186,23 @@ def _compile() -> ctypes.CDLL | None:
         lib.attention_int8.argtypes = [p] * 5 + [i64] * 4 + [p, f32, p]
         lib.attention_int8.restype = ctypes.c_int
     return lib
+
+
+@contextmanager
+def amx_form(on: bool):
+    """Inside the block the bf16 attention kernels use their AMX form (``on``, where the CPU has AMX and Linux lends
+    the tiles) or their AVX-512 form; the form in use before comes back after it. For tests and benchmarks, which
+    check and time both forms on one CPU (the kernels choose AMX wherever it runs)."""
+    lib = compiled()
+    if lib is None:
+        yield
+        return
+    before = bool(lib.attention_amx_available())
+    lib.attention_amx_use(int(on))
+    try:
+        yield
+    finally:
+        lib.attention_amx_use(int(before))
 
 
 def compiled() -> ctypes.CDLL | None:

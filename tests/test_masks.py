@@ -310,12 +310,8 @@ def kernel_form(request):
     _attention_kernel()
     if request.param == "amx" and not _amx_tiles():
         pytest.skip("no AMX tiles on this CPU")
-    lib, had = masks.compiled(), _amx_tiles()
-    lib.attention_amx_use(int(request.param == "amx"))
-    try:
+    with masks.amx_form(request.param == "amx"):
         yield request.param
-    finally:
-        lib.attention_amx_use(int(had))
 
 
 def _exact_attention(q, k, v, mask, scale):
@@ -425,7 +421,6 @@ def test_amx_and_avx512_kernels_compute_the_same_attention_and_gradients(t, d):
     _attention_kernel()
     if not _amx_tiles():
         pytest.skip("no AMX tiles on this CPU")
-    lib = masks.compiled()
     g = torch.Generator().manual_seed(t + d)
     b, h, thr, seed = 3, 2, -29491, 11
     q, k, v = (torch.randn(b, h, t, d, generator=g).mul(1.5).bfloat16() for _ in range(3))
@@ -434,17 +429,15 @@ def test_amx_and_avx512_kernels_compute_the_same_attention_and_gradients(t, d):
     d_out = torch.randn(b, t, h, d, generator=g).bfloat16()
     starts = torch.tensor([0, t // 4, t // 2, t], dtype=torch.int64)
     runs = []
-    try:
-        for amx in (1, 0):
-            lib.attention_amx_use(amx)
+    for amx in (True, False):
+        with masks.amx_form(amx):
             probs = torch.empty(b, h, t, t, dtype=torch.bfloat16)
             out = masks.attention(q, k, v, mask, 0.3, probs=probs, seed=seed, threshold=thr, dropout_scale=1.25)
             grads = masks.attention_backward(q, k, v, d_out.transpose(1, 2), probs, seed, thr, 1.25, 0.3)
             predicted = masks.attention(q, k, v, mask, 0.3)
             packed = masks.attention(q[:1], k[:1], v[:1], None, 0.3, starts=starts)
-            runs.append((out, probs, *grads, predicted, packed))
-    finally:
-        lib.attention_amx_use(1)
+        runs.append((out, probs, *grads, predicted, packed))
+    assert _amx_tiles()                                             # the AMX form back after the blocks
     for a, w in zip(*runs):
         scale = w.double().abs().max().item()
         assert (a.double() - w.double()).abs().max().item() <= 2 ** -7 * scale + 1e-6
