@@ -8,7 +8,10 @@ share of padding the packed form leaves out (the sorted pieces' padded tokens th
 AMX, a third arm predicts padded through PyTorch's SDPA (the compiled kernels turned off: what AMX CPUs predicted
 with before the kernels' AMX form; bf16 only), and the order is ABCCBA.
 ``--quantize int8|int8-static`` loads the same model in an int8 form (int8-static calibrated on the training
-notes). Encoders:
+notes). ``--first-pass`` times instead what the warm-up above leaves out: a process's first prediction, where
+oneDNN builds a product for every row count it has not seen, with the packed sequences padded to a few lengths
+(``packing.rounded_rows``, as bf16 prediction ships) and without; each arm in a process of its own, ABBA
+``--rounds`` times, its first and second call over the ``--notes`` test notes (0: all). Encoders:
 
 * ``minilm``: the embedded MiniLM-L6 (BERT's code, 6 x 384, head size 32), as trained in ``speed.py``;
 * ``roberta-base``: RoBERTa's code at CamemBERT-base's (and CamemBERT-bio's, DrBERT's) size, 12 x 768, head
@@ -16,12 +19,14 @@ notes). Encoders:
 * ``distilbert-base``: DistilBERT's code at distilbert-base's size, 6 x 768, random weights likewise.
 
     python benchmarks/packing.py [--encoders minilm,roberta-base,distilbert-base] [--notes 200] [--rounds 3]
-                                 [--quantize int8|int8-static]
+                                 [--quantize int8|int8-static] [--first-pass]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import subprocess
 import statistics
 import sys
 import time
@@ -59,7 +64,51 @@ def _random_encoder(kind: str, d: Path) -> str:
     return str(d)
 
 
+def first_pass_child(model: str, test_csv: str, notes: int, rounded: bool, probs_out: str) -> None:
+    """One arm of ``--first-pass`` in this process: load, predict twice, print the two times as JSON."""
+    import clintune
+
+    texts = pd.read_csv(test_csv)["text"].tolist()
+    texts = texts[:notes] if notes else texts
+    clf = clintune.load(model)
+    clf.model.round_rows = rounded and clf.model.packed
+    seconds = []
+    for _ in range(2):
+        t = time.perf_counter()
+        p = clf.predict_proba(texts)
+        seconds.append(time.perf_counter() - t)
+        if len(seconds) == 1:
+            np.save(probs_out, p)
+    print(json.dumps({"rounded": clf.model.round_rows, "packed": clf.model.packed, "seconds": seconds}))
+
+
+def first_pass(name: str, out: Path, test_csv: Path, work: Path, a) -> None:
+    """``--first-pass``: the rounded and unrounded arms, each in a fresh process, ABBA."""
+    times: dict[bool, list] = {True: [], False: []}
+    for arm in [True, False, False, True] * a.rounds:
+        probs = work / f"first-pass-{name}-{int(arm)}.npy"
+        r = subprocess.run([sys.executable, __file__, "--child-first-pass", str(out), str(test_csv), str(a.notes),
+                            str(int(arm)), str(probs)], capture_output=True, text=True)
+        if r.returncode:
+            sys.exit(f"{name}: the first-pass child failed:\n{r.stderr[-2000:]}")
+        row = json.loads(r.stdout.strip().splitlines()[-1])
+        if not row["packed"]:
+            print(f"{name}: does not pack here (no attention kernels on this CPU, or an encoder packing does not take)")
+            return
+        times[arm].append(row["seconds"])
+    n = len(pd.read_csv(test_csv)) if not a.notes else a.notes
+    p1, p0 = (np.load(work / f"first-pass-{name}-{i}.npy") for i in (1, 0))
+    med = {arm: [statistics.median(s[i] for s in times[arm]) for i in (0, 1)] for arm in times}
+    print(f"{name}: {n} notes, first call (medians of {2 * a.rounds} processes each): rounded {n / med[True][0]:.1f} "
+          f"samples/s, not rounded {n / med[False][0]:.1f} ({med[False][0] / med[True][0]:.3f}x); second call "
+          f"{n / med[True][1]:.1f} against {n / med[False][1]:.1f} ({med[False][1] / med[True][1]:.3f}x); largest "
+          f"|p rounded - p not| {float(np.abs(p1 - p0).max()):.1e}, argmax changes {int((p1.argmax(1) != p0.argmax(1)).sum())}")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--child-first-pass"]:
+        model, test_csv, notes, rounded, probs = sys.argv[2:7]
+        return first_pass_child(model, test_csv, int(notes), rounded == "1", probs)
     ap = argparse.ArgumentParser()
     ap.add_argument("--encoders", default="minilm,roberta-base,distilbert-base")
     ap.add_argument("--notes", type=int, default=200, help="test notes predicted per call")
@@ -67,8 +116,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="ABBA rounds (each: packed, padded, padded, packed)")
     ap.add_argument("--quantize", choices=["int8", "int8-static"], default=None,
                     help="predict with the int8 forms (the same model, loaded quantised)")
+    ap.add_argument("--first-pass", action="store_true",
+                    help="time each process's first prediction, packed sequences rounded to a few lengths and not")
     ap.add_argument("--work", default="/tmp/clintune-bench/packing")
     a = ap.parse_args()
+    if a.first_pass and a.quantize:
+        ap.error("--first-pass times bf16 prediction (the int8 forms do not round their sequences)")
 
     import clintune
     from clintune import fast, modeling
@@ -78,7 +131,7 @@ def main() -> None:
     train_csv, test_csv = medabs(work / "medabs")
     small = work / f"train{a.train_notes}.csv"
     pd.read_csv(train_csv).sample(a.train_notes, random_state=0).to_csv(small, index=False)
-    texts = pd.read_csv(test_csv)["text"].tolist()[: a.notes]
+    texts = pd.read_csv(test_csv)["text"].tolist()[: a.notes or None]
     amx = fast._amx()
     load = ({"quantize": a.quantize, "calibration": pd.read_csv(small)["text"].tolist()} if a.quantize == "int8-static"
             else {"quantize": a.quantize} if a.quantize else {})
@@ -88,6 +141,9 @@ def main() -> None:
         train(out, ["--data", str(small), "--backbone", backbone, "--method", "lora", "--head", "pooler",
                     "--pooling", "cls", "--epochs", "1", "--batch-size", "16", "--max-length", "256",
                     "--precision", "bf16", "--val-size", "0", "--patience", "0", "--seed", "42"])
+        if a.first_pass:
+            first_pass(name, out, test_csv, work, a)
+            continue
         clf = clintune.load(out, **load)
         first = first_position(clf.model.encoder)
         if first is None or not clf.model.packed:

@@ -49,18 +49,34 @@ class Packed:
 
     def unpack(self, states: torch.Tensor, first_token_only: bool) -> torch.Tensor:
         """The encoder's (1, N, H) packed output -> (B, T, H), zeros at padding; a trimmed last layer's (1, B, H)
-        first rows -> (B, 1, H)."""
+        first rows -> (B, 1, H). Rows past the notes' (a filler's, :func:`pack`'s ``multiple``) are dropped."""
+        b = len(self.starts) - 1
         if first_token_only:
-            return states[0].unsqueeze(1)
+            return states[0, :b].unsqueeze(1)
         out = states.new_zeros((*self.where.shape, states.shape[-1]))
-        out[self.where] = states[0]
+        out[self.where] = states[0, : int(self.starts[b])]
         return out
 
 
-def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, first_position: int = 0) -> tuple[dict, Packed] | None:
+def rounded_rows(n: int) -> int:
+    """``n`` rounded up to a multiple of 2^(floor(log2 n) - 4): 17 row counts from 2^k to 2^(k + 1), each under 1/16
+    more rows than ``n`` (``n`` itself below 32)."""
+    step = 1 << max(n.bit_length() - 5, 0)
+    return -(-n // step) * step
+
+
+def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, first_position: int = 0,
+         round_rows: bool = False) -> tuple[dict, Packed] | None:
     """(B, T) ids and mask -> (the encoder's keyword arguments for one packed sequence, its layout); None where
     a note's tokens are not a prefix of its row (left padding, holes): those stay padded. Each note's position
-    ids run from ``first_position`` (:func:`first_position`: 0 for BERT, padding_idx + 1 for RoBERTa)."""
+    ids run from ``first_position`` (:func:`first_position`: 0 for BERT, padding_idx + 1 for RoBERTa).
+
+    ``round_rows`` pads the sequence to :func:`rounded_rows` tokens with a filler: one more sequence after the
+    notes, attending only to itself (the first ids again), whose rows :meth:`Packed.unpack` drops. The notes'
+    rows are computed as without it (row-wise operations, their own keys), and the products see a few row
+    counts instead of a new one at almost every batch: oneDNN builds (JIT-compiles) a product for each row count
+    it has not seen, 3-5 ms each on the Xeon with AMX, about a tenth of a first bf16 pass over the speed
+    benchmark's 797 test notes (``benchmarks/packing.py --first-pass``)."""
     where = attention_mask.bool()
     lengths = where.sum(1)
     t = where.shape[1]
@@ -70,12 +86,18 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, first_position: 
     torch.cumsum(lengths.to(torch.int64), 0, out=starts[1:])
     positions = torch.arange(first_position, first_position + t, device=where.device).expand_as(where)[where]
     ids = input_ids[where][None]
+    layout = Packed(starts, where)
+    filler = rounded_rows(ids.shape[1]) - ids.shape[1] if round_rows else 0
+    if filler:                                      # fewer than 1/16 of the rows: ids[:, :filler] are there
+        ids = torch.cat([ids, ids[:, :filler]], 1)
+        positions = torch.cat([positions, first_position + torch.arange(filler, device=where.device) % t])
+        starts = torch.cat([starts, starts.new_tensor([ids.shape[1]])])
     # An all-ones mask says "no padding", so transformers builds no mask at all: without one, transformers 5.x
     # (5.25 at least) reads the restarting position ids as packed sequences and builds a block-diagonal (N, N)
     # mask for every forward pass, which clintune's attention would refuse (the offsets already say it).
     kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": positions[None],
               STARTS: starts}
-    return kwargs, Packed(starts, where)
+    return kwargs, layout
 
 
 def first_position(encoder: nn.Module) -> int | None:

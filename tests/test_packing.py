@@ -81,6 +81,17 @@ def test_pack_lays_the_notes_end_to_end_and_unpack_puts_them_back():
     back = layout.unpack(states, first_token_only=False)
     assert back[..., 0].tolist() == [[0, 1, 2, 3, 4], [5, 6, 7, 0, 0], [8, 9, 0, 0, 0]]
     assert layout.unpack(states[:, :3], first_token_only=True).shape == (3, 1, 2)
+    # rounded: a filler sequence after the notes (the first ids again, positions from 0), dropped by unpack
+    assert pack(ids, mask, round_rows=True)[0]["input_ids"].shape == (1, 10)       # under 32 tokens: as they are
+    long = torch.randint(5, 40, (3, 20), generator=torch.Generator().manual_seed(0))
+    lmask = (torch.arange(20) < torch.tensor([20, 17, 14])[:, None]).long()
+    kwargs, layout = pack(long, lmask, first_position=2, round_rows=True)
+    assert kwargs["input_ids"].shape == (1, 52) and kwargs["attention_mask"].tolist() == [[1] * 52]  # 51 -> 52
+    assert kwargs[STARTS].tolist() == [0, 20, 37, 51, 52] and layout.starts.tolist() == [0, 20, 37, 51]
+    assert kwargs["input_ids"][0, 51] == long[0, 0] and kwargs["position_ids"][0, 51] == 2
+    states = torch.arange(52.0).view(1, 52, 1)
+    assert layout.unpack(states, first_token_only=False)[lmask.bool()].flatten().tolist() == list(range(51))
+    assert layout.unpack(states[:, [0, 20, 37, 51]], first_token_only=True).flatten().tolist() == [0, 20, 37]
     left = torch.tensor([[0, 2, 3], [2, 10, 3]])
     assert pack(left, (left != 0).long()) is None                         # left padding: stays padded
     assert pack(ids, torch.zeros_like(mask)) is None                      # an empty row: stays padded
@@ -149,6 +160,38 @@ def test_a_packed_encoder_gives_the_padded_batchs_outputs(kind, trim, precision)
     assert packed.shape == padded.shape and (packed[~real] == 0).all()
     err = float((packed[real] - padded[real]).norm() / padded[real].norm())
     assert err < {"fp32": 1e-6, "bf16": 1e-2, "int8": 5e-2}[precision], err
+
+
+def test_rounded_rows_allows_seventeen_row_counts_an_octave_and_under_a_sixteenth_more_rows():
+    from clintune.packing import rounded_rows
+
+    assert [rounded_rows(n) for n in (1, 20, 31, 32, 33, 63, 64, 65, 4095, 4096, 4097)] == \
+        [1, 20, 31, 32, 34, 64, 64, 68, 4096, 4096, 4352]
+    for lo in (64, 512, 2048):
+        counts = {rounded_rows(n) for n in range(lo, 2 * lo)}
+        assert len(counts) == 17 and all(rounded_rows(n) - n < n / 16 for n in range(lo, 2 * lo))
+
+
+@pytest.mark.parametrize("trim", [False, True])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_rounded_packed_sequence_gives_the_notes_the_same_states(trim, precision):
+    """The filler only adds rows: each note's rows are those of the packed sequence without it, to fp32 rounding
+    (attention one sequence at a time; the filler joined to the last note would move its rows by about 1e-2),
+    and in bf16 through the kernels up to the products blocking the rows otherwise (bf16's last bit)."""
+    if precision == "bf16" and not _kernels(False):
+        pytest.skip("no AVX-512 BF16 kernels on this CPU")
+    enc = _encoder(trim)
+    ids, mask = _batch()
+    mask[3, 1] = 1                                            # 55 tokens: rounded to 56
+    outs = []
+    for rounded in (False, True):
+        kwargs, layout = pack(ids, mask, round_rows=rounded)
+        assert kwargs["input_ids"].shape[1] == (56 if rounded else 55)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            outs.append(layout.unpack(enc(**kwargs).last_hidden_state, trim).float())
+    assert outs[0].shape == outs[1].shape
+    tol = {"fp32": 1e-5, "bf16": 2e-2}[precision]
+    assert float((outs[0] - outs[1]).abs().max()) <= tol * float(outs[0].abs().max())
 
 
 def test_packed_attention_runs_the_kernel_once_per_layer_or_each_sequence_without_it(monkeypatch):
@@ -235,6 +278,7 @@ def test_a_classifier_predicts_packed_with_the_padded_probabilities(packing_back
         clf = clintune.load(out)
         assert clf.model.packed and clf.model.first_token_only == (pooling == "cls")
         assert clf.model.first_position == (1 if kind == "roberta" else 0)          # RoBERTa: padding_idx 0 + 1
+        assert clf.model.round_rows                                       # bf16: to a few lengths
         record = json.loads((out / "record.json").read_text())
         assert record["cost"]["speedups"]["prediction"] == "notes packed without padding"
         packs.clear()
