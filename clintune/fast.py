@@ -265,6 +265,18 @@ def _attention_kernels() -> bool:
     return not _amx() or bool(lib.attention_amx_available())
 
 
+def _int8_attention(module) -> bool:
+    """Whether a self-attention module marked ``int8_attention`` (``--quantize int8``,
+    :func:`clintune.quantize.quantize_int8`) attends through :func:`masks.attention_int8` (where it is built: AVX-512
+    VNNI). Not where the bf16 kernels run in their AMX form, faster there than the int8 kernel and exact to bf16:
+    measured on 2 Xeon cores with AMX (``benchmarks/attention_cpu.py``), 3.8 ms against 4.2 at 16 x 12 heads x 256 x
+    32, 18.9 against 23.8 at 16 x 12 x 512 x 64."""
+    if not getattr(module, "int8_attention", False):
+        return False
+    lib = masks.compiled()
+    return not (_amx() and lib is not None and lib.attention_bf16_available() and lib.attention_amx_available())
+
+
 @lru_cache(maxsize=1)
 def _amx() -> bool:
     """Whether the CPU has AMX tiles for bf16 (oneDNN, and so PyTorch's products and SDPA, run on them)."""
@@ -373,8 +385,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     them) or :func:`_predict_attention` (PyTorch's fused SDPA with AMX, else :func:`_chunked_attention`), otherwise
     PyTorch's fused SDPA; a module marked ``int8_attention`` (``--quantize int8``,
     :func:`clintune.quantize.quantize_int8`) takes :func:`masks.attention_int8` first wherever it is built (AVX-512
-    VNNI), AMX CPUs included (4.2 ms against the bf16 kernel's 5.0 at 16 x 12 heads x 256 x 32 on 2 Xeon cores with
-    AMX). Training with
+    VNNI), except where the bf16 kernels' AMX form runs, faster there (:func:`_int8_attention`). Training with
     dropout on CPU: :class:`_DropoutAttention`.
     Otherwise (gradients without dropout) the unfused form: on CPU the fused kernel's backward is slower
     than two matrix products, softmax and their gradients. ``kernels=False`` (:data:`NO_KERNEL`, ``--fast-off
@@ -399,7 +410,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     if not needs_grad:
         if query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.bfloat16:
             out = None
-            if kernels and getattr(module, "int8_attention", False):     # --quantize int8 (clintune.quantize)
+            if kernels and _int8_attention(module):                     # --quantize int8 (clintune.quantize)
                 out = masks.attention_int8(query, key, value, attention_mask, scale)     # None: no VNNI kernel
             if out is None and kernels and _attention_kernels():
                 out = masks.attention(query, key, value, attention_mask, scale)
@@ -428,7 +439,7 @@ def _packed_attention(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     one call where they run, else :func:`attention` one sequence at a time."""
     if kernels and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16:
         out = None
-        if getattr(module, "int8_attention", False):
+        if _int8_attention(module):
             out = masks.attention_int8(q, k, v, None, scale, starts=starts)
         if out is None and _attention_kernels():
             out = masks.attention(q, k, v, None, scale, starts=starts)

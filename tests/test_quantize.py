@@ -246,7 +246,8 @@ def test_quantize_is_checked():
 @needs_int8
 def test_int8_prediction_attends_with_the_int8_kernel(monkeypatch):
     """quantize_int8 marks the encoder's self-attention modules; clintune's attention then takes the int8 kernel
-    for them (one call per layer), close to the bf16 kernel's result, and the bf16 kernel where it declines."""
+    for them (one call per layer), close to the bf16 kernel's result, and the bf16 kernel where it declines; where
+    the bf16 kernels run on AMX tiles (faster there), the bf16 kernel."""
     from transformers import BertConfig, BertModel
 
     from clintune import fast
@@ -273,7 +274,16 @@ def test_int8_prediction_attends_with_the_int8_kernel(monkeypatch):
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
             return enc(input_ids=ids, attention_mask=mask).last_hidden_state.float()
 
-    a = run(lambda *args: calls.append(1) or real(*args))
+    if fast._amx() and fast._attention_kernels():
+        # the bf16 kernels' AMX form is the faster one there: int8 prediction attends through it
+        assert not fast._int8_attention(marked[0])
+        a = run(lambda *args: calls.append(1) or real(*args))
+        assert calls == []
+        with masks.amx_form(False):                             # the AVX-512 form: the int8 kernel again
+            assert fast._int8_attention(marked[0])
+            a = run(lambda *args: calls.append(1) or real(*args))
+    else:
+        a = run(lambda *args: calls.append(1) or real(*args))
     assert len(calls) == 2
     b = run(lambda *args: None)                                 # declined: the bf16 kernel
     assert len(calls) == 2 and not torch.equal(a, b)
