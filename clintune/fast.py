@@ -590,7 +590,8 @@ class FrozenLinear(nn.Linear):
                 and (b is None or (b.dtype == w.dtype and not b.requires_grad))
                 and (x.dtype == w.dtype or (torch.is_autocast_enabled("cpu")
                                             and torch.get_autocast_dtype("cpu") == w.dtype))):
-            return x.to(w.dtype)
+            copy = getattr(x, BF16_COPY, None)        # a prediction sublayer end's bf16 rounding of x (same bits)
+            return copy if copy is not None else x.to(w.dtype)
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -707,6 +708,11 @@ class _DropoutAddNorm(torch.autograd.Function):
         return dh, dr, None, None, None, None
 
 
+#: the attribute under which a prediction sublayer end's fp32 output carries its bf16 rounding
+#: (:func:`_sublayer_end_forward`), for the bf16 products that read it (:meth:`FrozenLinear.onednn_input`)
+BF16_COPY = "_clintune_bf16"
+
+
 def _sublayer_end_forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
     """BERT's ``LayerNorm(dropout(dense(x)) + input)``: by :class:`_DropoutAddNorm` in training, and by one
     pass (:func:`masks.add_norm`) in prediction, where they apply."""
@@ -720,7 +726,13 @@ def _sublayer_end_forward(self, hidden_states: torch.Tensor, input_tensor: torch
         if drop.training and 0.0 < drop.p < 1.0:
             return _DropoutAddNorm.apply(h, input_tensor, ln.weight, ln.bias, ln.eps, drop.p)
         if not drop.training and not (torch.is_grad_enabled() and (h.requires_grad or input_tensor.requires_grad)):
-            return masks.add_norm(h.contiguous(), input_tensor.contiguous(), ln.weight, ln.bias, ln.eps)
+            if type(self.dense) is not FrozenLinear:            # int8 (quantize.Int8Linear) codes y from fp32
+                return masks.add_norm(h.contiguous(), input_tensor.contiguous(), ln.weight, ln.bias, ln.eps)
+            # bf16 products read y next (the next layer's query, key and value; the feed-forward block's first
+            # linear): its bf16 rounding from the same pass, which FrozenLinear.onednn_input takes
+            y, yb = masks.add_norm(h.contiguous(), input_tensor.contiguous(), ln.weight, ln.bias, ln.eps, True)
+            setattr(y, BF16_COPY, yb)
+            return y
     return ln(drop(h) + input_tensor)
 
 

@@ -212,10 +212,11 @@ void dropout_add_bf16_f32(const uint16_t *a, const uint16_t *b, float *out, int6
 /* A transformer sublayer's end, z = round(h s) m + r, y = (z - mean) rstd w + b over rows of length n
    (h bf16, the rest fp32; m the stream's mask over h's flat elements, s = 1 / (1 - p)); z and (mean, rstd)
    per row are kept for the backward pass (stats NULL: not kept; z may be y). With threshold -32768 and s = 1
-   (no dropout: prediction) every element is kept and round(h s) = h, so no mask is drawn. */
+   (no dropout: prediction) every element is kept and round(h s) = h, so no mask is drawn. yb (not NULL): y
+   rounded to bf16 as well (as PyTorch casts it), for the bf16 products that read y next. */
 void dropout_add_norm_bf16(const uint16_t *h, const float *r, const float *w, const float *b, float *y, float *z,
                            float *stats, int64_t rows, int64_t n, uint64_t seed, int32_t threshold, float scale,
-                           float eps) {
+                           float eps, uint16_t *yb) {
     const int drop = threshold > -32768 || scale != 1.0f;
     #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < rows; i++) {
@@ -248,6 +249,7 @@ void dropout_add_norm_bf16(const uint16_t *h, const float *r, const float *w, co
         for (int l = 0; l < 16; l++) var += acc[l];
         const float rstd = 1.0f / __builtin_sqrtf(var / (float) n + eps);
         for (j = 0; j < n; j++) yi[j] = (zi[j] - mean) * rstd * w[j] + b[j];
+        if (yb) for (j = 0; j < n; j++) yb[i * n + j] = f2bf_nan(yi[j]);
         if (stats) { stats[2 * i] = mean; stats[2 * i + 1] = rstd; }
     }
 }
@@ -1169,7 +1171,7 @@ def _compile() -> ctypes.CDLL | None:
     p, i64, u64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int32, ctypes.c_float
     signatures = {"softmax_keep_bf16": [p] * 3 + [i64] * 3 + [u64, i32],
                   "softmax_keep_backward_bf16": [p] * 3 + [i64] * 3 + [u64, i32],
-                  "dropout_add_norm_bf16": [p] * 7 + [i64] * 2 + [u64, i32, f32, f32],
+                  "dropout_add_norm_bf16": [p] * 7 + [i64] * 2 + [u64, i32, f32, f32, p],
                   "dropout_add_norm_backward_bf16": [p] * 6 + [i64] * 2 + [u64, i32, f32],
                   "gelu_and_grad_bf16": [p] * 3 + [i64],
                   **{f"dropout_{a}_{b}": [p, p, i64, u64, i32, f32] for a, b in _DROPOUT_TYPES},
@@ -1464,33 +1466,40 @@ def fused_rows_available(n: int) -> bool:
 
 
 def dropout_add_norm(h: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                     seed: int, threshold: int, scale: float, *, for_backward: bool = True
+                     seed: int, threshold: int, scale: float, *, for_backward: bool = True, yb: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """y = LayerNorm(round(h * scale) * m + r) over the last dim in one pass: h bf16, r and the LayerNorm's
     weight and bias fp32; m is :func:`draw`'s mask over h's flat elements for ``seed`` (the mask
     ``keep_bits(h.shape, ...)`` gives), and round(h * scale) * m is exactly dropout's bf16 output.
     Returns (y, z, stats): z the LayerNorm's fp32 input and stats each row's (mean, 1 / std), for
-    :func:`dropout_add_norm_backward`; with ``for_backward=False`` nothing is kept (z is y, stats None)."""
+    :func:`dropout_add_norm_backward`; with ``for_backward=False`` nothing is kept (z is y, stats None).
+    ``yb`` (bf16, h's shape): also written, y rounded to bf16 (``y.to(torch.bfloat16)``'s bits)."""
     n = h.shape[-1]
     _check({"h": (h, torch.bfloat16), "r": (r, torch.float32)}, h.shape)
     _check({"weight": (weight, torch.float32), "bias": (bias, torch.float32)}, (n,))
     if not fused_rows_available(n):
         raise ValueError(f"dropout_add_norm: rows of 1 to {MAX_ROW} values, where the kernels are compiled")
+    if yb is not None:
+        _check({"yb": (yb, torch.bfloat16)}, h.shape)
     rows = h.numel() // n
     y = torch.empty(h.shape)
     z, stats = (torch.empty(h.shape), torch.empty((rows, 2))) if for_backward else (y, None)
     compiled().dropout_add_norm_bf16(h.data_ptr(), r.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
                                      z.data_ptr(), None if stats is None else stats.data_ptr(), rows, n, seed,
-                                     int(threshold), float(scale), float(eps))
+                                     int(threshold), float(scale), float(eps), None if yb is None else yb.data_ptr())
     return y, z, stats
 
 
-def add_norm(h: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+def add_norm(h: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+             bf16_copy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """y = LayerNorm(h + r) over the last dim in one pass, for prediction (h bf16; r, the LayerNorm's weight and
     bias fp32; y fp32): :func:`dropout_add_norm` with every element kept (no mask drawn) and nothing kept for a
     backward pass. PyTorch takes two passes (the add, then ``native_layer_norm``); the sum is the same fp32 sum
-    and the LayerNorm within fp32 rounding of PyTorch's."""
-    return dropout_add_norm(h, r, weight, bias, eps, 0, -32768, 1.0, for_backward=False)[0]
+    and the LayerNorm within fp32 rounding of PyTorch's. ``bf16_copy``: (y, y rounded to bf16), the second from
+    the same pass (what the next layer's bf16 products read, instead of a cast of y for each of them)."""
+    yb = torch.empty(h.shape, dtype=torch.bfloat16) if bf16_copy else None
+    y = dropout_add_norm(h, r, weight, bias, eps, 0, -32768, 1.0, for_backward=False, yb=yb)[0]
+    return (y, yb) if bf16_copy else y
 
 
 def dropout_add_norm_backward(dy: torch.Tensor, z: torch.Tensor, stats: torch.Tensor, weight: torch.Tensor, seed: int,

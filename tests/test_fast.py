@@ -371,6 +371,33 @@ def test_paging_out_originals_keeps_their_values(tmp_path):
     assert isinstance(fast.trim_heap(), bool)
 
 
+def test_a_frozen_linear_reads_the_bf16_copy_a_prediction_sublayer_end_leaves_on_its_output():
+    """Prediction's sublayer end (BERT's LayerNorm(dense(x) + input)) over a bf16 FrozenLinear returns its fp32 output
+    carrying that output's bf16 rounding (one pass, the bits a cast gives); a FrozenLinear under bf16 autocast
+    reads the copy instead of casting. An output without one is cast as before."""
+    from transformers import BertConfig
+    from transformers.models.bert.modeling_bert import BertSelfOutput
+
+    if masks.compiled() is None or not fast._onednn_linear():
+        pytest.skip("no compiled kernels or oneDNN linear here")
+    torch.manual_seed(0)
+    end = BertSelfOutput(BertConfig(hidden_size=32, intermediate_size=64)).eval().requires_grad_(False)
+    end.dense.to(torch.bfloat16)
+    sp = fast.Speedups()
+    sp._classes = fast.frozen_linear_class(end) + [p for ps in fast.fuse_passes(end).values() for p in ps]
+    assert type(end.dense) is fast.FrozenLinear and hasattr(type(end), "_fused_from")
+    h, r = torch.randn(3, 5, 32), torch.randn(3, 5, 32)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = end(h, r)
+        copy = getattr(y, fast.BF16_COPY)
+        assert y.dtype == torch.float32 and torch.equal(copy, y.bfloat16())
+        lin = end.dense                                          # a FrozenLinear reading y next
+        assert torch.equal(lin(y), lin(y.clone()))               # the copy's bits are the cast's
+        setattr(y, fast.BF16_COPY, torch.zeros_like(copy))        # it reads the copy, not y
+        assert torch.equal(lin(y), lin(torch.zeros_like(y)))
+    sp.restore()
+
+
 def test_frozen_linears_through_onednn_give_autocasts_bits_and_gradients(tiny_backbone):
     """Frozen bf16 linears swapped to FrozenLinear (bias added inside oneDNN's product): the same output bits
     and input gradients as autocast's linear, no gradient for W or b, the same state dict, and restore()

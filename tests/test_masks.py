@@ -270,6 +270,8 @@ def test_add_norm_is_the_sum_then_layernorm(n):
                                rtol=1e-5, atol=1e-5)
     kept, _, _ = masks.dropout_add_norm(h, r, w, b, 1e-12, 5, -32768, 1.0)
     assert torch.equal(y, kept)
+    y2, yb = masks.add_norm(h, r, w, b, 1e-12, bf16_copy=True)      # and its bf16 rounding from the same pass
+    assert torch.equal(y2, y) and yb.dtype == torch.bfloat16 and torch.equal(yb, y.bfloat16())
     with pytest.raises(ValueError, match="r must be"):
         masks.add_norm(h, r.bfloat16(), w, b, 1e-12)
 
