@@ -255,9 +255,9 @@ def _attention_kernels() -> bool:
     are dot products, measured faster than oneDNN's batched products on Zen 4 (no AMX) but slower than oneDNN's on
     AMX tiles; their AMX form (the same element-wise steps, products on the tiles) is faster than both oneDNN's
     products and PyTorch's SDPA there. Measured on 2 Xeon cores with AMX (``benchmarks/attention_cpu.py``, 16 x 12
-    heads x 256 x 32): training's attention forward and backward 21.7 ms with the AMX kernels against 35.8 with the
-    chunked products (39.7 for the AVX-512 form); prediction 5.0 ms against 6.1 for SDPA; 16 packed notes 3.7 ms
-    against 5.2 for SDPA one note at a time. Where Linux does not lend a process the tiles (kernels before 5.16),
+    heads x 256 x 32): training's attention forward and backward 19.5 ms with the AMX kernels against 30.2 with the
+    chunked products (36.8 for the AVX-512 form); prediction 3.8 ms against 5.2 for SDPA; 16 packed notes 2.8 ms
+    against 4.9 for SDPA one note at a time. Where Linux does not lend a process the tiles (kernels before 5.16),
     the kernels step aside on AMX CPUs: the chunked products train and SDPA predicts (:func:`_predict_attention`)."""
     lib = masks.compiled()
     if lib is None or not lib.attention_bf16_available():
