@@ -273,7 +273,7 @@ def _int8_attention(module) -> bool:
     32, 18.9 against 23.8 at 16 x 12 x 512 x 64."""
     if not getattr(module, "int8_attention", False):
         return False
-    lib = masks.compiled()
+    lib = masks.compiled()       # asked each time: the form can be switched (masks.amx_form; _attention_kernels caches)
     return not (_amx() and lib is not None and lib.attention_bf16_available() and lib.attention_amx_available())
 
 
