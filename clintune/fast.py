@@ -255,9 +255,9 @@ def _attention_kernels() -> bool:
     are dot products, measured faster than oneDNN's batched products on Zen 4 (no AMX) but slower than oneDNN's on
     AMX tiles; their AMX form (the same element-wise steps, products on the tiles) is faster than both oneDNN's
     products and PyTorch's SDPA there. Measured on 2 Xeon cores with AMX (``benchmarks/attention_cpu.py``, 16 x 12
-    heads x 256 x 32): training's attention forward and backward 19.5 ms with the AMX kernels against 30.2 with the
-    chunked products (36.8 for the AVX-512 form); prediction 3.8 ms against 5.2 for SDPA; 16 packed notes 2.8 ms
-    against 4.9 for SDPA one note at a time. Where Linux does not lend a process the tiles (kernels before 5.16),
+    heads x 256 x 32): training's attention forward and backward 16.6 ms with the AMX kernels against 32.7 with the
+    chunked products (34.3 for the AVX-512 form); prediction 3.6 ms against 5.7 for SDPA; 16 packed notes 2.3 ms
+    against 4.3 for SDPA one note at a time. Where Linux does not lend a process the tiles (kernels before 5.16),
     the kernels step aside on AMX CPUs: the chunked products train and SDPA predicts (:func:`_predict_attention`)."""
     lib = masks.compiled()
     if lib is None or not lib.attention_bf16_available():
@@ -269,8 +269,8 @@ def _int8_attention(module) -> bool:
     """Whether a self-attention module marked ``int8_attention`` (``--quantize int8``,
     :func:`clintune.quantize.quantize_int8`) attends through :func:`masks.attention_int8` (where it is built: AVX-512
     VNNI). Not where the bf16 kernels run in their AMX form, faster there than the int8 kernel and exact to bf16:
-    measured on 2 Xeon cores with AMX (``benchmarks/attention_cpu.py``), 3.8 ms against 4.2 at 16 x 12 heads x 256 x
-    32, 18.9 against 23.8 at 16 x 12 x 512 x 64."""
+    measured on 2 Xeon cores with AMX (``benchmarks/attention_cpu.py``), 3.6 ms against 4.1 at 16 x 12 heads x 256 x
+    32, 16.7 against 21.4 at 16 x 12 x 512 x 64, packed 2.5 against 3.0."""
     if not getattr(module, "int8_attention", False):
         return False
     lib = masks.compiled()       # asked each time: the form can be switched (masks.amx_form; _attention_kernels caches)

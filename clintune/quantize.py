@@ -24,7 +24,7 @@ with AVX-512 BF16 and VNNI, head size 32 or 64; elsewhere the bf16 kernel): per 
 key row and each value column coded symmetrically from its own range, the softmax computed in fp32 and its
 unnormalised weights e = exp(s - max s) in [0, 1] coded as round(255 e), the weight that coding leaves out given
 to the mean value row. Measured on 2 Zen 4 cores (16 x 12 heads x 256 tokens x 32): 4.6 ms against 7.1 ms for the
-bf16 kernel. Where the bf16 kernel runs on AMX tiles it is the faster one (3.8 ms against 4.2 on 2 Xeon cores), and
+bf16 kernel. Where the bf16 kernel runs on AMX tiles it is the faster one (3.6 ms against 4.1 on 2 Xeon cores), and
 int8 prediction attends through it (:func:`clintune.fast._int8_attention`).
 
 ``--quantize int8-static`` codes one more tensor on a range fixed beforehand ("static" quantisation, Jacob et
