@@ -49,7 +49,8 @@ class Packed:
 
     def unpack(self, states: torch.Tensor, first_token_only: bool) -> torch.Tensor:
         """The encoder's (1, N, H) packed output -> (B, T, H), zeros at padding; a trimmed last layer's (1, B, H)
-        first rows -> (B, 1, H). Rows past the notes' (a filler's, :func:`pack`'s ``multiple``) are dropped."""
+        first rows -> (B, 1, H). Rows after the notes' (the filler :func:`pack` adds with ``round_rows``) are
+        dropped."""
         b = len(self.starts) - 1
         if first_token_only:
             return states[0, :b].unsqueeze(1)
