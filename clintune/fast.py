@@ -726,12 +726,14 @@ def _sublayer_end_forward(self, hidden_states: torch.Tensor, input_tensor: torch
         if drop.training and 0.0 < drop.p < 1.0:
             return _DropoutAddNorm.apply(h, input_tensor, ln.weight, ln.bias, ln.eps, drop.p)
         if not drop.training and not (torch.is_grad_enabled() and (h.requires_grad or input_tensor.requires_grad)):
-            if type(self.dense) is not FrozenLinear:            # int8 (quantize.Int8Linear) codes y from fp32
-                return masks.add_norm(h.contiguous(), input_tensor.contiguous(), ln.weight, ln.bias, ln.eps)
             # bf16 products read y next (the next layer's query, key and value; the feed-forward block's first
-            # linear): its bf16 rounding from the same pass, which FrozenLinear.onednn_input takes
-            y, yb = masks.add_norm(h.contiguous(), input_tensor.contiguous(), ln.weight, ln.bias, ln.eps, True)
-            setattr(y, BF16_COPY, yb)
+            # linear): its bf16 rounding from the same pass, which FrozenLinear.onednn_input takes; int8
+            # (quantize.Int8Linear) codes y from fp32
+            bf16_next = type(self.dense) is FrozenLinear
+            y = masks.add_norm(h.contiguous(), input_tensor.contiguous(), ln.weight, ln.bias, ln.eps, bf16_next)
+            if bf16_next:
+                y, yb = y
+                setattr(y, BF16_COPY, yb)
             return y
     return ln(drop(h) + input_tensor)
 
