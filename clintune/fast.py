@@ -66,6 +66,7 @@ PARTS = {
     "gelu": "GELU keeping its derivative in training, and inside the feed-forward product in prediction (PyTorch's)",
     "memory": "reuse of freed memory (glibc's default)",
     "packing": "prediction's notes packed without padding (clintune.packing; padded batches instead)",
+    "embeddings": "prediction's embeddings (gathers, adds, LayerNorm; BERT's) in one pass (PyTorch's)",
 }
 _registered = False
 
@@ -738,6 +739,72 @@ def _sublayer_end_forward(self, hidden_states: torch.Tensor, input_tensor: torch
     return ln(drop(h) + input_tensor)
 
 
+def _embeddings_forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                        cache_length: int = 0) -> torch.Tensor:
+    """BERT's (and RoBERTa's) embeddings ``dropout(LayerNorm(word(ids) + type(types) + position(positions)))`` in
+    prediction: one pass (:func:`masks.embed_norm`) for the three gathers, the two adds and the LayerNorm (dropout
+    is the identity there), on fp32 tables on CPU; under bf16 autocast the output carries its bf16 rounding from
+    the same pass for the first layer's bf16 products (:data:`BF16_COPY`). Positions and types as the model's
+    code takes them (``position_ids`` None: BERT's 0, 1, ... from ``cache_length``, RoBERTa's from its padding
+    index on; ``token_type_ids`` None: the all-zero buffer's). Training, anything else, and ids outside a table
+    (PyTorch's own error) take the original forward."""
+    out = _embed_norm(self, input_ids, token_type_ids, position_ids, inputs_embeds, cache_length)
+    if out is not None:
+        return out
+    return self._fused_from.forward(self, input_ids, token_type_ids, position_ids, inputs_embeds, cache_length)
+
+
+def _distilbert_embeddings_forward(self, input_ids, inputs_embeds=None, position_ids=None) -> torch.Tensor:
+    """DistilBERT's embeddings ``dropout(LayerNorm(word(ids) + position(positions)))``, as
+    :func:`_embeddings_forward` (no token types)."""
+    out = _embed_norm(self, input_ids, None, position_ids, inputs_embeds, 0)
+    if out is not None:
+        return out
+    return self._fused_from.forward(self, input_ids, inputs_embeds, position_ids)
+
+
+def _embed_norm(self, input_ids, token_type_ids, position_ids, inputs_embeds, cache_length: int):
+    """The fused embeddings' output where they apply, else None (:func:`_embeddings_forward`)."""
+    ln = self.LayerNorm
+    typ = getattr(self, "token_type_embeddings", None)
+    tables = (self.word_embeddings, self.position_embeddings) + (() if typ is None else (typ,))
+    if not (input_ids is not None and inputs_embeds is None and input_ids.dim() == 2 and input_ids.device.type == "cpu"
+            and (not self.dropout.training or self.dropout.p == 0.0)
+            and not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+            and all(type(e) is nn.Embedding and e.weight.dtype == torch.float32 and e.weight.is_contiguous()
+                    for e in tables)
+            and ln.weight is not None and ln.bias is not None and ln.weight.dtype == ln.bias.dtype == torch.float32
+            and tuple(ln.normalized_shape) == (self.word_embeddings.embedding_dim,)
+            and masks.fused_rows_available(ln.weight.shape[0])):
+        return None
+    batch, t = input_ids.shape
+    if position_ids is None:
+        if getattr(self, "_positions_from_ids", False):                          # RoBERTa's numbering
+            position_ids = self.create_position_ids_from_input_ids(input_ids, self.padding_idx, cache_length)
+        else:
+            position_ids = self.position_ids[:, cache_length:cache_length + t]
+    types = token_type_ids
+    if typ is None:                                     # DistilBERT: a zero row, (w + 0) + p = w + p
+        typ_weight = torch.zeros(1, self.word_embeddings.embedding_dim)
+    else:
+        typ_weight = typ.weight
+        if types is None and getattr(self, "token_type_ids", None) is not None and bool(self.token_type_ids.any()):
+            types = torch.gather(self.token_type_ids.expand(position_ids.shape[0], -1), 1, position_ids)
+        if types is not None:
+            types = types.to(torch.int64).expand(batch, t).contiguous()
+    bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    y = masks.embed_norm(input_ids.to(torch.int64).contiguous(),
+                         position_ids.to(torch.int64).expand(batch, t).contiguous(), types,
+                         self.word_embeddings.weight, self.position_embeddings.weight, typ_weight,
+                         ln.weight, ln.bias, ln.eps, bf16_copy=bf16)
+    if y is None:
+        return None
+    if bf16:
+        y, yb = y
+        setattr(y, BF16_COPY, yb)
+    return y
+
+
 class _GeluKeepGrad(torch.autograd.Function):
     """GELU(x) = x Phi(x) for bf16 x, keeping GELU'(x) = Phi(x) + x phi(x) (bf16, the memory x took)
     from the same pass (:func:`masks.gelu_and_grad`), so the backward is one product dx = dy GELU'(x)
@@ -811,12 +878,28 @@ def _fusable(mod: nn.Module) -> str | None:
     """"sublayer_end" for a module whose forward is BERT's ``BertSelfOutput.forward`` (dense, dropout,
     LayerNorm of the sum; also RoBERTa's, CamemBERT's ... copies), "gelu" for transformers' exact GELU,
     "lora" for PEFT's LoRA linear over a :class:`FrozenLinear`, "ffn" for BERT's intermediate layer (and its
-    copies) over a :class:`FrozenLinear` with a GELU oneDNN computes (exact or tanh; :func:`_ffn_forward`)."""
+    copies) over a :class:`FrozenLinear` with a GELU oneDNN computes (exact or tanh; :func:`_ffn_forward`),
+    "embeddings" for BERT's or RoBERTa's embeddings (and copies; :func:`_embeddings_forward`),
+    "distilbert_embeddings" for DistilBERT's (:func:`_distilbert_embeddings_forward`)."""
     from peft.tuners.lora.layer import Linear as LoraLinear
-    from transformers.models.bert.modeling_bert import BertIntermediate, BertSelfOutput
+    from transformers.models.bert.modeling_bert import BertEmbeddings, BertIntermediate, BertSelfOutput
+    from transformers.models.distilbert.modeling_distilbert import Embeddings as DistilBertEmbeddings
+    from transformers.models.roberta.modeling_roberta import RobertaEmbeddings
 
     if exact_gelu(mod):
         return "gelu"
+    if (isinstance(getattr(mod, "LayerNorm", None), nn.LayerNorm)
+            and isinstance(getattr(mod, "dropout", None), (nn.Dropout, FastDropout))
+            and all(isinstance(getattr(mod, name, None), nn.Embedding) for name in ("word_embeddings", "position_embeddings"))):
+        code = type(mod).forward
+        if isinstance(getattr(mod, "token_type_embeddings", None), nn.Embedding):
+            if _same_code(code, BertEmbeddings.forward) and isinstance(getattr(mod, "position_ids", None), torch.Tensor):
+                return "embeddings"
+            if _same_code(code, RobertaEmbeddings.forward) and mod.padding_idx is not None:
+                mod._positions_from_ids = True                      # what _embed_norm numbers positions by
+                return "embeddings"
+        elif _same_code(code, DistilBertEmbeddings.forward) and isinstance(getattr(mod, "position_ids", None), torch.Tensor):
+            return "distilbert_embeddings"
     if type(mod) is LoraLinear and type(getattr(mod, "base_layer", None)) is FrozenLinear:
         return "lora"
     if (type(getattr(mod, "dense", None)) is FrozenLinear and _same_code(type(mod).forward, BertIntermediate.forward)
@@ -833,14 +916,16 @@ def _fusable(mod: nn.Module) -> str | None:
 
 
 _FUSED_FORWARDS = {"sublayer_end": _sublayer_end_forward, "gelu": _gelu_forward, "lora": _lora_forward,
-                   "ffn": _ffn_forward}
+                   "ffn": _ffn_forward, "embeddings": _embeddings_forward,
+                   "distilbert_embeddings": _distilbert_embeddings_forward}
 _fused_classes: dict[tuple[type, str], type] = {}
 
 
 def fuse_passes(model: nn.Module, skip=()) -> dict[str, list[tuple[nn.Module, type]]]:
     """Class-swap PEFT's LoRA linears over a :class:`FrozenLinear` to :class:`_LoraLinear`, BERT sublayer ends
     to :class:`_DropoutAddNorm` (:func:`masks.add_norm` in prediction) and exact GELUs to
-    :class:`_GeluKeepGrad` (in bf16 on CPU; the original forward otherwise); return, per kind, the (module,
+    :class:`_GeluKeepGrad` (in bf16 on CPU; the original forward otherwise), the embeddings to one pass in
+    prediction (:func:`_embeddings_forward`); return, per kind, the (module,
     original class) pairs. Nothing where the kernels are not compiled, and none of the kinds in ``skip``."""
     swapped: dict[str, list] = {kind: [] for kind in _FUSED_FORWARDS if kind not in skip}
     if masks.compiled() is None:
@@ -968,7 +1053,8 @@ def accelerate(model: nn.Module, runtime, restorable: bool = True, off=()) -> Sp
                 swapped = frozen_linear_class(model)
                 sp._classes += swapped
                 sp.report["onednn_frozen_linears"] = len(swapped)
-        skip = off | ({"lora", "sublayer_end"} if "dropout" in off else set()) | ({"ffn"} if "gelu" in off else set())
+        skip = (off | ({"lora", "sublayer_end"} if "dropout" in off else set()) | ({"ffn"} if "gelu" in off else set())
+                | ({"distilbert_embeddings"} if "embeddings" in off else set()))
         fused = fuse_passes(model, skip)
         for pairs in fused.values():
             sp._classes += pairs

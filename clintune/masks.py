@@ -209,6 +209,24 @@ void dropout_add_bf16_f32(const uint16_t *a, const uint16_t *b, float *out, int6
         for (int64_t i = 0; i < m; i++) out[s + i] = bf2f(a[s + i]) + (keep[i] ? bf2f(b[s + i]) * scale : 0.0f);
     }
 }
+/* The LayerNorm of a row z (n values; acc: 16 partial sums of z, zeroed here), y = (z - mean) rstd w + b (y may
+   be z), yb (not NULL) y rounded to bf16, stats (not NULL) (mean, rstd) */
+static inline void norm_row(const float *zi, float *acc, const float *w, const float *b, float *yi, uint16_t *ybi,
+                            float *stats, int64_t n, float eps) {
+    float sum = 0.0f;
+    for (int l = 0; l < 16; l++) { sum += acc[l]; acc[l] = 0.0f; }
+    const float mean = sum / (float) n;
+    int64_t j;
+    for (j = 0; j + 16 <= n; j += 16)
+        for (int l = 0; l < 16; l++) { float c = zi[j + l] - mean; acc[l] += c * c; }
+    for (; j < n; j++) { float c = zi[j] - mean; acc[0] += c * c; }
+    float var = 0.0f;
+    for (int l = 0; l < 16; l++) var += acc[l];
+    const float rstd = 1.0f / __builtin_sqrtf(var / (float) n + eps);
+    for (j = 0; j < n; j++) yi[j] = (zi[j] - mean) * rstd * w[j] + b[j];
+    if (ybi) for (j = 0; j < n; j++) ybi[j] = f2bf_nan(yi[j]);
+    if (stats) { stats[0] = mean; stats[1] = rstd; }
+}
 /* A transformer sublayer's end, z = round(h s) m + r, y = (z - mean) rstd w + b over rows of length n
    (h bf16, the rest fp32; m the stream's mask over h's flat elements, s = 1 / (1 - p)); z and (mean, rstd)
    per row are kept for the backward pass (stats NULL: not kept; z may be y). With threshold -32768 and s = 1
@@ -239,19 +257,31 @@ void dropout_add_norm_bf16(const uint16_t *h, const float *r, const float *w, co
                 for (int l = 0; l < 16; l++) { float v = bf2f(hi[j + l]) + ri[j + l]; zi[j + l] = v; acc[l] += v; }
             for (; j < n; j++) { float v = bf2f(hi[j]) + ri[j]; zi[j] = v; acc[0] += v; }
         }
-        float sum = 0.0f;
-        for (int l = 0; l < 16; l++) { sum += acc[l]; acc[l] = 0.0f; }
-        const float mean = sum / (float) n;
-        for (j = 0; j + 16 <= n; j += 16)
-            for (int l = 0; l < 16; l++) { float c = zi[j + l] - mean; acc[l] += c * c; }
-        for (; j < n; j++) { float c = zi[j] - mean; acc[0] += c * c; }
-        float var = 0.0f;
-        for (int l = 0; l < 16; l++) var += acc[l];
-        const float rstd = 1.0f / __builtin_sqrtf(var / (float) n + eps);
-        for (j = 0; j < n; j++) yi[j] = (zi[j] - mean) * rstd * w[j] + b[j];
-        if (yb) for (j = 0; j < n; j++) yb[i * n + j] = f2bf_nan(yi[j]);
-        if (stats) { stats[2 * i] = mean; stats[2 * i + 1] = rstd; }
+        norm_row(zi, acc, w, b, yi, yb ? yb + i * n : 0, stats ? stats + 2 * i : 0, n, eps);
     }
+}
+/* Prediction's embeddings (BERT's code), z = (word[id] + type[tt]) + pos[p] in fp32 (PyTorch's order of the two
+   adds), then the LayerNorm as above, y fp32 and yb (not NULL) its bf16 rounding: the gathers, the adds and the
+   LayerNorm in one pass over each token's row. types NULL: type row 0 for every token. Returns the number of
+   rows with an id, a position or a type outside its table (those rows are left unwritten). */
+int64_t embed_norm_f32(const int64_t *ids, const int64_t *pos, const int64_t *types, const float *word,
+                       const float *posw, const float *typew, const float *w, const float *b, float *y,
+                       uint16_t *yb, int64_t rows, int64_t n, int64_t nword, int64_t npos, int64_t ntype, float eps) {
+    int64_t bad = 0;
+    #pragma omp parallel for schedule(static) reduction(+:bad)
+    for (int64_t i = 0; i < rows; i++) {
+        const int64_t id = ids[i], p = pos[i], tt = types ? types[i] : 0;
+        if (id < 0 || id >= nword || p < 0 || p >= npos || tt < 0 || tt >= ntype) { bad++; continue; }
+        const float *wi = word + id * n, *pi = posw + p * n, *ti = typew + tt * n;
+        float *yi = y + i * n;
+        float acc[16] = {0};
+        int64_t j = 0;
+        for (; j + 16 <= n; j += 16)
+            for (int l = 0; l < 16; l++) { float v = (wi[j + l] + ti[j + l]) + pi[j + l]; yi[j + l] = v; acc[l] += v; }
+        for (; j < n; j++) { float v = (wi[j] + ti[j]) + pi[j]; yi[j] = v; acc[0] += v; }
+        norm_row(yi, acc, w, b, yi, yb ? yb + i * n : 0, 0, n, eps);
+    }
+    return bad;
 }
 /* its gradients: dz = rstd (g - mean(g) - x mean(g x)) with g = dy w and x = (z - mean) rstd (a frozen w);
    dr = dz (when dr is not NULL), dh = round(round(dz) m s), as autograd's cast and dropout's backward make. */
@@ -1180,6 +1210,7 @@ def _compile() -> ctypes.CDLL | None:
                   "dropout_add_norm_bf16": [p] * 7 + [i64] * 2 + [u64, i32, f32, f32, p],
                   "dropout_add_norm_backward_bf16": [p] * 6 + [i64] * 2 + [u64, i32, f32],
                   "gelu_and_grad_bf16": [p] * 3 + [i64],
+                  "embed_norm_f32": [p] * 10 + [i64] * 5 + [f32],
                   **{f"dropout_{a}_{b}": [p, p, i64, u64, i32, f32] for a, b in _DROPOUT_TYPES},
                   "dropout_add_bf16_f32": [p] * 3 + [i64, u64, i32, f32],
                   "mul_bf16": [p] * 3 + [i64],
@@ -1188,6 +1219,7 @@ def _compile() -> ctypes.CDLL | None:
     for name, args in signatures.items():
         getattr(lib, name).argtypes = args
         getattr(lib, name).restype = None
+    lib.embed_norm_f32.restype = ctypes.c_int64
     lib.attention_bf16_available.restype = ctypes.c_int
     if lib.attention_bf16_available():
         lib.attention_bf16.argtypes = [p] * 5 + [i64] * 4 + [p, f32, p, u64, i32, f32, p]
@@ -1505,6 +1537,37 @@ def add_norm(h: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias: torch
     the same pass (what the next layer's bf16 products read, instead of a cast of y for each of them)."""
     yb = torch.empty(h.shape, dtype=torch.bfloat16) if bf16_copy else None
     y = dropout_add_norm(h, r, weight, bias, eps, 0, -32768, 1.0, for_backward=False, yb=yb)[0]
+    return (y, yb) if bf16_copy else y
+
+
+def embed_norm(ids: torch.Tensor, positions: torch.Tensor, types: torch.Tensor | None, word: torch.Tensor,
+               pos: torch.Tensor, typ: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               bf16_copy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+    """BERT's embeddings for prediction in one pass: y = LayerNorm((word[ids] + typ[types]) + pos[positions]) over
+    the last dim (ids, positions and types int64 of one shape, types None: row 0 of ``typ`` everywhere; the
+    tables, weight and bias fp32; y fp32 of shape ids.shape + (n,)). PyTorch takes three gathers, two adds and
+    ``native_layer_norm``; the sum is the same fp32 sum (the same order) and the LayerNorm within fp32 rounding of
+    PyTorch's. ``bf16_copy``: (y, y rounded to bf16), as :func:`add_norm`. None where an id, a position or a type
+    falls outside its table (nothing is returned half-written: the caller's PyTorch path raises its own error)."""
+    n = word.shape[-1]
+    shape = ids.shape
+    _check({"positions": (positions, torch.int64), **({} if types is None else {"types": (types, torch.int64)})},
+           shape)
+    _check({"ids": (ids, torch.int64)}, shape)
+    for name, table in (("word", word), ("pos", pos), ("typ", typ)):
+        if table.dtype != torch.float32 or table.dim() != 2 or table.shape[1] != n or not table.is_contiguous():
+            raise ValueError(f"embed_norm: {name} must be a contiguous fp32 (rows, {n}) table")
+    _check({"weight": (weight, torch.float32), "bias": (bias, torch.float32)}, (n,))
+    if not fused_rows_available(n):
+        raise ValueError(f"embed_norm: rows of 1 to {MAX_ROW} values, where the kernels are compiled")
+    y = torch.empty(*shape, n)
+    yb = torch.empty(*shape, n, dtype=torch.bfloat16) if bf16_copy else None
+    bad = compiled().embed_norm_f32(ids.data_ptr(), positions.data_ptr(), None if types is None else types.data_ptr(),
+                                    word.data_ptr(), pos.data_ptr(), typ.data_ptr(), weight.data_ptr(),
+                                    bias.data_ptr(), y.data_ptr(), None if yb is None else yb.data_ptr(),
+                                    ids.numel(), n, word.shape[0], pos.shape[0], typ.shape[0], float(eps))
+    if bad:
+        return None
     return (y, yb) if bf16_copy else y
 
 

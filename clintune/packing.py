@@ -129,7 +129,8 @@ def first_position(encoder: nn.Module) -> int | None:
             or not any(_same_code(type(base).forward, m.forward)
                        for m in (bert.BertModel, ElectraModel, distil.DistilBertModel))):
         return None
-    embeddings = getattr(type(getattr(base, "embeddings", None)), "forward", None)
+    kind = type(getattr(base, "embeddings", None))
+    embeddings = getattr(getattr(kind, "_fused_from", kind), "forward", None)   # what a fused forward stands for
     if _same_code(embeddings, bert.BertEmbeddings.forward) or _same_code(embeddings, distil.Embeddings.forward):
         first = 0
     elif _same_code(embeddings, RobertaEmbeddings.forward) and base.embeddings.padding_idx is not None:

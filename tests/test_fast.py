@@ -631,6 +631,91 @@ def _layer_outputs(model, emb, mask, fused: bool, seed=7):
     return out.float().detach(), grad
 
 
+def _embeddings(kind: str):
+    """A tiny embeddings module of BERT's, RoBERTa's or DistilBERT's code (eval, frozen, a LayerNorm that is not
+    the identity), and its class."""
+    from transformers import BertConfig, DistilBertConfig, RobertaConfig
+    from transformers.models.bert.modeling_bert import BertEmbeddings
+    from transformers.models.distilbert.modeling_distilbert import Embeddings
+    from transformers.models.roberta.modeling_roberta import RobertaEmbeddings
+
+    torch.manual_seed(0)
+    size = dict(vocab_size=50, max_position_embeddings=40, hidden_dropout_prob=0.5)
+    if kind == "bert":
+        emb = BertEmbeddings(BertConfig(hidden_size=48, type_vocab_size=2, **size))
+    elif kind == "roberta":
+        emb = RobertaEmbeddings(RobertaConfig(hidden_size=48, type_vocab_size=2, pad_token_id=1, **size))
+    else:
+        emb = Embeddings(DistilBertConfig(dim=48, pad_token_id=0, dropout=0.5, **{**size, "hidden_dropout_prob": 0}))
+    emb.eval().requires_grad_(False)
+    with torch.no_grad():
+        emb.LayerNorm.weight.normal_(1.0, 0.3)
+        emb.LayerNorm.bias.normal_(0.0, 0.3)
+    return emb, type(emb)
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert"])
+def test_prediction_embeddings_in_one_pass_match_the_models_own_and_step_aside_where_they_do_not_apply(kind):
+    """BERT's, RoBERTa's and DistilBERT's embeddings fused for prediction (gathers, adds and LayerNorm in one pass,
+    masks.embed_norm) give PyTorch's output to fp32 rounding for default (RoBERTa's from its padding index), given
+    and restarting (packed) positions, given token types, the type buffer's types and a cache offset; under bf16
+    autocast the output carries its bf16 cast's bits. An id outside the table raises PyTorch's own error; training
+    (dropout on) and trainable tables take the original forward, bit for bit."""
+    if masks.compiled() is None:
+        pytest.skip("no C compiler: nothing is fused")
+    emb, cls = _embeddings(kind)
+    fused = fast.fuse_passes(emb)
+    name = "distilbert_embeddings" if kind == "distilbert" else "embeddings"
+    assert [m for m, _ in fused[name]] == [emb] and sum(map(len, fused.values())) == 1
+
+    def both(*args, **kwargs):
+        out = emb(*args, **kwargs)
+        swapped, emb.__class__ = emb.__class__, cls
+        want = emb(*args, **kwargs)
+        emb.__class__ = swapped
+        return out, want
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, 50, (3, 7), generator=g)
+    ids[1, 5:] = emb.word_embeddings.padding_idx                      # a padded row (RoBERTa numbers around it)
+    packed = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 0, 1]]) + (2 if kind == "roberta" else 0)
+    cases = [dict(input_ids=ids), dict(input_ids=torch.randint(0, 50, (1, 10), generator=g), position_ids=packed)]
+    if kind != "distilbert":
+        cases += [dict(input_ids=ids, token_type_ids=torch.randint(0, 2, (3, 7), generator=g)),
+                  dict(input_ids=ids, cache_length=5)]
+    for kwargs in cases:
+        with torch.inference_mode():
+            out, want = both(**kwargs)
+        assert out.dtype == torch.float32 and out.shape == want.shape
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    if kind != "distilbert":
+        with torch.inference_mode():                      # the type buffer's types where none are given
+            emb.token_type_ids[:, 3:] = 1
+            out, want = both(input_ids=ids)
+            emb.token_type_ids.zero_()
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(out, both(input_ids=ids)[1], atol=1e-3)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, want = both(input_ids=ids)
+        assert out.dtype == torch.float32 and torch.equal(getattr(out, fast.BF16_COPY), out.bfloat16())
+    with torch.inference_mode(), pytest.raises(IndexError):
+        emb(torch.tensor([[3, 4, 50]]))
+    emb.train()                                           # dropout on: the original forward, the same draws
+    out, want = [], []
+    for sink, c in ((out, type(emb)), (want, cls)):
+        swapped, emb.__class__ = emb.__class__, c
+        torch.manual_seed(5)
+        sink.append(emb(ids))
+        emb.__class__ = swapped
+    assert torch.equal(out[0], want[0]) and not torch.equal(out[0], emb.eval()(ids))
+    emb.word_embeddings.requires_grad_(True)              # a table that trains: the original forward
+    out = emb(ids)
+    assert out.requires_grad and out.grad_fn is not None
+    for mod, c in fused[name]:
+        mod.__class__ = c
+    assert type(emb) is cls
+
+
 def test_fused_sublayer_ends_and_gelu_keep_a_bert_encoders_outputs_and_gradients(tiny_backbone):
     """A tiny BERT in training mode, every dropout on, bf16 frozen weights under autocast: with the sublayer
     ends (dropout + residual + LayerNorm) and GELUs fused, the same masks are drawn, and the output and the
@@ -742,7 +827,8 @@ def test_fused_lora_linear_is_peft_lora_with_the_same_masks(dropout):
     for fuse in (False, True):
         if fuse:
             fused = fast.fuse_passes(model)
-            assert {k: len(v) for k, v in fused.items()} == {"sublayer_end": 0, "gelu": 0, "lora": 1, "ffn": 0}
+            assert {k: len(v) for k, v in fused.items()} == {"sublayer_end": 0, "gelu": 0, "lora": 1, "ffn": 0,
+                                                                "embeddings": 0, "distilbert_embeddings": 0}
         leaf = x.clone().requires_grad_()
         torch.manual_seed(9)
         with torch.autocast("cpu", dtype=torch.bfloat16):
