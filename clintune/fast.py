@@ -729,12 +729,18 @@ def _sublayer_end_forward(self, hidden_states: torch.Tensor, input_tensor: torch
         if not drop.training and not (torch.is_grad_enabled() and (h.requires_grad or input_tensor.requires_grad)):
             # bf16 products read y next (the next layer's query, key and value; the feed-forward block's first
             # linear): its bf16 rounding from the same pass, which FrozenLinear.onednn_input takes; int8
-            # (quantize.Int8Linear) codes y from fp32
-            bf16_next = type(self.dense) is FrozenLinear
-            y = masks.add_norm(h.contiguous(), input_tensor.contiguous(), ln.weight, ln.bias, ln.eps, bf16_next)
+            # (quantize.Int8Linear) codes y from fp32, or reads its codes on a calibrated range (int8-static:
+            # codes_next, quantize.set_static) from the same pass
+            codes = getattr(self, "codes_next", None)
+            bf16_next = codes is None and type(self.dense) is FrozenLinear
+            y = masks.add_norm(h.contiguous(), input_tensor.contiguous(), ln.weight, ln.bias, ln.eps, bf16_next,
+                               codes)
             if bf16_next:
                 y, yb = y
                 setattr(y, BF16_COPY, yb)
+            elif codes is not None:
+                y, q = y
+                setattr(y, masks.U8_CODES, (q, codes))
             return y
     return ln(drop(h) + input_tensor)
 
@@ -792,16 +798,20 @@ def _embed_norm(self, input_ids, token_type_ids, position_ids, inputs_embeds, ca
             types = torch.gather(self.token_type_ids.expand(position_ids.shape[0], -1), 1, position_ids)
         if types is not None:
             types = types.to(torch.int64).expand(batch, t).contiguous()
-    bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    codes = getattr(self, "codes_next", None)              # int8-static: the first layer reads y's codes
+    bf16 = codes is None and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     y = masks.embed_norm(input_ids.to(torch.int64).contiguous(),
                          position_ids.to(torch.int64).expand(batch, t).contiguous(), types,
                          self.word_embeddings.weight, self.position_embeddings.weight, typ_weight,
-                         ln.weight, ln.bias, ln.eps, bf16_copy=bf16)
+                         ln.weight, ln.bias, ln.eps, bf16_copy=bf16, codes=codes)
     if y is None:
         return None
     if bf16:
         y, yb = y
         setattr(y, BF16_COPY, yb)
+    elif codes is not None:
+        y, q = y
+        setattr(y, masks.U8_CODES, (q, codes))
     return y
 
 

@@ -209,10 +209,14 @@ void dropout_add_bf16_f32(const uint16_t *a, const uint16_t *b, float *out, int6
         for (int64_t i = 0; i < m; i++) out[s + i] = bf2f(a[s + i]) + (keep[i] ? bf2f(b[s + i]) * scale : 0.0f);
     }
 }
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 /* The LayerNorm of a row z (n values; acc: 16 partial sums of z, zeroed here), y = (z - mean) rstd w + b (y may
-   be z), yb (not NULL) y rounded to bf16, stats (not NULL) (mean, rstd) */
+   be z), yb (not NULL) y rounded to bf16, yq (not NULL) y's uint8 codes on a fixed range (inv = 1 / s, zero z:
+   quantize_u8_f32's codes, its fused multiply-add, clamp and ties to even), stats (not NULL) (mean, rstd) */
 static inline void norm_row(const float *zi, float *acc, const float *w, const float *b, float *yi, uint16_t *ybi,
-                            float *stats, int64_t n, float eps) {
+                            uint8_t *yqi, float inv, float zq, float *stats, int64_t n, float eps) {
     float sum = 0.0f;
     for (int l = 0; l < 16; l++) { sum += acc[l]; acc[l] = 0.0f; }
     const float mean = sum / (float) n;
@@ -225,16 +229,35 @@ static inline void norm_row(const float *zi, float *acc, const float *w, const f
     const float rstd = 1.0f / __builtin_sqrtf(var / (float) n + eps);
     for (j = 0; j < n; j++) yi[j] = (zi[j] - mean) * rstd * w[j] + b[j];
     if (ybi) for (j = 0; j < n; j++) ybi[j] = f2bf_nan(yi[j]);
+    if (yqi) {
+        j = 0;
+#ifdef __AVX512F__
+        const __m512 inv16 = _mm512_set1_ps(inv), z16 = _mm512_set1_ps(zq);   /* as CODE_LANES below */
+        const __m512 top16 = _mm512_set1_ps(255.0f), zero16 = _mm512_setzero_ps();
+        for (; j + 16 <= n; j += 16) {
+            __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(yi + j), inv16, z16);
+            v = _mm512_min_ps(_mm512_max_ps(v, zero16), top16);
+            _mm_storeu_si128((__m128i *) (yqi + j), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+        }
+#endif
+        for (; j < n; j++) {
+            float v = __builtin_fmaf(yi[j], inv, zq);
+            v = v >= 0.0f ? v : 0.0f;                                 /* NaN -> 0, as quantize_u8's vmaxps */
+            v = v <= 255.0f ? v : 255.0f;
+            yqi[j] = (uint8_t) (int32_t) ((v + 12582912.0f) - 12582912.0f);   /* rounds to even */
+        }
+    }
     if (stats) { stats[0] = mean; stats[1] = rstd; }
 }
 /* A transformer sublayer's end, z = round(h s) m + r, y = (z - mean) rstd w + b over rows of length n
    (h bf16, the rest fp32; m the stream's mask over h's flat elements, s = 1 / (1 - p)); z and (mean, rstd)
    per row are kept for the backward pass (stats NULL: not kept; z may be y). With threshold -32768 and s = 1
    (no dropout: prediction) every element is kept and round(h s) = h, so no mask is drawn. yb (not NULL): y
-   rounded to bf16 as well (as PyTorch casts it), for the bf16 products that read y next. */
+   rounded to bf16 as well (as PyTorch casts it), for the bf16 products that read y next; yq (not NULL): y's
+   uint8 codes on a fixed range (inv = 1 / s, zero), for int8-static products. */
 void dropout_add_norm_bf16(const uint16_t *h, const float *r, const float *w, const float *b, float *y, float *z,
                            float *stats, int64_t rows, int64_t n, uint64_t seed, int32_t threshold, float scale,
-                           float eps, uint16_t *yb) {
+                           float eps, uint16_t *yb, uint8_t *yq, float inv, int32_t zero) {
     const int drop = threshold > -32768 || scale != 1.0f;
     #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < rows; i++) {
@@ -257,16 +280,19 @@ void dropout_add_norm_bf16(const uint16_t *h, const float *r, const float *w, co
                 for (int l = 0; l < 16; l++) { float v = bf2f(hi[j + l]) + ri[j + l]; zi[j + l] = v; acc[l] += v; }
             for (; j < n; j++) { float v = bf2f(hi[j]) + ri[j]; zi[j] = v; acc[0] += v; }
         }
-        norm_row(zi, acc, w, b, yi, yb ? yb + i * n : 0, stats ? stats + 2 * i : 0, n, eps);
+        norm_row(zi, acc, w, b, yi, yb ? yb + i * n : 0, yq ? yq + i * n : 0, inv, (float) zero,
+                 stats ? stats + 2 * i : 0, n, eps);
     }
 }
 /* Prediction's embeddings (BERT's code), z = (word[id] + type[tt]) + pos[p] in fp32 (PyTorch's order of the two
    adds), then the LayerNorm as above, y fp32 and yb (not NULL) its bf16 rounding: the gathers, the adds and the
-   LayerNorm in one pass over each token's row. types NULL: type row 0 for every token. Returns the number of
+   LayerNorm in one pass over each token's row, yq (not NULL) its uint8 codes as norm_row writes them. types NULL:
+   type row 0 for every token. Returns the number of
    rows with an id, a position or a type outside its table (those rows are left unwritten). */
 int64_t embed_norm_f32(const int64_t *ids, const int64_t *pos, const int64_t *types, const float *word,
                        const float *posw, const float *typew, const float *w, const float *b, float *y,
-                       uint16_t *yb, int64_t rows, int64_t n, int64_t nword, int64_t npos, int64_t ntype, float eps) {
+                       uint16_t *yb, int64_t rows, int64_t n, int64_t nword, int64_t npos, int64_t ntype, float eps,
+                       uint8_t *yq, float inv, int32_t zero) {
     int64_t bad = 0;
     #pragma omp parallel for schedule(static) reduction(+:bad)
     for (int64_t i = 0; i < rows; i++) {
@@ -279,7 +305,7 @@ int64_t embed_norm_f32(const int64_t *ids, const int64_t *pos, const int64_t *ty
         for (; j + 16 <= n; j += 16)
             for (int l = 0; l < 16; l++) { float v = (wi[j + l] + ti[j + l]) + pi[j + l]; yi[j + l] = v; acc[l] += v; }
         for (; j < n; j++) { float v = (wi[j] + ti[j]) + pi[j]; yi[j] = v; acc[0] += v; }
-        norm_row(yi, acc, w, b, yi, yb ? yb + i * n : 0, 0, n, eps);
+        norm_row(yi, acc, w, b, yi, yb ? yb + i * n : 0, yq ? yq + i * n : 0, inv, (float) zero, 0, n, eps);
     }
     return bad;
 }
@@ -1207,10 +1233,10 @@ def _compile() -> ctypes.CDLL | None:
     p, i64, u64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int32, ctypes.c_float
     signatures = {"softmax_keep_bf16": [p] * 3 + [i64] * 3 + [u64, i32],
                   "softmax_keep_backward_bf16": [p] * 3 + [i64] * 3 + [u64, i32],
-                  "dropout_add_norm_bf16": [p] * 7 + [i64] * 2 + [u64, i32, f32, f32, p],
+                  "dropout_add_norm_bf16": [p] * 7 + [i64] * 2 + [u64, i32, f32, f32, p, p, f32, i32],
                   "dropout_add_norm_backward_bf16": [p] * 6 + [i64] * 2 + [u64, i32, f32],
                   "gelu_and_grad_bf16": [p] * 3 + [i64],
-                  "embed_norm_f32": [p] * 10 + [i64] * 5 + [f32],
+                  "embed_norm_f32": [p] * 10 + [i64] * 5 + [f32, p, f32, i32],
                   **{f"dropout_{a}_{b}": [p, p, i64, u64, i32, f32] for a, b in _DROPOUT_TYPES},
                   "dropout_add_bf16_f32": [p] * 3 + [i64, u64, i32, f32],
                   "mul_bf16": [p] * 3 + [i64],
@@ -1504,14 +1530,17 @@ def fused_rows_available(n: int) -> bool:
 
 
 def dropout_add_norm(h: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                     seed: int, threshold: int, scale: float, *, for_backward: bool = True, yb: torch.Tensor | None = None
+                     seed: int, threshold: int, scale: float, *, for_backward: bool = True, yb: torch.Tensor | None = None,
+                     yq: torch.Tensor | None = None, codes: tuple[float, int] | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """y = LayerNorm(round(h * scale) * m + r) over the last dim in one pass: h bf16, r and the LayerNorm's
     weight and bias fp32; m is :func:`draw`'s mask over h's flat elements for ``seed`` (the mask
     ``keep_bits(h.shape, ...)`` gives), and round(h * scale) * m is exactly dropout's bf16 output.
     Returns (y, z, stats): z the LayerNorm's fp32 input and stats each row's (mean, 1 / std), for
     :func:`dropout_add_norm_backward`; with ``for_backward=False`` nothing is kept (z is y, stats None).
-    ``yb`` (bf16, h's shape): also written, y rounded to bf16 (``y.to(torch.bfloat16)``'s bits)."""
+    ``yb`` (bf16, h's shape): also written, y rounded to bf16 (``y.to(torch.bfloat16)``'s bits). ``yq`` (uint8,
+    h's shape) with ``codes`` (s, z): also written, y's uint8 codes on that fixed range (:func:`quantize_u8`'s
+    codes of y with ``codes=(s, z)``, bit for bit)."""
     n = h.shape[-1]
     _check({"h": (h, torch.bfloat16), "r": (r, torch.float32)}, h.shape)
     _check({"weight": (weight, torch.float32), "bias": (bias, torch.float32)}, (n,))
@@ -1519,35 +1548,65 @@ def dropout_add_norm(h: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bia
         raise ValueError(f"dropout_add_norm: rows of 1 to {MAX_ROW} values, where the kernels are compiled")
     if yb is not None:
         _check({"yb": (yb, torch.bfloat16)}, h.shape)
+    if (yq is None) != (codes is None):
+        raise ValueError("dropout_add_norm: yq and codes go together")
+    if yq is not None:
+        _check({"yq": (yq, torch.uint8)}, h.shape)
     rows = h.numel() // n
     y = torch.empty(h.shape)
     z, stats = (torch.empty(h.shape), torch.empty((rows, 2))) if for_backward else (y, None)
     compiled().dropout_add_norm_bf16(h.data_ptr(), r.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
                                      z.data_ptr(), None if stats is None else stats.data_ptr(), rows, n, seed,
-                                     int(threshold), float(scale), float(eps), None if yb is None else yb.data_ptr())
+                                     int(threshold), float(scale), float(eps), None if yb is None else yb.data_ptr(),
+                                     *_code_args(yq, codes))
     return y, z, stats
 
 
+def _code_args(yq: torch.Tensor | None, codes: tuple[float, int] | None) -> tuple:
+    """The kernels' (yq, 1 / s, z) arguments: NULL, 1, 0 without codes; 1 / s rounded to fp32 as
+    :func:`quantize_u8` passes it."""
+    if yq is None:
+        return None, 1.0, 0
+    scale, zero = codes
+    if not (scale > 0 and 0 <= int(zero) <= 255):
+        raise ValueError(f"uint8 codes: scale > 0 and zero point 0-255, not {codes}")
+    return yq.data_ptr(), float(1.0 / scale), int(zero)
+
+
+#: the attribute on a prediction LayerNorm's fp32 output that carries its uint8 codes on a calibrated range,
+#: (codes, (s, z)) (:func:`add_norm`, :func:`embed_norm` with ``codes``), for int8-static's products
+#: (:class:`clintune.quantize.Int8Linear`)
+U8_CODES = "_clintune_u8"
+
+
 def add_norm(h: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-             bf16_copy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+             bf16_copy: bool = False, codes: tuple[float, int] | None = None
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """y = LayerNorm(h + r) over the last dim in one pass, for prediction (h bf16; r, the LayerNorm's weight and
     bias fp32; y fp32): :func:`dropout_add_norm` with every element kept (no mask drawn) and nothing kept for a
     backward pass. PyTorch takes two passes (the add, then ``native_layer_norm``); the sum is the same fp32 sum
     and the LayerNorm within fp32 rounding of PyTorch's. ``bf16_copy``: (y, y rounded to bf16), the second from
-    the same pass (what the next layer's bf16 products read, instead of a cast of y for each of them)."""
+    the same pass (what the next layer's bf16 products read, instead of a cast of y for each of them).
+    ``codes`` (s, z): (y, y's uint8 codes on that fixed range), likewise (what int8-static products read,
+    :mod:`clintune.quantize`, instead of a coding pass of their own); not with ``bf16_copy``."""
+    if bf16_copy and codes is not None:
+        raise ValueError("add_norm: a bf16 copy or uint8 codes, not both")
     yb = torch.empty(h.shape, dtype=torch.bfloat16) if bf16_copy else None
-    y = dropout_add_norm(h, r, weight, bias, eps, 0, -32768, 1.0, for_backward=False, yb=yb)[0]
-    return (y, yb) if bf16_copy else y
+    yq = torch.empty(h.shape, dtype=torch.uint8) if codes is not None else None
+    y = dropout_add_norm(h, r, weight, bias, eps, 0, -32768, 1.0, for_backward=False, yb=yb, yq=yq, codes=codes)[0]
+    return (y, yb) if bf16_copy else (y, yq) if codes is not None else y
 
 
 def embed_norm(ids: torch.Tensor, positions: torch.Tensor, types: torch.Tensor | None, word: torch.Tensor,
                pos: torch.Tensor, typ: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-               bf16_copy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+               bf16_copy: bool = False, codes: tuple[float, int] | None = None
+               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
     """BERT's embeddings for prediction in one pass: y = LayerNorm((word[ids] + typ[types]) + pos[positions]) over
     the last dim (ids, positions and types int64 of one shape, types None: row 0 of ``typ`` everywhere; the
     tables, weight and bias fp32; y fp32 of shape ids.shape + (n,)). PyTorch takes three gathers, two adds and
     ``native_layer_norm``; the sum is the same fp32 sum (the same order) and the LayerNorm within fp32 rounding of
-    PyTorch's. ``bf16_copy``: (y, y rounded to bf16), as :func:`add_norm`. None where an id, a position or a type
+    PyTorch's. ``bf16_copy``: (y, y rounded to bf16), ``codes``: (y, its uint8 codes), as :func:`add_norm`. None
+    where an id, a position or a type
     falls outside its table (nothing is returned half-written: the caller's PyTorch path raises its own error)."""
     n = word.shape[-1]
     shape = ids.shape
@@ -1560,15 +1619,19 @@ def embed_norm(ids: torch.Tensor, positions: torch.Tensor, types: torch.Tensor |
     _check({"weight": (weight, torch.float32), "bias": (bias, torch.float32)}, (n,))
     if not fused_rows_available(n):
         raise ValueError(f"embed_norm: rows of 1 to {MAX_ROW} values, where the kernels are compiled")
+    if bf16_copy and codes is not None:
+        raise ValueError("embed_norm: a bf16 copy or uint8 codes, not both")
     y = torch.empty(*shape, n)
     yb = torch.empty(*shape, n, dtype=torch.bfloat16) if bf16_copy else None
+    yq = torch.empty(*shape, n, dtype=torch.uint8) if codes is not None else None
     bad = compiled().embed_norm_f32(ids.data_ptr(), positions.data_ptr(), None if types is None else types.data_ptr(),
                                     word.data_ptr(), pos.data_ptr(), typ.data_ptr(), weight.data_ptr(),
                                     bias.data_ptr(), y.data_ptr(), None if yb is None else yb.data_ptr(),
-                                    ids.numel(), n, word.shape[0], pos.shape[0], typ.shape[0], float(eps))
+                                    ids.numel(), n, word.shape[0], pos.shape[0], typ.shape[0], float(eps),
+                                    *_code_args(yq, codes))
     if bad:
         return None
-    return (y, yb) if bf16_copy else y
+    return (y, yb) if bf16_copy else (y, yq) if codes is not None else y
 
 
 def dropout_add_norm_backward(dy: torch.Tensor, z: torch.Tensor, stats: torch.Tensor, weight: torch.Tensor, seed: int,
@@ -1647,7 +1710,7 @@ def affine_u8(lo: float, hi: float) -> tuple[float, int]:
     return scale, int(min(255, max(0, round(-lo / scale))))
 
 
-def quantize_u8(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+def quantize_u8(x: torch.Tensor, codes: tuple[float, int] | None = None) -> tuple[torch.Tensor, float, int]:
     """(q, s, z): x's values as uint8 codes with x ~ s (q - z), for a contiguous CPU fp32 or bf16 ``x``.
 
     The range is widened to hold 0 (so that 0 has an exact code, as padding and ReLU-like zeros need):
@@ -1656,12 +1719,15 @@ def quantize_u8(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
     hair from a half step goes the way PyTorch sends it) and ties to even: PyTorch's asymmetric per-tensor scheme
     (``torch.quantize_per_tensor_dynamic``), in two passes over x (its range, then its codes) without the
     fp32 copy and the quantized tensor's own copy that path makes for bf16 input. The error is at most s / 2
-    per value. Without the compiled kernels, PyTorch's own passes do the same."""
+    per value. Without the compiled kernels, PyTorch's own passes do the same. ``codes`` (s, z): on that fixed
+    range instead (int8-static's calibrated ranges, :func:`affine_u8`), in one pass; values beyond it clip."""
     name = _TYPE_NAMES.get(x.dtype)
     if name is None or not x.is_contiguous() or x.device.type != "cpu":
         raise ValueError("quantize_u8: a contiguous CPU fp32 or bf16 tensor")
     lib = compiled()
-    if lib is None:
+    if codes is not None:
+        scale, zero = codes
+    elif lib is None:
         xf = x.float()
         xf = xf[~xf.isnan()]                               # NaN skipped, as the kernel's vminps / vmaxps do
         lo, hi = (float(v) for v in torch.aminmax(xf)) if xf.numel() else (0.0, 0.0)
@@ -1669,9 +1735,10 @@ def quantize_u8(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
         out = np.zeros(2, dtype=np.float32)
         getattr(lib, f"range_{name}")(x.data_ptr(), x.numel(), out.ctypes.data)
         lo, hi = float(out[0]), float(out[1])
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        raise ValueError("quantize_u8: x holds an infinite value")
-    scale, zero = affine_u8(lo, hi)                        # the range widened to hold 0 there
+    if codes is None:
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise ValueError("quantize_u8: x holds an infinite value")
+        scale, zero = affine_u8(lo, hi)                    # the range widened to hold 0 there
     if lib is None:
         # x s^-1 + z rounded once to fp32, as the kernel's fused multiply-add (exact in fp64 first)
         v = (x.double() * float(np.float32(1.0 / scale)) + zero).float()

@@ -228,7 +228,7 @@ class Classifier:
         enc = self.encode(sub(list(texts)), sub(words), sub(offsets))
         ranges = calibrate(self.model.encoder, lambda: self._outputs(enc))
         set_static(self.model.encoder, ranges, source)
-        self.calibration = {"format": 1, "notes": int(len(pick)), "source": source, "ranges": ranges}
+        self.calibration = {"format": 2, "notes": int(len(pick)), "source": source, "ranges": ranges}
         return self.calibration
 
     @property

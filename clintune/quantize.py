@@ -33,8 +33,13 @@ al.'s calibrated ranges): the feed-forward block's hidden activations h = GELU(x
 (:func:`calibrate`: the training split's, or notes the user gives), s_h and z_h follow from it as above
 (:func:`clintune.masks.affine_u8`), and the first product writes the codes q_h = round(clamp(h / s_h + z_h, 0,
 255)) directly (oneDNN's output requantisation, after the GELU), which the second reads without a pass of its
-own: one pass and half the bytes of h fewer. A value beyond the calibrated range is clipped to it. The ranges
-are saved as ``int8_calibration.json`` beside the model.
+own: one pass and half the bytes of h fewer. Every other linear's input (query, key and value; the attention
+output; the feed-forward block's input) is coded on its calibrated range too, so no pass finds a range at
+prediction time; where a LayerNorm writes that input (BERT's embeddings and sublayer ends on the fused path,
+:func:`_producers`), it writes the codes in the same pass (:func:`clintune.masks.add_norm` with ``codes``), and
+the linears read them instead of coding the tensor again. A value beyond the calibrated range is clipped to it.
+The ranges are saved as ``int8_calibration.json`` beside the model (format 2; a format-1 file, the feed-forward
+ranges alone, still loads, the other inputs then dynamic).
 
 Only the encoder is quantised; the head keeps its precision. Predictions may change: a value's error is at most
 s_x / 2 before the product, so check the metrics (``clintune evaluate --quantize int8``) before relying on it.
@@ -83,13 +88,14 @@ class _SharedInput:
     def __init__(self) -> None:
         self.entry: tuple | None = None
 
-    def codes_of(self, x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    def codes_of(self, x: torch.Tensor, fixed: tuple[float, int] | None = None) -> tuple[torch.Tensor, float, int]:
+        """x's codes on its own range, or on the ``fixed`` (s, z) (int8-static's calibrated ranges)."""
         version = -1 if x.is_inference() else x._version    # inference tensors keep no version counter
         entry = self.entry
-        if entry is not None and entry[0]() is x and entry[1] == version:
-            return entry[2]
-        codes = masks.quantize_u8(x.contiguous())
-        self.entry = (weakref.ref(x), version, codes)
+        if entry is not None and entry[0]() is x and entry[1] == version and entry[2] == fixed:
+            return entry[3]
+        codes = masks.quantize_u8(x.contiguous(), fixed)
+        self.entry = (weakref.ref(x), version, fixed, codes)
         return codes
 
 
@@ -104,6 +110,7 @@ class Int8Linear(nn.Module):
         self.gelu: str | None = None          # "none" (exact, erf) or "tanh": GELU applied to the output by oneDNN
         self.codes_out: tuple[float, int] | None = None   # (s, z): write uint8 codes y ~ s (q - z) (int8-static)
         self.codes_in: tuple[float, int] | None = None    # (s, z): uint8 input arrives coded so (int8-static)
+        self.static_in: tuple[float, int] | None = None   # (s, z): fp32/bf16 input coded on this range (int8-static)
         self.seen: list[float] | None = None              # calibrating: [min, max] of the inputs seen
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
@@ -122,7 +129,8 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         gelu = "" if self.gelu is None else f", then GELU (approximate={self.gelu!r})"
-        codes = "" if self.codes_out is None else ", writes uint8 codes"
+        codes = ("" if self.codes_out is None else ", writes uint8 codes") + (
+            "" if self.static_in is None else ", input on a calibrated range")
         return f"in_features={self.in_features}, out_features={self.out_features}, int8{gelu}{codes}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,7 +141,12 @@ class Int8Linear(nn.Module):
                 lo, hi = (float(v) for v in torch.aminmax(x.detach()))
                 if math.isfinite(lo) and math.isfinite(hi):
                     self.seen[0], self.seen[1] = min(self.seen[0], lo), max(self.seen[1], hi)
-            q, scale, zero = self._shared.codes_of(x)    # keyed on x itself: a reshaped view is a new object
+            fixed = self.static_in
+            made = getattr(x, masks.U8_CODES, None) if fixed is not None else None
+            if made is not None and made[1] == fixed:    # coded on this range by the LayerNorm that wrote x
+                q, (scale, zero) = made[0], fixed
+            else:                                        # keyed on x itself: a reshaped view is a new object
+                q, scale, zero = self._shared.codes_of(x, fixed)
         else:
             raise TypeError(f"Int8Linear: fp32 or bf16 input{' or its uint8 codes' if self.codes_in else ''}, "
                             f"not {x.dtype}")
@@ -239,44 +252,99 @@ def static_sites(encoder: nn.Module) -> list[tuple[str, Int8Linear, Int8Linear]]
     return sites
 
 
+def _input_sites(encoder: nn.Module) -> dict[str, "Int8Linear"]:
+    """Every quantised linear of ``encoder`` whose input is fp32 or bf16 (not a feed-forward block's second
+    linear, which reads the first's codes: :func:`static_sites`), by name."""
+    downs = {id(down) for _, _, down in static_sites(encoder)}
+    return {name: mod for name, mod in encoder.named_modules() if isinstance(mod, Int8Linear) and id(mod) not in downs}
+
+
+def _producers(encoder: nn.Module) -> list[tuple[nn.Module, list["Int8Linear"]]]:
+    """(LayerNorm module, the linears reading its output) where BERT's code (and its copies) has them: the
+    embeddings -> the first layer's query, key and value; each layer's attention output (its sublayer end) ->
+    its feed-forward block's first linear; each layer's output -> the next layer's query, key and value. A
+    fused one of these (:func:`clintune.fast.fuse_passes`) writes its output's codes in the same pass when
+    told their range (``codes_next``)."""
+    layers = next((m for m in encoder.modules() if isinstance(m, nn.ModuleList) and len(m)
+                   and all(hasattr(x, "attention") and hasattr(x, "intermediate") and hasattr(x, "output") for x in m)),
+                  None)
+    if layers is None:
+        return []
+
+    def qkv(layer) -> list:
+        sa = getattr(layer.attention, "self", None)
+        return [getattr(sa, n, None) for n in ("query", "key", "value")]
+
+    pairs = [(getattr(encoder, "embeddings", None), qkv(layers[0]))]
+    for i, layer in enumerate(layers):
+        pairs.append((getattr(layer.attention, "output", None), [getattr(layer.intermediate, "dense", None)]))
+        if i + 1 < len(layers):
+            pairs.append((layer.output, qkv(layers[i + 1])))
+    return [(p, readers) for p, readers in pairs
+            if p is not None and readers and all(isinstance(r, Int8Linear) for r in readers)]
+
+
 def calibrate(encoder: nn.Module, run: Callable[[], object]) -> dict[str, list[float]]:
-    """The range [min, max] of each static site's input (:func:`static_sites`: the GELU's output) over
-    everything ``run()`` passes through ``encoder``, which predicts with dynamic codes meanwhile."""
+    """The range [min, max] of each quantised linear's input over everything ``run()`` passes through
+    ``encoder``, which predicts with dynamic codes meanwhile: the static sites' (:func:`static_sites`: the GELU's
+    output) and every other linear's (:func:`_input_sites`), by the linear's name."""
     sites = static_sites(encoder)
     if not sites:
         raise ClintuneError("--quantize int8-static: this encoder has no feed-forward block whose GELU int8 "
                             "prediction applies in its product (BERT- and DistilBERT-style ones have); use --quantize "
                             "int8")
-    for _, up, down in sites:
-        up.codes_out = down.codes_in = None
-        down.seen = [math.inf, -math.inf]
+    _clear_static(encoder)
+    linears = {**_input_sites(encoder), **{name: down for name, _, down in sites}}
+    for lin in linears.values():
+        lin.seen = [math.inf, -math.inf]
     try:
         run()
-        ranges = {name: list(down.seen) for name, _, down in sites}
+        ranges = {name: list(lin.seen) for name, lin in linears.items()}
     finally:
-        for _, _, down in sites:
-            down.seen = None
-    unseen = [name for name, (lo, hi) in ranges.items() if lo > hi]
+        for lin in linears.values():
+            lin.seen = None
+    unseen = [name for name, _, _ in sites if ranges[name][0] > ranges[name][1]]
     if unseen:
         raise ClintuneError(f"--quantize int8-static: no calibration activations reached {unseen[0]} "
                             "(no notes to calibrate on?)")
-    return ranges
+    return {name: r for name, r in ranges.items() if r[0] <= r[1]}
+
+
+def _clear_static(encoder: nn.Module) -> None:
+    """Back to dynamic codes everywhere (what calibrating predicts with)."""
+    for mod in encoder.modules():
+        if isinstance(mod, Int8Linear):
+            mod.codes_out = mod.codes_in = mod.static_in = None
+        if getattr(mod, "codes_next", None) is not None:
+            mod.codes_next = None
 
 
 def set_static(encoder: nn.Module, ranges: dict, source: str) -> None:
-    """Code each static site's input on its calibrated range (``ranges``: :func:`calibrate`'s, or read from
-    ``source``, which the one-line error names when they do not fit this encoder)."""
+    """Code each static site's input on its calibrated range, and each other linear's input whose range
+    ``ranges`` holds (:func:`calibrate`'s, or read from ``source``, which the one-line error names when they do
+    not fit this encoder; a calibration of format 1 holds the static sites' alone, and the others stay
+    dynamic); the LayerNorms that write those inputs (:func:`_producers`) write their codes too."""
     sites = static_sites(encoder)
     names = sorted(name for name, _, _ in sites)
-    if not isinstance(ranges, dict) or sorted(ranges) != names:
+    inputs = _input_sites(encoder)
+    if not isinstance(ranges, dict) or not set(names) <= set(ranges) or not set(ranges) <= set(names) | set(inputs):
         raise ModelDirError(f"{source}: its calibrated ranges are for other layers than this model's {len(names)} "
                             "feed-forward blocks")
-    for name, up, down in sites:
-        r = ranges[name]
+    for name, r in ranges.items():
         if not (isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(v, (int, float)) for v in r)
                 and all(math.isfinite(v) for v in r) and r[0] <= r[1]):
             raise ModelDirError(f"{source}: the range of {name} is not two finite numbers, low first")
-        up.codes_out = down.codes_in = masks.affine_u8(float(r[0]), float(r[1]))
+    _clear_static(encoder)
+    for name, up, down in sites:
+        up.codes_out = down.codes_in = masks.affine_u8(float(ranges[name][0]), float(ranges[name][1]))
+    for name, lin in inputs.items():
+        if name in ranges:
+            lin.static_in = masks.affine_u8(float(ranges[name][0]), float(ranges[name][1]))
+    for producer, readers in _producers(encoder):
+        # the range most of its readers take (the last layer's query, for [CLS] alone, may have its own)
+        wanted = [r.static_in for r in readers if r.static_in is not None]
+        if wanted:
+            producer.codes_next = max(set(wanted), key=wanted.count)
 
 
 def read_calibration(directory: Path) -> dict:

@@ -139,7 +139,7 @@ def test_query_key_value_quantise_their_input_once(tiny_backbone, monkeypatch):
     quantize_int8(enc)
     calls = []
     real = masks.quantize_u8
-    monkeypatch.setattr(masks, "quantize_u8", lambda x: calls.append(x.shape) or real(x))
+    monkeypatch.setattr(masks, "quantize_u8", lambda x, fixed=None: calls.append(x.shape) or real(x, fixed))
     with torch.inference_mode():
         enc(input_ids=torch.tensor([[2, 5, 6, 3]]), attention_mask=torch.ones(1, 4, dtype=torch.long))
     assert len(calls) == 2 * 4        # per layer: q/k/v once, attention output, intermediate, output
@@ -328,14 +328,25 @@ def test_static_codes_flow_from_the_first_feed_forward_linear_to_the_second(kind
 
     dynamic = run()
     outs = _gelu_outputs(enc, run)
+    inputs = {}                                 # every other linear's input, as the dynamic run gives it
+    linears = {n: m for n, m in enc.named_modules() if isinstance(m, Int8Linear)}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.setdefault(n, a[0].detach().float().clone()))
+             for n, m in linears.items() if n not in names]
+    run()
+    for h in hooks:
+        h.remove()
+    assert len(inputs) == 5 * 2                 # query, key, value, attention output, first feed-forward: 2 layers
     ranges = calibrate(enc, run)
-    # the range of each site is the smallest and largest GELU output the calibration run produced
-    assert ranges == {n: [o.min().item(), o.max().item()] for (n, _, _), o in zip(sites, outs)}
-    assert all(down.seen is None and up.codes_out is None for _, up, down in sites)   # nothing left switched on
+    # the range of each site is the smallest and largest GELU output the calibration run produced, and of each
+    # other linear the smallest and largest value of its input
+    assert ranges == {**{n: [o.min().item(), o.max().item()] for (n, _, _), o in zip(sites, outs)},
+                      **{n: [x.min().item(), x.max().item()] for n, x in inputs.items()}}
+    assert all(m.seen is None and m.codes_out is None and m.static_in is None for m in linears.values())
     set_static(enc, ranges, "test")
     for (n, up, down), o in zip(sites, outs):
         s, z = masks.affine_u8(*ranges[n])
         assert up.codes_out == down.codes_in == (s, z)
+    assert all(linears[n].static_in == masks.affine_u8(*ranges[n]) for n in inputs)
     coded = _gelu_outputs(enc, run)             # now the first linear writes uint8 codes of its GELU output
     for (n, _, _), o, q in zip(sites, outs, coded):
         s, z = masks.affine_u8(*ranges[n])
@@ -346,7 +357,7 @@ def test_static_codes_flow_from_the_first_feed_forward_linear_to_the_second(kind
     static = run()
     assert (static - dynamic).norm() / dynamic.norm() < 0.02               # within the codes' error
     # values beyond the calibrated range are clipped to its ends, not wrapped around
-    narrow = {n: [lo, hi / 4] for n, (lo, hi) in ranges.items()}
+    narrow = {**ranges, **{n: [lo, hi / 4] for n, (lo, hi) in ranges.items() if n in names}}
     set_static(enc, narrow, "test")
     for (n, _, _), o, q in zip(sites, outs, _gelu_outputs(enc, run)):
         s, z = masks.affine_u8(*narrow[n])
@@ -354,8 +365,57 @@ def test_static_codes_flow_from_the_first_feed_forward_linear_to_the_second(kind
         assert over.any() and (q[over] == 255).all()
     with pytest.raises(clintune.errors.ModelDirError, match="other layers"):
         set_static(enc, {names[0]: ranges[names[0]]}, "x.json")
+    with pytest.raises(clintune.errors.ModelDirError, match="other layers"):
+        set_static(enc, {**ranges, "pooler.dense": [0.0, 1.0]}, "x.json")
+    other = torch.randint(5, 40, (4, 12), generator=g)      # notes the ranges were not calibrated on
+    set_static(enc, ranges, "test")
+    full = run(other)
+    set_static(enc, {n: ranges[n] for n in names}, "format 1")  # the feed-forward sites alone: the rest dynamic
+    assert all(linears[n].static_in is None for n in inputs) and all(up.codes_out for _, up, _ in sites)
+    ffn_only = run(other)
+    assert not torch.equal(full, ffn_only) and (full - ffn_only).norm() / ffn_only.norm() < 0.02
     with pytest.raises(clintune.errors.ModelDirError, match="x.json: the range of .* two finite numbers"):
         set_static(enc, {**ranges, names[1]: [1.0, float("nan")]}, "x.json")
+
+
+@needs_int8
+def test_int8_static_layernorms_write_the_codes_their_readers_take(monkeypatch):
+    """int8-static on BERT's fused prediction path: the embeddings and the sublayer ends write their output's uint8
+    codes on the readers' calibrated range in the same pass (masks.add_norm / embed_norm with codes), so only the
+    attention output is coded by a pass of its own; the probabilities are those of coding each input in a pass
+    of its own on the same range, bit for bit."""
+    from clintune import fast
+    from clintune.quantize import _producers, calibrate, set_static
+
+    if masks.compiled() is None:
+        pytest.skip("no C compiler: nothing is fused")
+    enc = _tiny_encoder("bert", "gelu").requires_grad_(False)
+    fast.replace_dropout(enc)
+    fused = fast.fuse_passes(enc)
+    assert len(fused["embeddings"]) == 1 and len(fused["sublayer_end"]) == 4
+    quantize_int8(enc)
+    ids = torch.randint(5, 40, (4, 12), generator=torch.Generator().manual_seed(5))
+
+    def run(i=ids):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return enc(input_ids=i, attention_mask=torch.ones_like(i)).last_hidden_state
+
+    set_static(enc, calibrate(enc, run), "test")
+    producers = _producers(enc)
+    assert [type(p).__name__ for p, _ in producers] == ["FusedBertEmbeddings", "FusedBertSelfOutput",
+                                                        "FusedBertOutput", "FusedBertSelfOutput"]
+    assert all(p.codes_next == readers[0].static_in for p, readers in producers)
+    calls = []
+    real = masks.quantize_u8
+    monkeypatch.setattr(masks, "quantize_u8", lambda x, fixed=None: calls.append(fixed) or real(x, fixed))
+    other = torch.randint(5, 40, (4, 12), generator=torch.Generator().manual_seed(6))
+    fused_codes = run(other)
+    assert len(calls) == 2 and all(c is not None for c in calls)      # the attention outputs alone, on their range
+    for p, _ in producers:
+        p.codes_next = None
+    calls.clear()
+    own_pass = run(other)
+    assert len(calls) == 2 * 3 and torch.equal(fused_codes, own_pass)
 
 
 @needs_int8
@@ -369,8 +429,10 @@ def test_int8_static_trains_saves_and_reloads_its_calibration(tiny_backbone, bin
     cal = json.loads((out / "int8_calibration.json").read_text())
     n_train = res.record["data"]["n_train"]
     assert cal["notes"] == min(256, n_train) and cal["source"] == "training split"
-    assert sorted(cal["ranges"]) == ["encoder.layer.0.output.dense", "encoder.layer.1.output.dense"]
-    assert all(lo <= 0 < hi for lo, hi in cal["ranges"].values())     # GELU outputs: down to -0.17, and up
+    ffn = ["encoder.layer.0.output.dense", "encoder.layer.1.output.dense"]
+    linears = {n for n, m in res.classifier.model.encoder.named_modules() if isinstance(m, Int8Linear)}
+    assert cal["format"] == 2 and set(cal["ranges"]) == linears and set(ffn) < linears   # every linear's input
+    assert all(lo <= 0 < hi for lo, hi in (cal["ranges"][n] for n in ffn))   # GELU outputs: down to -0.17, and up
     assert res.record["cost"]["int8_calibration_seconds"] > 0
     texts = ["patient with heart failure and chest pain", "rash on the skin of the arm"] * 4
     again = clintune.load(out)                      # the saved ranges: the same probabilities, bit for bit
@@ -378,6 +440,12 @@ def test_int8_static_trains_saves_and_reloads_its_calibration(tiny_backbone, bin
     assert np.array_equal(again.predict_proba(texts), res.classifier.predict_proba(texts))
     dyn = clintune.load(out, quantize="int8")
     assert np.abs(dyn.predict_proba(texts) - again.predict_proba(texts)).max() < 0.05
+    # a calibration of format 1 (the feed-forward sites alone, before every input was calibrated) still loads
+    (out / "int8_calibration.json").write_text(json.dumps({**cal, "format": 1,
+                                                           "ranges": {n: cal["ranges"][n] for n in ffn}}))
+    old = clintune.load(out)
+    assert sum(m.static_in is not None for m in old.model.encoder.modules() if isinstance(m, Int8Linear)) == 0
+    assert np.abs(old.predict_proba(texts) - again.predict_proba(texts)).max() < 0.05
     # other notes give other ranges; a model trained without int8-static has none saved
     plain = tmp_path / "plain"
     clintune.train(tiny_config(tiny_backbone, binary_csv, out=str(plain)))
