@@ -733,16 +733,24 @@ def _sublayer_end_forward(self, hidden_states: torch.Tensor, input_tensor: torch
             # codes_next, quantize.set_static) from the same pass
             codes = getattr(self, "codes_next", None)
             bf16_next = codes is None and type(self.dense) is FrozenLinear
-            y = masks.add_norm(h.contiguous(), input_tensor.contiguous(), ln.weight, ln.bias, ln.eps, bf16_next,
-                               codes)
-            if bf16_next:
-                y, yb = y
-                setattr(y, BF16_COPY, yb)
-            elif codes is not None:
-                y, q = y
-                setattr(y, masks.U8_CODES, (q, codes))
-            return y
+            return _carrying(masks.add_norm(h.contiguous(), input_tensor.contiguous(), ln.weight, ln.bias, ln.eps,
+                                            bf16_next, codes), bf16_next, codes)
     return ln(drop(h) + input_tensor)
+
+
+def _carrying(out, bf16: bool, codes: tuple[float, int] | None) -> torch.Tensor:
+    """The fp32 output y of :func:`masks.add_norm` or :func:`masks.embed_norm`, carrying what the same pass wrote
+    for the products that read y next: its bf16 rounding (:data:`BF16_COPY`, ``bf16``) or its uint8 codes on
+    the range ``codes`` (:data:`masks.U8_CODES`)."""
+    if bf16:
+        y, yb = out
+        setattr(y, BF16_COPY, yb)
+        return y
+    if codes is not None:
+        y, q = out
+        setattr(y, masks.U8_CODES, (q, codes))
+        return y
+    return out
 
 
 def _embeddings_forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
@@ -800,19 +808,11 @@ def _embed_norm(self, input_ids, token_type_ids, position_ids, inputs_embeds, ca
             types = types.to(torch.int64).expand(batch, t).contiguous()
     codes = getattr(self, "codes_next", None)              # int8-static: the first layer reads y's codes
     bf16 = codes is None and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    y = masks.embed_norm(input_ids.to(torch.int64).contiguous(),
-                         position_ids.to(torch.int64).expand(batch, t).contiguous(), types,
-                         self.word_embeddings.weight, self.position_embeddings.weight, typ_weight,
-                         ln.weight, ln.bias, ln.eps, bf16_copy=bf16, codes=codes)
-    if y is None:
-        return None
-    if bf16:
-        y, yb = y
-        setattr(y, BF16_COPY, yb)
-    elif codes is not None:
-        y, q = y
-        setattr(y, masks.U8_CODES, (q, codes))
-    return y
+    out = masks.embed_norm(input_ids.to(torch.int64).contiguous(),
+                           position_ids.to(torch.int64).expand(batch, t).contiguous(), types,
+                           self.word_embeddings.weight, self.position_embeddings.weight, typ_weight,
+                           ln.weight, ln.bias, ln.eps, bf16_copy=bf16, codes=codes)
+    return None if out is None else _carrying(out, bf16, codes)
 
 
 class _GeluKeepGrad(torch.autograd.Function):

@@ -27,8 +27,8 @@ to the mean value row. Measured on 2 Zen 4 cores (16 x 12 heads x 256 tokens x 3
 bf16 kernel. Where the bf16 kernel runs on AMX tiles it is the faster one (3.6 ms against 4.1 on 2 Xeon cores), and
 int8 prediction attends through it (:func:`clintune.fast._int8_attention`).
 
-``--quantize int8-static`` codes one more tensor on a range fixed beforehand ("static" quantisation, Jacob et
-al.'s calibrated ranges): the feed-forward block's hidden activations h = GELU(x W1^T + b1), the widest tensor
+``--quantize int8-static`` codes the linears' inputs on ranges fixed beforehand ("static" quantisation, Jacob et
+al.'s calibrated ranges). First the feed-forward block's hidden activations h = GELU(x W1^T + b1), the widest tensor
 (4H per token). Their range [lo, hi] is the smallest and largest value seen over up to 256 calibration notes
 (:func:`calibrate`: the training split's, or notes the user gives), s_h and z_h follow from it as above
 (:func:`clintune.masks.affine_u8`), and the first product writes the codes q_h = round(clamp(h / s_h + z_h, 0,
