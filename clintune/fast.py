@@ -714,16 +714,21 @@ class _DropoutAddNorm(torch.autograd.Function):
 BF16_COPY = "_clintune_bf16"
 
 
+def _kernel_norm(ln: nn.LayerNorm, n: int) -> bool:
+    """Whether the compiled LayerNorm (:func:`masks.add_norm`, :func:`masks.embed_norm`) computes ``ln`` over
+    rows of ``n`` values: an affine fp32 LayerNorm over the last dim, rows the kernels take."""
+    return (ln.weight is not None and ln.bias is not None and ln.weight.dtype == ln.bias.dtype == torch.float32
+            and tuple(ln.normalized_shape) == (n,) and masks.fused_rows_available(n))
+
+
 def _sublayer_end_forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
     """BERT's ``LayerNorm(dropout(dense(x)) + input)``: by :class:`_DropoutAddNorm` in training, and by one
     pass (:func:`masks.add_norm`) in prediction, where they apply."""
     h = self.dense(hidden_states)
     ln, drop = self.LayerNorm, self.dropout
     if (h.dtype == torch.bfloat16 and input_tensor.dtype == torch.float32 and h.device.type == "cpu"
-            and h.shape == input_tensor.shape and ln.weight is not None and ln.bias is not None
-            and not (ln.weight.requires_grad or ln.bias.requires_grad)
-            and ln.weight.dtype == ln.bias.dtype == torch.float32 and tuple(ln.normalized_shape) == (h.shape[-1],)
-            and masks.fused_rows_available(h.shape[-1])):
+            and h.shape == input_tensor.shape and _kernel_norm(ln, h.shape[-1])
+            and not (ln.weight.requires_grad or ln.bias.requires_grad)):
         if drop.training and 0.0 < drop.p < 1.0:
             return _DropoutAddNorm.apply(h, input_tensor, ln.weight, ln.bias, ln.eps, drop.p)
         if not drop.training and not (torch.is_grad_enabled() and (h.requires_grad or input_tensor.requires_grad)):
@@ -787,9 +792,7 @@ def _embed_norm(self, input_ids, token_type_ids, position_ids, inputs_embeds, ca
             and not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
             and all(type(e) is nn.Embedding and e.weight.dtype == torch.float32 and e.weight.is_contiguous()
                     for e in tables)
-            and ln.weight is not None and ln.bias is not None and ln.weight.dtype == ln.bias.dtype == torch.float32
-            and tuple(ln.normalized_shape) == (self.word_embeddings.embedding_dim,)
-            and masks.fused_rows_available(ln.weight.shape[0])):
+            and _kernel_norm(ln, self.word_embeddings.embedding_dim)):
         return None
     batch, t = input_ids.shape
     if position_ids is None:
@@ -923,6 +926,13 @@ def _fusable(mod: nn.Module) -> str | None:
             and _same_code(type(mod).forward, BertSelfOutput.forward)):
         return "sublayer_end"
     return None
+
+
+def _original(mod: nn.Module, method: str):
+    """``mod``'s class's ``method`` as transformers wrote it: that of the class :func:`fuse_passes` swapped out,
+    where it swapped one in."""
+    cls = type(mod)
+    return getattr(getattr(cls, "_fused_from", cls), method, None)
 
 
 _FUSED_FORWARDS = {"sublayer_end": _sublayer_end_forward, "gelu": _gelu_forward, "lora": _lora_forward,

@@ -209,9 +209,47 @@ void dropout_add_bf16_f32(const uint16_t *a, const uint16_t *b, float *out, int6
         for (int64_t i = 0; i < m; i++) out[s + i] = bf2f(a[s + i]) + (keep[i] ? bf2f(b[s + i]) * scale : 0.0f);
     }
 }
+/* int8 prediction (clintune.quantize): a tensor's range [min(x, 0), max(x, 0)] in one pass (NaN skipped), then
+   its uint8 codes q = clamp(round(x / s) + z, 0, 255) in another (ties to even; NaN -> 0), x fp32 or bf16. */
+#define QUANT_PIECE 8192
 #ifdef __AVX512F__
 #include <immintrin.h>
+static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *) p)), 16));
+}
+/* 16 lanes at a time; vminps / vmaxps return the second operand when one is NaN: NaN is skipped */
+#define RANGE_LANES(LOAD16)                                                                      \
+        __m512 l16 = _mm512_setzero_ps(), h16 = _mm512_setzero_ps();                             \
+        for (; i + 16 <= e; i += 16) {                                                           \
+            __m512 v = LOAD16(x + i); l16 = _mm512_min_ps(v, l16); h16 = _mm512_max_ps(v, h16);  \
+        }                                                                                        \
+        l = _mm512_reduce_min_ps(l16); h = _mm512_reduce_max_ps(h16);
+/* the codes 16 lanes at a time, as the scalar loop computes them (compilers contract its x s^-1 + z into one
+   fused multiply-add, as PyTorch's own coding does: one rounding, so that a value a hair from a half step goes
+   the same way), clamped in fp32 (vmaxps with 0 as its second operand turns NaN into 0), then vcvtps2dq rounds
+   to nearest even (the default MXCSR) and vpmovdb narrows */
+#define CODE_LANES(LOAD16)                                                                       \
+        const __m512 inv16 = _mm512_set1_ps(inv_scale), z16 = _mm512_set1_ps(z);                 \
+        const __m512 top16 = _mm512_set1_ps(255.0f), zero16 = _mm512_setzero_ps();               \
+        for (; i + 16 <= e; i += 16) {                                                           \
+            __m512 v = _mm512_fmadd_ps(LOAD16(x + i), inv16, z16);                               \
+            v = _mm512_min_ps(_mm512_max_ps(v, zero16), top16);                                  \
+            _mm_storeu_si128((__m128i *) (q + i), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));  \
+        }
+#else
+#define RANGE_LANES(LOAD16)
+#define CODE_LANES(LOAD16)
 #endif
+/* the codes of x[i .. e - 1] (i, e, x, q, inv_scale and z in scope): CODE_LANES, then one at a time */
+#define CODE_SPAN(LOAD, LOAD16)                                                                  \
+        CODE_LANES(LOAD16)                                                                       \
+        for (; i < e; i++) {                                                                     \
+            float v = LOAD(x[i]) * inv_scale + z;                                                \
+            v = v >= 0.0f ? v : 0.0f;                                                            \
+            v = v <= 255.0f ? v : 255.0f;                                                        \
+            q[i] = (uint8_t) (int32_t) ((v + 12582912.0f) - 12582912.0f);   /* + 1.5 * 2^23: rounds to even */ \
+        }
 /* The LayerNorm of a row z (n values; acc: 16 partial sums of z, zeroed here), y = (z - mean) rstd w + b (y may
    be z), yb (not NULL) y rounded to bf16, yq (not NULL) y's uint8 codes on a fixed range (inv = 1 / s, zero z:
    quantize_u8_f32's codes, its fused multiply-add, clamp and ties to even), stats (not NULL) (mean, rstd) */
@@ -229,23 +267,12 @@ static inline void norm_row(const float *zi, float *acc, const float *w, const f
     const float rstd = 1.0f / __builtin_sqrtf(var / (float) n + eps);
     for (j = 0; j < n; j++) yi[j] = (zi[j] - mean) * rstd * w[j] + b[j];
     if (ybi) for (j = 0; j < n; j++) ybi[j] = f2bf_nan(yi[j]);
-    if (yqi) {
-        j = 0;
-#ifdef __AVX512F__
-        const __m512 inv16 = _mm512_set1_ps(inv), z16 = _mm512_set1_ps(zq);   /* as CODE_LANES below */
-        const __m512 top16 = _mm512_set1_ps(255.0f), zero16 = _mm512_setzero_ps();
-        for (; j + 16 <= n; j += 16) {
-            __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(yi + j), inv16, z16);
-            v = _mm512_min_ps(_mm512_max_ps(v, zero16), top16);
-            _mm_storeu_si128((__m128i *) (yqi + j), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
-        }
-#endif
-        for (; j < n; j++) {
-            float v = __builtin_fmaf(yi[j], inv, zq);
-            v = v >= 0.0f ? v : 0.0f;                                 /* NaN -> 0, as quantize_u8's vmaxps */
-            v = v <= 255.0f ? v : 255.0f;
-            yqi[j] = (uint8_t) (int32_t) ((v + 12582912.0f) - 12582912.0f);   /* rounds to even */
-        }
+    if (yqi) {                                       /* quantize_u8_f32's codes, by the same code */
+        const float *x = yi, inv_scale = inv, z = zq;
+        uint8_t *q = yqi;
+        int64_t i = 0;
+        const int64_t e = n;
+        CODE_SPAN(f2f, load16_f32)
     }
     if (stats) { stats[0] = mean; stats[1] = rstd; }
 }
@@ -369,38 +396,6 @@ void mul_bf16(const uint16_t *g, const uint16_t *d, uint16_t *out, int64_t n) {
         for (int64_t i = s; i < e; i++) out[i] = f2bf(bf2f(g[i]) * bf2f(d[i]));
     }
 }
-/* int8 prediction (clintune.quantize): a tensor's range [min(x, 0), max(x, 0)] in one pass (NaN skipped), then
-   its uint8 codes q = clamp(round(x / s) + z, 0, 255) in another (ties to even; NaN -> 0), x fp32 or bf16. */
-#define QUANT_PIECE 8192
-#ifdef __AVX512F__
-#include <immintrin.h>
-static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
-static inline __m512 load16_bf16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *) p)), 16));
-}
-/* 16 lanes at a time; vminps / vmaxps return the second operand when one is NaN: NaN is skipped */
-#define RANGE_LANES(LOAD16)                                                                      \
-        __m512 l16 = _mm512_setzero_ps(), h16 = _mm512_setzero_ps();                             \
-        for (; i + 16 <= e; i += 16) {                                                           \
-            __m512 v = LOAD16(x + i); l16 = _mm512_min_ps(v, l16); h16 = _mm512_max_ps(v, h16);  \
-        }                                                                                        \
-        l = _mm512_reduce_min_ps(l16); h = _mm512_reduce_max_ps(h16);
-/* the codes 16 lanes at a time, as the scalar loop computes them (compilers contract its x s^-1 + z into one
-   fused multiply-add, as PyTorch's own coding does: one rounding, so that a value a hair from a half step goes
-   the same way), clamped in fp32 (vmaxps with 0 as its second operand turns NaN into 0), then vcvtps2dq rounds
-   to nearest even (the default MXCSR) and vpmovdb narrows */
-#define CODE_LANES(LOAD16)                                                                       \
-        const __m512 inv16 = _mm512_set1_ps(inv_scale), z16 = _mm512_set1_ps(z);                 \
-        const __m512 top16 = _mm512_set1_ps(255.0f), zero16 = _mm512_setzero_ps();               \
-        for (; i + 16 <= e; i += 16) {                                                           \
-            __m512 v = _mm512_fmadd_ps(LOAD16(x + i), inv16, z16);                               \
-            v = _mm512_min_ps(_mm512_max_ps(v, zero16), top16);                                  \
-            _mm_storeu_si128((__m128i *) (q + i), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));  \
-        }
-#else
-#define RANGE_LANES(LOAD16)
-#define CODE_LANES(LOAD16)
-#endif
 #define RANGE_U8(NAME, T, LOAD, LOAD16)                                                          \
 void NAME(const T *x, int64_t n, float *out) {                                                   \
     float lo = 0.0f, hi = 0.0f;                                                                  \
@@ -422,13 +417,7 @@ void NAME(const T *x, uint8_t *q, int64_t n, float inv_scale, int32_t zero_point
     for (int64_t s = 0; s < n; s += QUANT_PIECE) {                                               \
         const int64_t e = s + QUANT_PIECE < n ? s + QUANT_PIECE : n;                             \
         int64_t i = s;                                                                           \
-        CODE_LANES(LOAD16)                                                                       \
-        for (; i < e; i++) {                                                                     \
-            float v = LOAD(x[i]) * inv_scale + z;                                                \
-            v = v >= 0.0f ? v : 0.0f;                                                            \
-            v = v <= 255.0f ? v : 255.0f;                                                        \
-            q[i] = (uint8_t) (int32_t) ((v + 12582912.0f) - 12582912.0f);   /* + 1.5 * 2^23: rounds to even */ \
-        }                                                                                        \
+        CODE_SPAN(LOAD, LOAD16)                                                                  \
     }                                                                                            \
 }
 RANGE_U8(range_f32, float, f2f, load16_f32)

@@ -119,7 +119,7 @@ def first_position(encoder: nn.Module) -> int | None:
     from transformers.models.electra.modeling_electra import ElectraModel
     from transformers.models.roberta.modeling_roberta import RobertaEmbeddings
 
-    from .fast import ATTENTION, _same_code
+    from .fast import ATTENTION, _original, _same_code
     from .masks import ATTENTION_HEAD_SIZES
 
     base = getattr(encoder, "get_base_model", lambda: encoder)()
@@ -129,8 +129,7 @@ def first_position(encoder: nn.Module) -> int | None:
             or not any(_same_code(type(base).forward, m.forward)
                        for m in (bert.BertModel, ElectraModel, distil.DistilBertModel))):
         return None
-    kind = type(getattr(base, "embeddings", None))
-    embeddings = getattr(getattr(kind, "_fused_from", kind), "forward", None)   # what a fused forward stands for
+    embeddings = _original(getattr(base, "embeddings", None), "forward")      # what a fused forward stands for
     if _same_code(embeddings, bert.BertEmbeddings.forward) or _same_code(embeddings, distil.Embeddings.forward):
         first = 0
     elif _same_code(embeddings, RobertaEmbeddings.forward) and base.embeddings.padding_idx is not None:

@@ -169,13 +169,6 @@ def require_cpu(quantize: str, device: torch.device) -> None:
                           "(device='cpu' from Python) or drop --quantize")
 
 
-def _original(mod: nn.Module, method: str):
-    """``mod``'s class's ``method`` as transformers wrote it: that of the class :func:`clintune.fast.fuse_passes`
-    swapped out, where it swapped one in."""
-    cls = type(mod)
-    return getattr(getattr(cls, "_fused_from", cls), method, None)
-
-
 def _linear_then_gelu(encoder: nn.Module):
     """(module, linear's name, activation's name, algorithm) for each feed-forward block whose code is a linear
     then its activation and whose activation is a GELU: BERT's intermediate layer (and its copies in RoBERTa,
@@ -183,7 +176,7 @@ def _linear_then_gelu(encoder: nn.Module):
     from transformers.models.bert.modeling_bert import BertIntermediate
     from transformers.models.distilbert.modeling_distilbert import FFN
 
-    from .fast import _same_code, gelu_algorithm
+    from .fast import _original, _same_code, gelu_algorithm
 
     shapes = (("forward", BertIntermediate.forward, "dense", "intermediate_act_fn"),
               ("ff_chunk", FFN.ff_chunk, "lin1", "activation"))
@@ -229,7 +222,7 @@ def static_sites(encoder: nn.Module) -> list[tuple[str, Int8Linear, Int8Linear]]
     from transformers.models.bert.modeling_bert import BertIntermediate, BertLayer, BertSelfOutput
     from transformers.models.distilbert.modeling_distilbert import FFN
 
-    from .fast import _same_code, _sublayer_end_forward
+    from .fast import _original, _same_code, _sublayer_end_forward
 
     def fused(lin) -> bool:
         return isinstance(lin, Int8Linear) and lin.gelu is not None

@@ -272,6 +272,12 @@ def test_add_norm_is_the_sum_then_layernorm(n):
     assert torch.equal(y, kept)
     y2, yb = masks.add_norm(h, r, w, b, 1e-12, bf16_copy=True)      # and its bf16 rounding from the same pass
     assert torch.equal(y2, y) and yb.dtype == torch.bfloat16 and torch.equal(yb, y.bfloat16())
+    codes = masks.affine_u8(-1.5, 1.0)                               # narrower than y: both ends clip
+    y3, q = masks.add_norm(h, r, w, b, 1e-12, codes=codes)          # its uint8 codes from the same pass
+    assert torch.equal(y3, y) and torch.equal(q, masks.quantize_u8(y, codes)[0])
+    assert bool((q == 0).any()) and bool((q == 255).any())
+    with pytest.raises(ValueError, match="not both"):
+        masks.add_norm(h, r, w, b, 1e-12, bf16_copy=True, codes=codes)
     with pytest.raises(ValueError, match="r must be"):
         masks.add_norm(h, r.bfloat16(), w, b, 1e-12)
 
