@@ -542,9 +542,11 @@ static inline __m512 exp2_lanes(__m512 y, __mmask16 k) {
     return _mm512_maskz_scalef_ps(k, q, y);
 }
 static inline void softmax_row(float *s, uint16_t *p, int64_t t, int64_t tp, const uint8_t *mr, float mult,
-                               uint16_t *probs_row, int64_t keep0, uint64_t seed, int16_t th, float *inv) {
+                               uint16_t *probs_row, int64_t keep0, uint64_t seed, int16_t th, float *inv,
+                               const __m512 *top) {
     __m512 vm = _mm512_set1_ps(-__builtin_inff());
-    for (int64_t j0 = 0; j0 < tp; j0 += 16)                      /* the largest score attended */
+    if (top) vm = *top;                              /* the largest scores attended, lane-wise, found already */
+    else for (int64_t j0 = 0; j0 < tp; j0 += 16)                 /* the largest score attended */
         vm = _mm512_mask_max_ps(vm, attended16(mr, j0, t), vm, _mm512_load_ps(s + j0));
     const float m = _mm512_reduce_max_ps(vm), c = mult * LOG2E;
     const __m512 vc = _mm512_set1_ps(c), vb = _mm512_set1_ps(m == -__builtin_inff() ? 0.0f : -m * c);
@@ -585,14 +587,15 @@ static inline void grad_row(float *g, const uint16_t *pr, uint16_t *ds, uint16_t
 }
 /* R query rows from i0 on of example b, head h (rows: those of them that exist) through softmax_row / grad_row,
    S's rows tp apart (attention_##D's and attention_backward_##D's locals) */
-#define SOFTMAX_ROWS(R, S, P, TP, MULT, RS)                                                                    \
+#define SOFTMAX_ROWS(R, S, P, TP, MULT, RS, TOP)                                                               \
     for (int64_t r = 0; r < R; r++) {                                                                        \
         RS[r] = 1.0f;                                                                                        \
         if (r >= rows) { memset(P + r * (TP), 0, (TP) * 2); continue; }                                      \
         const int64_t row = (b * nh + h) * t + i0 + r;                                                       \
-        softmax_row(S + r * (TP), P + r * (TP), t, TP, mask ? mask + b * st[9] + (i0 + r) * st[10] : 0, MULT, \
-                    probs ? probs + row * t : 0, row * ((t + 3) / 4) * 4, seed, th, probs ? 0 : RS + r);       \
+        softmax_row(S + r * (TP), P + r * (TP), t, TP, ROW_MASK(r), MULT, probs ? probs + row * t : 0,        \
+                    row * ((t + 3) / 4) * 4, seed, th, probs ? 0 : RS + r, TOP);                             \
     }
+#define ROW_MASK(r) (mask ? mask + b * st[9] + (i0 + (r)) * st[10] : 0)     /* query row i0 + r's mask (NULL: all) */
 #define GRAD_ROWS(R, S, DS, PM, TP, MULT)                                                                      \
     for (int64_t r = 0; r < R; r++) {                                                                        \
         if (r >= rows) { memset(DS + r * (TP), 0, (TP) * 2); memset(PM + r * (TP), 0, (TP) * 2); continue; }  \
@@ -622,7 +625,7 @@ static int attention_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v
             gather_rows(qt, qb + i0 * st[2], rows, R, st[2], D);                                             \
             ROWS_DOT(D, R, S, qt, kp, tp, scale)                      /* S = Q K^T * scale */                \
             float rs[R];                                              /* 1 / sum e per row (prediction) */   \
-            SOFTMAX_ROWS(R, S, P, tp, 1.0f, rs)                                                              \
+            SOFTMAX_ROWS(R, S, P, tp, 1.0f, rs, 0)                                                           \
             __m512 o[R][D / 16];                                                                             \
             ROWS_TIMES(D, R, o, P, vp, tp)                            /* O = P V (P m V in training) */      \
             for (int64_t r = 0; r < rows; r++) {                                                             \
@@ -755,7 +758,10 @@ int attention_amx_available(void) {
 }
 void attention_amx_use(int on) { amx_off = !on; }
 /* S[0..15][0..tq-1] = A (16 x D rows of AT, D apart) times the keys XP (pack_keys) transposed, fp32 */
-#define TILES_DOT(D, S, AT, XP, TQ)                                                                            \
+#define TILES_DOT(D, S, AT, XP, TQ) TILES_DOT_THEN(D, S, AT, XP, TQ, )
+/* TILES_DOT, and THEN after each 16 x 16 block of S is stored (at keys j0 .. j0 + 15, while the tiles make the
+   next): TOP_OF reads the block back from L1 for the rows' largest attended scores (prediction) */
+#define TILES_DOT_THEN(D, S, AT, XP, TQ, THEN)                                                                 \
     TLOAD(1, AT, D * 2);                                                                                     \
     if (D == 64) TLOAD(3, (AT) + 32, D * 2);                                                                 \
     for (int64_t j0 = 0; j0 < (TQ); j0 += 16) {                                                              \
@@ -763,7 +769,13 @@ void attention_amx_use(int on) { amx_off = !on; }
         TZERO(0); TLOAD(2, xc_, 64); TDP(0, 1, 2);                                                           \
         if (D == 64) { TLOAD(4, xc_ + 256, 64); TDP(0, 3, 4); }                                              \
         TSTORE(0, (S) + j0, (TQ) * 4);                                                                       \
+        THEN                                                                                                 \
     }
+/* TOP[r] = max(TOP[r], the attended scores among S[r, J0 .. J0 + 15]) lane-wise, for the rows that exist */
+#define TOP_OF(TOP, S, J0, TQ)                                                                                 \
+    for (int r_ = 0; r_ < rows; r_++)                                                                        \
+        TOP[r_] = _mm512_mask_max_ps(TOP[r_], attended16(ROW_MASK(r_), J0, t), TOP[r_],                      \
+                                     _mm512_load_ps((S) + r_ * (TQ) + (J0)));
 /* O (16 x D fp32, D apart) = W (16 x TQ bf16, TQ apart) times the rows YP (pack_pairs) */
 #define TILES_TIMES(D, O, W, YP, TQ)                                                                           \
     TZERO(4); TZERO(5);                                                                                      \
@@ -799,9 +811,12 @@ static int attention_amx_##D(const uint16_t *q, const uint16_t *k, const uint16_
         for (int64_t i0 = 0; i0 < t; i0 += 16) {                                                             \
             const int64_t rows = t - i0 < 16 ? t - i0 : 16;                                                  \
             gather_rows(qt, qb + i0 * st[2], rows, 16, st[2], D);                                            \
-            TILES_DOT(D, S, qt, kp, tq)                               /* S = Q K^T */                        \
+            __m512 top[16];                                           /* prediction: each row's largest */   \
+            for (int r = 0; r < 16; r++) top[r] = _mm512_set1_ps(-__builtin_inff());                          \
+            if (probs) { TILES_DOT(D, S, qt, kp, tq) }                /* S = Q K^T */                        \
+            else { TILES_DOT_THEN(D, S, qt, kp, tq, TOP_OF(top, S, j0, tq)) }                                \
             float rs[16];                                             /* 1 / sum e per row (prediction) */   \
-            SOFTMAX_ROWS(16, S, P, tq, scale, rs)                                                            \
+            SOFTMAX_ROWS(16, S, P, tq, scale, rs, probs ? 0 : top + r)                                       \
             TILES_TIMES(D, O, P, vp, tq)                              /* O = P V (P m V in training) */      \
             for (int64_t r = 0; r < rows; r++) {                                                             \
                 uint16_t *dst = out + ((o0 + i0 + r) * nh + h) * D;                                          \
