@@ -55,7 +55,8 @@ def _attend_first(module: nn.Module, first: torch.Tensor, states: torch.Tensor, 
         lengths = starts[1:] - starts[:-1]
         pos = torch.arange(int(lengths.max()))
         index = (starts[:-1, None] + pos).clamp_(max=states.shape[1] - 1)       # past a note's end: masked out
-        k, v, mask = k[0][index], v[0][index], (pos < lengths[:, None])[:, None, None, :]
+        rows = lambda x: x[0].index_select(0, index.view(-1)).view(*index.shape, -1)  # noqa: E731  (x[0][index],
+        k, v, mask = rows(k), rows(v), (pos < lengths[:, None])[:, None, None, :]      # a third of its time)
     else:
         mask = _first_row_mask(mask, states.shape[1])
     b, t, _ = k.shape
