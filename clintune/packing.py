@@ -2,7 +2,8 @@
 
 A batch of B notes padded to T tokens spends the padding's share of every product, LayerNorm and attention on
 tokens no head reads: 4.1% of the products and 6.0% of attention's work for the speed benchmark's 797 test
-notes, sorted by length and cut into pieces of 4,096 tokens (172,552 real tokens of 179,936). Packed, the
+notes, sorted by length and cut into pieces of 4,096 tokens (172,552 real tokens of 179,936; the pieces are
+:data:`clintune.training.EVAL_TOKENS_CPU` long). Packed, the
 encoder sees one example of N = sum_b L_b tokens, the notes' ids back to back, each note's positions 0 .. L_b
 - 1, so the linear layers, LayerNorms and GELUs work on the N real tokens alone. Self-attention is the one
 place where notes must not see each other: with offsets starts = (0, L_0, L_0 + L_1, ..., N),

@@ -147,8 +147,11 @@ def _to(inputs: dict, device: torch.device) -> dict:
 #: On CPU, evaluation batches run in pieces of at most this many padded tokens: the same outputs up to the
 #: precision's rounding, without the transient activations of 64 long notes at once. Predicting the speed
 #: benchmark's 797 test notes with its MiniLM: peak RSS 886-911 MB against 1092-1126 with whole batches of
-#: 64, and 123-125 samples/s against 116-120 (2048: 813 MB, 121/s; 8192: 1047 MB, 125/s).
-EVAL_TOKENS_CPU = 4096
+#: 64, and 123-125 samples/s against 116-120 (2048: 813 MB, 121/s; 8192: 1047 MB, 125/s; AMD EPYC, before
+#: packing). 8,192 since packed prediction (issue 7, Xeon with AMX, the same notes, one process, passes
+#: alternating with 4,096): bf16 3.56 -> 3.25 s a pass, int8-static 3.24 -> 3.06 s (fewer products, each with
+#: a fixed cost of about 40 us, and fewer layer calls); peak RSS of int8-static evaluation 801-807 -> 851-870 MB.
+EVAL_TOKENS_CPU = 8192
 
 
 def eval_max_tokens(device: torch.device) -> int | None:
