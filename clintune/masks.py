@@ -541,22 +541,63 @@ static inline __m512 exp2_lanes(__m512 y, __mmask16 k) {
     for (int c = 1; c < 6; c++) q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(EXP2_UNIT[c]));
     return _mm512_maskz_scalef_ps(k, q, y);
 }
-static inline void softmax_row(float *s, uint16_t *p, int64_t t, int64_t tp, const uint8_t *mr, float mult,
-                               uint16_t *probs_row, int64_t keep0, uint64_t seed, int16_t th, float *inv,
-                               const __m512 *top) {
-    __m512 vm = _mm512_set1_ps(-__builtin_inff());
-    if (top) vm = *top;                              /* the largest scores attended, lane-wise, found already */
-    else for (int64_t j0 = 0; j0 < tp; j0 += 16)                 /* the largest score attended */
-        vm = _mm512_mask_max_ps(vm, attended16(mr, j0, t), vm, _mm512_load_ps(s + j0));
-    const float m = _mm512_reduce_max_ps(vm), c = mult * LOG2E;
+/* e_j = 2^(c s_j - c m) for the keys attended (exp2_lanes; 0 for the others and from t on) over keys 0..tp-1, into p
+   rounded to bf16 (to_p) or back into s in fp32; returns their lane-wise sums (m = -inf, nothing attended: 0) */
+static inline __m512 exp_row(float *s, uint16_t *p, int64_t t, int64_t tp, const uint8_t *mr, float c, float m,
+                             int to_p) {
     const __m512 vc = _mm512_set1_ps(c), vb = _mm512_set1_ps(m == -__builtin_inff() ? 0.0f : -m * c);
     __m512 vsum = _mm512_setzero_ps();
     for (int64_t j0 = 0; j0 < tp; j0 += 16) {     /* keys past t or masked out (a fully masked row: all): 0 */
         __m512 e = exp2_lanes(_mm512_fmadd_ps(_mm512_load_ps(s + j0), vc, vb), attended16(mr, j0, t));
         vsum = _mm512_add_ps(vsum, e);
-        if (inv) _mm256_store_si256((__m256i *) (p + j0), (__m256i) _mm512_cvtneps_pbh(e));
+        if (to_p) _mm256_store_si256((__m256i *) (p + j0), (__m256i) _mm512_cvtneps_pbh(e));
         else _mm512_store_ps(s + j0, e);
     }
+    return vsum;
+}
+/* Lane r = OP over the 16 lanes of v[r], r = 0..15, pairing lanes as GCC's _mm512_reduce_OP_ps does (lane i with
+   i + 8, then i + 4, i + 2, i + 1: each lane is bit for bit that reduction of its row), but 16 rows at a time:
+   each level combines two vectors' halves, so 15 pairs of two-source permutes replace 16 reductions' chains */
+#define REDUCE16(NAME, OP)                                                                                     \
+static inline __m512 NAME(const __m512 *v) {                                                                 \
+    const __m512i a1 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),           \
+                  a2 = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27),          \
+                  a3 = _mm512_setr_epi32(0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29),          \
+                  a4 = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);         \
+    const __m512i b1 = _mm512_add_epi32(a1, _mm512_set1_epi32(8)), b2 = _mm512_add_epi32(a2, _mm512_set1_epi32(4)), \
+                  b3 = _mm512_add_epi32(a3, _mm512_set1_epi32(2)), b4 = _mm512_add_epi32(a4, _mm512_set1_epi32(1)); \
+    __m512 w[8], x[4], y[2];                                                                                 \
+    for (int k = 0; k < 8; k++)              /* rows 2k, 2k + 1: lanes i and i + 8, 8 lanes each */          \
+        w[k] = OP(_mm512_permutex2var_ps(v[2 * k], a1, v[2 * k + 1]), _mm512_permutex2var_ps(v[2 * k], b1, v[2 * k + 1])); \
+    for (int k = 0; k < 4; k++)              /* rows 4k .. 4k + 3: and i + 4, 4 lanes each */                \
+        x[k] = OP(_mm512_permutex2var_ps(w[2 * k], a2, w[2 * k + 1]), _mm512_permutex2var_ps(w[2 * k], b2, w[2 * k + 1])); \
+    for (int k = 0; k < 2; k++)              /* rows 8k .. 8k + 7: and i + 2, 2 lanes each */                \
+        y[k] = OP(_mm512_permutex2var_ps(x[2 * k], a3, x[2 * k + 1]), _mm512_permutex2var_ps(x[2 * k], b3, x[2 * k + 1])); \
+    return OP(_mm512_permutex2var_ps(y[0], a4, y[1]), _mm512_permutex2var_ps(y[0], b4, y[1]));             \
+}
+REDUCE16(reduce16_add, _mm512_add_ps)
+REDUCE16(reduce16_max, _mm512_max_ps)
+/* For the tests: how many of the 16 rows of v (16 x 16) reduce16_add and reduce16_max give other bits than GCC's
+   _mm512_reduce_add_ps / _mm512_reduce_max_ps of the row */
+int reduce16_mismatches(const float *v) {
+    __m512 rows[16];
+    float add[16], max[16];
+    for (int r = 0; r < 16; r++) rows[r] = _mm512_loadu_ps(v + 16 * r);
+    _mm512_storeu_ps(add, reduce16_add(rows));
+    _mm512_storeu_ps(max, reduce16_max(rows));
+    int bad = 0;
+    for (int r = 0; r < 16; r++) {
+        const float a = _mm512_reduce_add_ps(rows[r]), m = _mm512_reduce_max_ps(rows[r]);
+        bad += memcmp(&a, add + r, 4) != 0 || memcmp(&m, max + r, 4) != 0;
+    }
+    return bad;
+}
+static inline void softmax_row(float *s, uint16_t *p, int64_t t, int64_t tp, const uint8_t *mr, float mult,
+                               uint16_t *probs_row, int64_t keep0, uint64_t seed, int16_t th, float *inv) {
+    __m512 vm = _mm512_set1_ps(-__builtin_inff());
+    for (int64_t j0 = 0; j0 < tp; j0 += 16)                      /* the largest score attended */
+        vm = _mm512_mask_max_ps(vm, attended16(mr, j0, t), vm, _mm512_load_ps(s + j0));
+    const __m512 vsum = exp_row(s, p, t, tp, mr, mult * LOG2E, _mm512_reduce_max_ps(vm), inv != 0);
     const float sum = _mm512_reduce_add_ps(vsum);
     if (inv) { *inv = sum > 0.0f ? 1.0f / sum : 0.0f; return; }
     const __m512 vinv = _mm512_set1_ps(sum > 0.0f ? 1.0f / sum : 0.0f);
@@ -587,13 +628,13 @@ static inline void grad_row(float *g, const uint16_t *pr, uint16_t *ds, uint16_t
 }
 /* R query rows from i0 on of example b, head h (rows: those of them that exist) through softmax_row / grad_row,
    S's rows tp apart (attention_##D's and attention_backward_##D's locals) */
-#define SOFTMAX_ROWS(R, S, P, TP, MULT, RS, TOP)                                                               \
+#define SOFTMAX_ROWS(R, S, P, TP, MULT, RS)                                                                    \
     for (int64_t r = 0; r < R; r++) {                                                                        \
         RS[r] = 1.0f;                                                                                        \
         if (r >= rows) { memset(P + r * (TP), 0, (TP) * 2); continue; }                                      \
         const int64_t row = (b * nh + h) * t + i0 + r;                                                       \
         softmax_row(S + r * (TP), P + r * (TP), t, TP, ROW_MASK(r), MULT, probs ? probs + row * t : 0,        \
-                    row * ((t + 3) / 4) * 4, seed, th, probs ? 0 : RS + r, TOP);                             \
+                    row * ((t + 3) / 4) * 4, seed, th, probs ? 0 : RS + r);                                  \
     }
 #define ROW_MASK(r) (mask ? mask + b * st[9] + (i0 + (r)) * st[10] : 0)     /* query row i0 + r's mask (NULL: all) */
 #define GRAD_ROWS(R, S, DS, PM, TP, MULT)                                                                      \
@@ -625,7 +666,7 @@ static int attention_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v
             gather_rows(qt, qb + i0 * st[2], rows, R, st[2], D);                                             \
             ROWS_DOT(D, R, S, qt, kp, tp, scale)                      /* S = Q K^T * scale */                \
             float rs[R];                                              /* 1 / sum e per row (prediction) */   \
-            SOFTMAX_ROWS(R, S, P, tp, 1.0f, rs, 0)                                                           \
+            SOFTMAX_ROWS(R, S, P, tp, 1.0f, rs)                                                              \
             __m512 o[R][D / 16];                                                                             \
             ROWS_TIMES(D, R, o, P, vp, tp)                            /* O = P V (P m V in training) */      \
             for (int64_t r = 0; r < rows; r++) {                                                             \
@@ -811,12 +852,22 @@ static int attention_amx_##D(const uint16_t *q, const uint16_t *k, const uint16_
         for (int64_t i0 = 0; i0 < t; i0 += 16) {                                                             \
             const int64_t rows = t - i0 < 16 ? t - i0 : 16;                                                  \
             gather_rows(qt, qb + i0 * st[2], rows, 16, st[2], D);                                            \
-            __m512 top[16];                                           /* prediction: each row's largest */   \
-            for (int r = 0; r < 16; r++) top[r] = _mm512_set1_ps(-__builtin_inff());                          \
-            if (probs) { TILES_DOT(D, S, qt, kp, tq) }                /* S = Q K^T */                        \
-            else { TILES_DOT_THEN(D, S, qt, kp, tq, TOP_OF(top, S, j0, tq)) }                                \
             float rs[16];                                             /* 1 / sum e per row (prediction) */   \
-            SOFTMAX_ROWS(16, S, P, tq, scale, rs, probs ? 0 : top + r)                                       \
+            if (probs) {                                                                                     \
+                TILES_DOT(D, S, qt, kp, tq)                           /* S = Q K^T */                        \
+                SOFTMAX_ROWS(16, S, P, tq, scale, rs)                                                        \
+            } else {                              /* the rows' largest scores as the tiles make S, then e */ \
+                __m512 top[16], sums[16];                                                                    \
+                float mx[16] __attribute__((aligned(64)));                                                   \
+                for (int r = 0; r < 16; r++) top[r] = sums[r] = _mm512_set1_ps(-__builtin_inff());            \
+                TILES_DOT_THEN(D, S, qt, kp, tq, TOP_OF(top, S, j0, tq))                                     \
+                _mm512_store_ps(mx, reduce16_max(top));                                                      \
+                for (int64_t r = 0; r < 16; r++)                                                             \
+                    if (r < rows) sums[r] = exp_row(S + r * tq, P + r * tq, t, tq, ROW_MASK(r), scale * LOG2E, mx[r], 1); \
+                    else { sums[r] = _mm512_setzero_ps(); memset(P + r * tq, 0, tq * 2); }                   \
+                _mm512_store_ps(rs, reduce16_add(sums));                                                     \
+                for (int r = 0; r < 16; r++) rs[r] = rs[r] > 0.0f ? 1.0f / rs[r] : 0.0f;                      \
+            }                                                                                                \
             TILES_TIMES(D, O, P, vp, tq)                              /* O = P V (P m V in training) */      \
             for (int64_t r = 0; r < rows; r++) {                                                             \
                 uint16_t *dst = out + ((o0 + i0 + r) * nh + h) * D;                                          \
@@ -1168,6 +1219,7 @@ int attention_int8_available(void) { return 0; }
 #endif
 #else
 int attention_bf16_available(void) { return 0; }
+int reduce16_mismatches(const float *v) { (void) v; return -1; }
 int attention_int8_available(void) { return 0; }
 int attention_amx_available(void) { return 0; }
 void attention_amx_use(int on) { (void) on; }
@@ -1251,6 +1303,8 @@ def _compile() -> ctypes.CDLL | None:
         getattr(lib, name).restype = None
     lib.embed_norm_f32.restype = ctypes.c_int64
     lib.attention_bf16_available.restype = ctypes.c_int
+    lib.reduce16_mismatches.argtypes = [p]
+    lib.reduce16_mismatches.restype = ctypes.c_int
     if lib.attention_bf16_available():
         lib.attention_bf16.argtypes = [p] * 5 + [i64] * 4 + [p, f32, p, u64, i32, f32, p]
         lib.attention_bf16.restype = ctypes.c_int
