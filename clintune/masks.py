@@ -555,9 +555,10 @@ static inline __m512 exp_row(float *s, uint16_t *p, int64_t t, int64_t tp, const
     }
     return vsum;
 }
-/* Lane r = OP over the 16 lanes of v[r], r = 0..15, pairing lanes as GCC's _mm512_reduce_OP_ps does (lane i with
-   i + 8, then i + 4, i + 2, i + 1: each lane is bit for bit that reduction of its row), but 16 rows at a time:
-   each level combines two vectors' halves, so 15 pairs of two-source permutes replace 16 reductions' chains */
+/* Lane r = OP over the 16 lanes of v[r], r = 0..15, pairing lanes as GCC's _mm512_reduce_OP_ps does (the upper
+   half with the lower, OP(i + 8, i) then OP(i + 4, i), then OP(i, i + 2) and OP(i, i + 1): each lane is bit for
+   bit that reduction of its row, signed zeros included for max), but 16 rows at a time: each level combines two
+   vectors' halves, so 15 pairs of two-source permutes replace 16 reductions' chains */
 #define REDUCE16(NAME, OP)                                                                                     \
 static inline __m512 NAME(const __m512 *v) {                                                                 \
     const __m512i a1 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),           \
@@ -568,9 +569,9 @@ static inline __m512 NAME(const __m512 *v) {                                    
                   b3 = _mm512_add_epi32(a3, _mm512_set1_epi32(2)), b4 = _mm512_add_epi32(a4, _mm512_set1_epi32(1)); \
     __m512 w[8], x[4], y[2];                                                                                 \
     for (int k = 0; k < 8; k++)              /* rows 2k, 2k + 1: lanes i and i + 8, 8 lanes each */          \
-        w[k] = OP(_mm512_permutex2var_ps(v[2 * k], a1, v[2 * k + 1]), _mm512_permutex2var_ps(v[2 * k], b1, v[2 * k + 1])); \
+        w[k] = OP(_mm512_permutex2var_ps(v[2 * k], b1, v[2 * k + 1]), _mm512_permutex2var_ps(v[2 * k], a1, v[2 * k + 1])); \
     for (int k = 0; k < 4; k++)              /* rows 4k .. 4k + 3: and i + 4, 4 lanes each */                \
-        x[k] = OP(_mm512_permutex2var_ps(w[2 * k], a2, w[2 * k + 1]), _mm512_permutex2var_ps(w[2 * k], b2, w[2 * k + 1])); \
+        x[k] = OP(_mm512_permutex2var_ps(w[2 * k], b2, w[2 * k + 1]), _mm512_permutex2var_ps(w[2 * k], a2, w[2 * k + 1])); \
     for (int k = 0; k < 2; k++)              /* rows 8k .. 8k + 7: and i + 2, 2 lanes each */                \
         y[k] = OP(_mm512_permutex2var_ps(x[2 * k], a3, x[2 * k + 1]), _mm512_permutex2var_ps(x[2 * k], b3, x[2 * k + 1])); \
     return OP(_mm512_permutex2var_ps(y[0], a4, y[1]), _mm512_permutex2var_ps(y[0], b4, y[1]));             \
@@ -859,7 +860,7 @@ static int attention_amx_##D(const uint16_t *q, const uint16_t *k, const uint16_
             } else {                              /* the rows' largest scores as the tiles make S, then e */ \
                 __m512 top[16], sums[16];                                                                    \
                 float mx[16] __attribute__((aligned(64)));                                                   \
-                for (int r = 0; r < 16; r++) top[r] = sums[r] = _mm512_set1_ps(-__builtin_inff());            \
+                for (int r = 0; r < 16; r++) top[r] = _mm512_set1_ps(-__builtin_inff());                      \
                 TILES_DOT_THEN(D, S, qt, kp, tq, TOP_OF(top, S, j0, tq))                                     \
                 _mm512_store_ps(mx, reduce16_max(top));                                                      \
                 for (int64_t r = 0; r < 16; r++)                                                             \

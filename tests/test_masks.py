@@ -424,20 +424,23 @@ def test_attention_backward_kernel_is_the_formula_over_a_shared_mask_and_a_row_w
 def test_sixteen_row_reductions_give_each_rows_own_reduction_bit_for_bit():
     """AMX prediction finds 16 rows' largest scores and sums of e at once (reduce16_max / reduce16_add: permutes
     across rows); each must be the very bits of that row's own reduction, as the kernel made them before, on rows
-    whose float sums do depend on the order (magnitudes 1e-8 to 1e8, -inf, signed zeros)."""
+    whose float sums depend on the order (magnitudes 1e-8 to 1e8) and on rows of zeros of both signs, whose
+    largest depends on the order of max's operands (vmaxps returns the second of two zeros); -inf too."""
     _attention_kernel()
     g = torch.Generator().manual_seed(16)
+    lib = masks.compiled()
     rows = torch.randn(16, 16, generator=g) * torch.pow(10.0, torch.randint(-8, 9, (16, 16), generator=g).float())
     rows[3] = -float("inf")
     rows[5, ::2] = -float("inf")
-    rows[7] = 0.0
-    rows[7, ::3] = -0.0
-    sequential = torch.stack([torch.tensor(0.0)] * 16)
+    sequential = torch.zeros(16)
     for j in range(16):
         sequential = sequential + rows[:, j]                                    # left to right in fp32
     pairwise = rows.view(16, 2, 8).sum(1).view(16, 2, 4).sum(1).view(16, 2, 2).sum(1).sum(1)
     assert not torch.equal(sequential, pairwise)          # these rows' sums do depend on the order
-    assert masks.compiled().reduce16_mismatches(rows.contiguous().data_ptr()) == 0
+    assert lib.reduce16_mismatches(rows.contiguous().data_ptr()) == 0
+    for _ in range(8):                                    # zeros: each sign pattern picks its own lane's zero
+        zeros = torch.where(torch.rand(16, 16, generator=g) < 0.5, -0.0, 0.0).contiguous()
+        assert lib.reduce16_mismatches(zeros.data_ptr()) == 0
 
 
 @pytest.mark.parametrize("t,d", [(45, 32), (33, 64), (256, 32), (7, 64)])
