@@ -55,8 +55,9 @@ def _attend_first(module: nn.Module, first: torch.Tensor, states: torch.Tensor, 
         lengths = starts[1:] - starts[:-1]
         pos = torch.arange(int(lengths.max()))
         index = (starts[:-1, None] + pos).clamp_(max=states.shape[1] - 1)       # past a note's end: masked out
-        rows = lambda x: x[0].index_select(0, index.view(-1)).view(*index.shape, -1)  # noqa: E731  (x[0][index],
-        k, v, mask = rows(k), rows(v), (pos < lengths[:, None])[:, None, None, :]      # a third of its time)
+        flat = index.view(-1)                             # index_select: a third of x[0][index]'s time
+        k, v = (x[0].index_select(0, flat).view(*index.shape, -1) for x in (k, v))
+        mask = (pos < lengths[:, None])[:, None, None, :]
     else:
         mask = _first_row_mask(mask, states.shape[1])
     b, t, _ = k.shape
