@@ -56,7 +56,16 @@ from .store import atomic_path
 
 _SOURCE = r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#define THREADS() omp_get_max_threads()
+#define THREAD() omp_get_thread_num()
+#else
+#define THREADS() 1
+#define THREAD() 0
+#endif
 static inline uint64_t mix(uint64_t z) {
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
@@ -250,6 +259,23 @@ static inline __m512 load16_bf16(const uint16_t *p) {
             v = v <= 255.0f ? v : 255.0f;                                                        \
             q[i] = (uint8_t) (int32_t) ((v + 12582912.0f) - 12582912.0f);   /* + 1.5 * 2^23: rounds to even */ \
         }
+/* y = (z - mean) rstd w + b over a row of n, yb (not NULL) y rounded to bf16, yq (not NULL) y's uint8 codes on a
+   fixed range (inv = 1 / s, zero zq: quantize_u8_f32's codes, its fused multiply-add, clamp and ties to even),
+   stats (not NULL) (mean, rstd) */
+static inline void norm_out(const float *zi, float mean, float rstd, const float *w, const float *b, float *yi,
+                            uint16_t *ybi, uint8_t *yqi, float inv, float zq, float *stats, int64_t n) {
+    int64_t j;
+    for (j = 0; j < n; j++) yi[j] = (zi[j] - mean) * rstd * w[j] + b[j];
+    if (ybi) for (j = 0; j < n; j++) ybi[j] = f2bf_nan(yi[j]);
+    if (yqi) {                                       /* quantize_u8_f32's codes, by the same code */
+        const float *x = yi, inv_scale = inv, z = zq;
+        uint8_t *q = yqi;
+        int64_t i = 0;
+        const int64_t e = n;
+        CODE_SPAN(f2f, load16_f32)
+    }
+    if (stats) { stats[0] = mean; stats[1] = rstd; }
+}
 /* The LayerNorm of a row z (n values; acc: 16 partial sums of z, zeroed here), y = (z - mean) rstd w + b (y may
    be z), yb (not NULL) y rounded to bf16, yq (not NULL) y's uint8 codes on a fixed range (inv = 1 / s, zero z:
    quantize_u8_f32's codes, its fused multiply-add, clamp and ties to even), stats (not NULL) (mean, rstd) */
@@ -264,18 +290,52 @@ static inline void norm_row(const float *zi, float *acc, const float *w, const f
     for (; j < n; j++) { float c = zi[j] - mean; acc[0] += c * c; }
     float var = 0.0f;
     for (int l = 0; l < 16; l++) var += acc[l];
-    const float rstd = 1.0f / __builtin_sqrtf(var / (float) n + eps);
-    for (j = 0; j < n; j++) yi[j] = (zi[j] - mean) * rstd * w[j] + b[j];
-    if (ybi) for (j = 0; j < n; j++) ybi[j] = f2bf_nan(yi[j]);
-    if (yqi) {                                       /* quantize_u8_f32's codes, by the same code */
-        const float *x = yi, inv_scale = inv, z = zq;
-        uint8_t *q = yqi;
-        int64_t i = 0;
-        const int64_t e = n;
-        CODE_SPAN(f2f, load16_f32)
-    }
-    if (stats) { stats[0] = mean; stats[1] = rstd; }
+    norm_out(zi, mean, 1.0f / __builtin_sqrtf(var / (float) n + eps), w, b, yi, ybi, yqi, inv, zq, stats, n);
 }
+#ifdef __AVX512F__
+/* lane r = ((0 + v[r][0]) + v[r][1]) + ... + v[r][15]: a row's 16 partial sums added in turn, as norm_row adds
+   them, for 16 rows at once (t: scratch, 16 x 16) */
+static inline __m512 lane_sums16(const __m512 *v, float *t) {
+    for (int r = 0; r < 16; r++) _mm512_store_ps(t + 16 * r, v[r]);
+    const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32(16));
+    __m512 sum = _mm512_setzero_ps();
+    for (int l = 0; l < 16; l++)
+        sum = _mm512_add_ps(sum, _mm512_i32gather_ps(_mm512_add_epi32(column, _mm512_set1_epi32(l)), t, 4));
+    return sum;
+}
+/* norm_row for the 16 rows z, z + n, ..., z + 15 n (acc: their partial sums, 16 each; y, yb, yq and stats likewise
+   row after row), bit for bit: each row's mean and variance come from the same operations in the same order,
+   but with the 16 rows' chains of dependent adds side by side in the lanes of vectors instead of one row's after
+   another's (a row alone waits on four chains of 16 to 24 adds, most of its LayerNorm's time) */
+static inline void norm_rows16(const float *z, const __m512 *acc, const float *w, const float *b, float *y,
+                               uint16_t *yb, uint8_t *yq, float inv, float zq, float *stats, int64_t n, float eps) {
+    float t[256] __attribute__((aligned(64))), mean[16] __attribute__((aligned(64))), rstd[16] __attribute__((aligned(64)));
+    const __m512 vn = _mm512_set1_ps((float) n);
+    _mm512_store_ps(mean, _mm512_div_ps(lane_sums16(acc, t), vn));
+    __m512 sq[16];
+    for (int r = 0; r < 16; r++) sq[r] = _mm512_setzero_ps();
+    int64_t j;
+    for (j = 0; j + 16 <= n; j += 16)
+        for (int r = 0; r < 16; r++) {
+            const __m512 c = _mm512_sub_ps(_mm512_loadu_ps(z + r * n + j), _mm512_set1_ps(mean[r]));
+            sq[r] = _mm512_fmadd_ps(c, c, sq[r]);
+        }
+    if (j < n) {                                    /* the rest into lane 0, as norm_row */
+        for (int r = 0; r < 16; r++) {
+            float s0 = _mm512_cvtss_f32(sq[r]);
+            for (int64_t k = j; k < n; k++) { float c = z[r * n + k] - mean[r]; s0 += c * c; }
+            sq[r] = _mm512_mask_mov_ps(sq[r], 1, _mm512_set1_ps(s0));
+        }
+    }
+    const __m512 var = lane_sums16(sq, t);
+    _mm512_store_ps(rstd, _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_sqrt_ps(_mm512_add_ps(_mm512_div_ps(var, vn),
+                                                                                          _mm512_set1_ps(eps)))));
+    for (int r = 0; r < 16; r++)
+        norm_out(z + r * n, mean[r], rstd[r], w, b, y + r * n, yb ? yb + r * n : 0, yq ? yq + r * n : 0, inv, zq,
+                 stats ? stats + 2 * r : 0, n);
+}
+#endif
 /* A transformer sublayer's end, z = round(h s) m + r, y = (z - mean) rstd w + b over rows of length n
    (h bf16, the rest fp32; m the stream's mask over h's flat elements, s = 1 / (1 - p)); z and (mean, rstd)
    per row are kept for the backward pass (stats NULL: not kept; z may be y). With threshold -32768 and s = 1
@@ -287,29 +347,77 @@ void dropout_add_norm_bf16(const uint16_t *h, const float *r, const float *w, co
                            float eps, uint16_t *yb, uint8_t *yq, float inv, int32_t zero) {
     const int drop = threshold > -32768 || scale != 1.0f;
     #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < rows; i++) {
-        uint16_t keep[MAXT] __attribute__((aligned(64)));
-        if (drop) span_keep(keep, i * n, n, seed, (int16_t) threshold);
-        const uint16_t *hi = h + i * n;
-        const float *ri = r + i * n;
-        float *zi = z + i * n, *yi = y + i * n;
-        float acc[16] = {0};
-        int64_t j = 0;
-        if (drop) {          /* two loops: a test inside one made the no-dropout pass 1.5x slower */
-            for (; j + 16 <= n; j += 16)
-                for (int l = 0; l < 16; l++) {
-                    float v = bf2f(f2bf(bf2f(hi[j + l]) * scale) & keep[j + l]) + ri[j + l];
-                    zi[j + l] = v; acc[l] += v;
-                }
-            for (; j < n; j++) { float v = bf2f(f2bf(bf2f(hi[j]) * scale) & keep[j]) + ri[j]; zi[j] = v; acc[0] += v; }
-        } else {
-            for (; j + 16 <= n; j += 16)
-                for (int l = 0; l < 16; l++) { float v = bf2f(hi[j + l]) + ri[j + l]; zi[j + l] = v; acc[l] += v; }
-            for (; j < n; j++) { float v = bf2f(hi[j]) + ri[j]; zi[j] = v; acc[0] += v; }
+    for (int64_t i0 = 0; i0 < rows; i0 += 16) {                   /* 16 rows at a time (norm_rows16) */
+        const int64_t nr = rows - i0 < 16 ? rows - i0 : 16;
+        float acc[16][16] __attribute__((aligned(64)));     /* each row's 16 partial sums of z */
+        for (int64_t i = i0; i < i0 + nr; i++) {
+            uint16_t keep[MAXT] __attribute__((aligned(64)));
+            if (drop) span_keep(keep, i * n, n, seed, (int16_t) threshold);
+            const uint16_t *hi = h + i * n;
+            const float *ri = r + i * n;
+            float *zi = z + i * n, *a = acc[i - i0];
+            for (int l = 0; l < 16; l++) a[l] = 0.0f;
+            int64_t j = 0;
+            if (drop) {          /* two loops: a test inside one made the no-dropout pass 1.5x slower */
+                for (; j + 16 <= n; j += 16)
+                    for (int l = 0; l < 16; l++) {
+                        float v = bf2f(f2bf(bf2f(hi[j + l]) * scale) & keep[j + l]) + ri[j + l];
+                        zi[j + l] = v; a[l] += v;
+                    }
+                for (; j < n; j++) { float v = bf2f(f2bf(bf2f(hi[j]) * scale) & keep[j]) + ri[j]; zi[j] = v; a[0] += v; }
+            } else {
+                for (; j + 16 <= n; j += 16)
+                    for (int l = 0; l < 16; l++) { float v = bf2f(hi[j + l]) + ri[j + l]; zi[j + l] = v; a[l] += v; }
+                for (; j < n; j++) { float v = bf2f(hi[j]) + ri[j]; zi[j] = v; a[0] += v; }
+            }
         }
-        norm_row(zi, acc, w, b, yi, yb ? yb + i * n : 0, yq ? yq + i * n : 0, inv, (float) zero,
-                 stats ? stats + 2 * i : 0, n, eps);
+#ifdef __AVX512F__
+        if (nr == 16)
+            norm_rows16(z + i0 * n, (const __m512 *) acc, w, b, y + i0 * n, yb ? yb + i0 * n : 0, yq ? yq + i0 * n : 0, inv,
+                        (float) zero, stats ? stats + 2 * i0 : 0, n, eps);
+        else
+#endif
+            for (int64_t i = i0; i < i0 + nr; i++)
+                norm_row(z + i * n, acc[i - i0], w, b, y + i * n, yb ? yb + i * n : 0, yq ? yq + i * n : 0, inv,
+                         (float) zero, stats ? stats + 2 * i : 0, n, eps);
     }
+}
+/* Prediction's sublayer end, y = LayerNorm(h + r) over rows of n (h bf16, r and y fp32), with y16 (not NULL) y
+   rounded to bf16 and yq (not NULL) y's uint8 codes (inv = 1 / s, zero) from the same pass: the very bits of
+   dropout_add_norm_bf16 with every element kept (no mask) and nothing kept for a backward pass, z = h + r held
+   in a buffer of 16 rows per thread (in cache) instead of written to y and read back. Returns -1 without memory
+   for the buffers (nothing written), else 0. */
+int add_norm_pred(const uint16_t *h, const float *r, const float *w, const float *b, float *y, uint16_t *y16,
+                  int64_t rows, int64_t n, float eps, uint8_t *yq, float inv, int32_t zero) {
+    float *zs = aligned_alloc(64, ((size_t) THREADS() * 16 * n * 4 + 63) / 64 * 64);
+    if (!zs) return -1;
+    #pragma omp parallel for schedule(static)
+    for (int64_t i0 = 0; i0 < rows; i0 += 16) {
+        const int64_t nr = rows - i0 < 16 ? rows - i0 : 16;
+        float *z = zs + (int64_t) THREAD() * 16 * n;
+        float acc[16][16] __attribute__((aligned(64)));     /* each row's 16 partial sums of z */
+        for (int64_t i = i0; i < i0 + nr; i++) {
+            const uint16_t *hi = h + i * n;
+            const float *ri = r + i * n;
+            float *zi = z + (i - i0) * n, *a = acc[i - i0];
+            for (int l = 0; l < 16; l++) a[l] = 0.0f;
+            int64_t j = 0;
+            for (; j + 16 <= n; j += 16)
+                for (int l = 0; l < 16; l++) { float v = bf2f(hi[j + l]) + ri[j + l]; zi[j + l] = v; a[l] += v; }
+            for (; j < n; j++) { float v = bf2f(hi[j]) + ri[j]; zi[j] = v; a[0] += v; }
+        }
+#ifdef __AVX512F__
+        if (nr == 16)
+            norm_rows16(z, (const __m512 *) acc, w, b, y + i0 * n, y16 ? y16 + i0 * n : 0, yq ? yq + i0 * n : 0, inv,
+                        (float) zero, 0, n, eps);
+        else
+#endif
+            for (int64_t i = 0; i < nr; i++)
+                norm_row(z + i * n, acc[i], w, b, y + (i0 + i) * n, y16 ? y16 + (i0 + i) * n : 0,
+                         yq ? yq + (i0 + i) * n : 0, inv, (float) zero, 0, n, eps);
+    }
+    free(zs);
+    return 0;
 }
 /* Prediction's embeddings (BERT's code), z = (word[id] + type[tt]) + pos[p] in fp32 (PyTorch's order of the two
    adds), then the LayerNorm as above, y fp32 and yb (not NULL) its bf16 rounding: the gathers, the adds and the
@@ -427,14 +535,6 @@ QUANTIZE_U8(quantize_u8_bf16, uint16_t, bfl, load16_bf16)
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #include <stdlib.h>
-#ifdef _OPENMP
-#include <omp.h>
-#define THREADS() omp_get_max_threads()
-#define THREAD() omp_get_thread_num()
-#else
-#define THREADS() 1
-#define THREAD() 0
-#endif
 int attention_bf16_available(void) { return 1; }
 /* keys j0..j0+15 that row mask m lets be attended (m NULL: all) and that exist (j < t), as a lane mask */
 static inline __mmask16 attended16(const uint8_t *m, int64_t j0, int64_t t) {
@@ -1292,6 +1392,7 @@ def _compile() -> ctypes.CDLL | None:
                   "softmax_keep_backward_bf16": [p] * 3 + [i64] * 3 + [u64, i32],
                   "dropout_add_norm_bf16": [p] * 7 + [i64] * 2 + [u64, i32, f32, f32, p, p, f32, i32],
                   "dropout_add_norm_backward_bf16": [p] * 6 + [i64] * 2 + [u64, i32, f32],
+                  "add_norm_pred": [p] * 6 + [i64] * 2 + [f32, p, f32, i32],
                   "gelu_and_grad_bf16": [p] * 3 + [i64],
                   "embed_norm_f32": [p] * 10 + [i64] * 5 + [f32, p, f32, i32],
                   **{f"dropout_{a}_{b}": [p, p, i64, u64, i32, f32] for a, b in _DROPOUT_TYPES},
@@ -1303,6 +1404,7 @@ def _compile() -> ctypes.CDLL | None:
         getattr(lib, name).argtypes = args
         getattr(lib, name).restype = None
     lib.embed_norm_f32.restype = ctypes.c_int64
+    lib.add_norm_pred.restype = ctypes.c_int
     lib.attention_bf16_available.restype = ctypes.c_int
     lib.reduce16_mismatches.argtypes = [p]
     lib.reduce16_mismatches.restype = ctypes.c_int
@@ -1643,16 +1745,26 @@ def add_norm(h: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias: torch
              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """y = LayerNorm(h + r) over the last dim in one pass, for prediction (h bf16; r, the LayerNorm's weight and
     bias fp32; y fp32): :func:`dropout_add_norm` with every element kept (no mask drawn) and nothing kept for a
-    backward pass. PyTorch takes two passes (the add, then ``native_layer_norm``); the sum is the same fp32 sum
-    and the LayerNorm within fp32 rounding of PyTorch's. ``bf16_copy``: (y, y rounded to bf16), the second from
-    the same pass (what the next layer's bf16 products read, instead of a cast of y for each of them).
-    ``codes`` (s, z): (y, y's uint8 codes on that fixed range), likewise (what int8-static products read,
-    :mod:`clintune.quantize`, instead of a coding pass of their own); not with ``bf16_copy``."""
+    backward pass, its very bits, with z = h + r held in cache instead of written to y and read back. PyTorch
+    takes two passes (the add, then ``native_layer_norm``); the sum is the same fp32 sum and the LayerNorm within
+    fp32 rounding of PyTorch's. ``bf16_copy``: (y, y rounded to bf16), the second from the same pass (what the
+    next layer's bf16 products read, instead of a cast of y for each of them). ``codes`` (s, z): (y, y's uint8
+    codes on that fixed range), likewise (what int8-static products read, :mod:`clintune.quantize`, instead of a
+    coding pass of their own); not with ``bf16_copy``."""
     if bf16_copy and codes is not None:
         raise ValueError("add_norm: a bf16 copy or uint8 codes, not both")
+    n = h.shape[-1]
+    _check({"h": (h, torch.bfloat16), "r": (r, torch.float32)}, h.shape)
+    _check({"weight": (weight, torch.float32), "bias": (bias, torch.float32)}, (n,))
+    if not fused_rows_available(n):
+        raise ValueError(f"add_norm: rows of 1 to {MAX_ROW} values, where the kernels are compiled")
+    y = torch.empty(h.shape)
     yb = torch.empty(h.shape, dtype=torch.bfloat16) if bf16_copy else None
     yq = torch.empty(h.shape, dtype=torch.uint8) if codes is not None else None
-    y = dropout_add_norm(h, r, weight, bias, eps, 0, -32768, 1.0, for_backward=False, yb=yb, yq=yq, codes=codes)[0]
+    if compiled().add_norm_pred(h.data_ptr(), r.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
+                                None if yb is None else yb.data_ptr(), h.numel() // n, n, float(eps),
+                                *_code_args(yq, codes)):
+        raise MemoryError("add_norm: no memory for its row buffers")
     return (y, yb) if bf16_copy else (y, yq) if codes is not None else y
 
 

@@ -282,6 +282,35 @@ def test_add_norm_is_the_sum_then_layernorm(n):
         masks.add_norm(h, r.bfloat16(), w, b, 1e-12)
 
 
+@pytest.mark.parametrize("n", [37, 384])
+def test_sixteen_row_blocks_give_each_row_its_own_bits(n):
+    """The LayerNorm kernels take 16 rows at a time (their sums side by side in vector lanes); each row must get
+    the very bits it gets alone (one row: the one-row path, its own chains of sums): y, z and the stats under
+    dropout, the bf16 copy and the uint8 codes, on rows of very different scales, three blocks and five rows
+    more, and rows of 37 (a remainder after 16 lanes)."""
+    _needs_kernel()
+    from clintune import fast
+
+    g = torch.Generator().manual_seed(5)
+    rows = 16 * 3 + 5
+    h = (torch.randn(rows, n, generator=g) * 3).bfloat16()
+    r = torch.randn(rows, n, generator=g) * torch.rand(rows, 1, generator=g).mul(100)
+    w, b = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g) * 0.1
+    codes = masks.affine_u8(-2.0, 2.0)
+    thr, scale = fast._threshold(0.1), 1.0 / 0.9
+    y, z, stats = masks.dropout_add_norm(h, r, w, b, 1e-12, 3, thr, scale)
+    dropped = _ref_dropout(h, torch.bfloat16, 3, thr, scale)               # each row's own dropout output
+    y1, q1 = masks.add_norm(h, r, w, b, 1e-12, codes=codes)
+    _, yb1 = masks.add_norm(h, r, w, b, 1e-12, bf16_copy=True)
+    for i in range(rows):
+        one = slice(i, i + 1)
+        yi, zi, si = masks.dropout_add_norm(dropped[one], r[one], w, b, 1e-12, 0, -32768, 1.0)
+        assert torch.equal(yi, y[one]) and torch.equal(zi, z[one]) and torch.equal(si, stats[one])
+        yi, qi = masks.add_norm(h[one], r[one], w, b, 1e-12, codes=codes)
+        _, ybi = masks.add_norm(h[one], r[one], w, b, 1e-12, bf16_copy=True)
+        assert torch.equal(yi, y1[one]) and torch.equal(qi, q1[one]) and torch.equal(ybi, yb1[one])
+
+
 def test_fused_passes_refuse_what_they_cannot_do():
     _needs_kernel()
     h = torch.zeros(4, 8, dtype=torch.bfloat16)
