@@ -99,6 +99,14 @@ class _SharedInput:
         return codes
 
 
+def _int8_weight(lin: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, s): ``lin``'s weight coded per output channel, symmetric, q = round(W / s) in [-127, 127] (int8),
+    s = max_k |W[j, k]| / 127 (fp32)."""
+    w = lin.weight.detach().float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8), scales
+
+
 class Int8Linear(nn.Module):
     """A frozen linear layer for prediction with int8 weights and dynamically quantised uint8 inputs (the
     module docstring gives the maths). No gradients: for :class:`~clintune.modeling.Classifier` only."""
@@ -112,6 +120,7 @@ class Int8Linear(nn.Module):
         self.codes_in: tuple[float, int] | None = None    # (s, z): uint8 input arrives coded so (int8-static)
         self.static_in: tuple[float, int] | None = None   # (s, z): fp32/bf16 input coded on this range (int8-static)
         self.seen: list[float] | None = None              # calibrating: [min, max] of the inputs seen
+        self.tiles: tuple[torch.Tensor, torch.Tensor] | None = None   # the weight for the AMX GELU product
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
         self.register_buffer("zeros", torch.zeros(out_features, dtype=torch.int32), persistent=False)
@@ -120,12 +129,18 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, shared: _SharedInput) -> "Int8Linear":
-        w = lin.weight.detach().float()
-        scales = (w.abs().amax(dim=1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
-        q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+        q, scales = _int8_weight(lin)
         packed = torch.ops.onednn.qlinear_prepack(q, None)
         bias = None if lin.bias is None else lin.bias.detach().float().contiguous()
         return cls(packed, scales.contiguous(), bias, lin.in_features, lin.out_features, shared)
+
+    def take_gelu(self, kind: str, lin: nn.Linear) -> None:
+        """Apply the GELU ``kind`` ("none": exact, "tanh") to the output; an exact one writing uint8 codes
+        (int8-static) runs on AMX tiles where they do (:func:`clintune.masks.gelu_linear_u8`, the weight ``lin``
+        this layer was made from packed for it once), elsewhere in oneDNN's product."""
+        self.gelu = kind
+        if kind == "none" and masks.gelu_linear_available(self.in_features, self.out_features):
+            self.tiles = masks.int8_tiles(_int8_weight(lin)[0])
 
     def extra_repr(self) -> str:
         gelu = "" if self.gelu is None else f", then GELU (approximate={self.gelu!r})"
@@ -150,6 +165,10 @@ class Int8Linear(nn.Module):
         else:
             raise TypeError(f"Int8Linear: fp32 or bf16 input{' or its uint8 codes' if self.codes_in else ''}, "
                             f"not {x.dtype}")
+        if self.codes_out is not None and self.tiles is not None and self.gelu == "none" and q.is_contiguous():
+            y = masks.gelu_linear_u8(q.view(-1, self.in_features), scale, zero, self.tiles, self.scales, self.bias,
+                                     self.codes_out)
+            return y.view(*x.shape[:-1], self.out_features)
         if self.codes_out is not None:
             out, (out_scale, out_zero) = torch.uint8, self.codes_out
         else:
@@ -201,12 +220,14 @@ def quantize_int8(encoder: nn.Module) -> int:
                             "use --quantize none")
     shared = _SharedInput()
     targets = [(name, mod) for name, mod in encoder.named_modules() if type(mod) in (nn.Linear, FrozenLinear)]
+    made = {}
     for name, mod in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = encoder.get_submodule(parent_name) if parent_name else encoder
         setattr(parent, attr, Int8Linear.from_linear(mod, shared))
+        made[id(getattr(parent, attr))] = mod
     for mod, lin, act, kind in list(_linear_then_gelu(encoder)):
-        getattr(mod, lin).gelu = kind
+        getattr(mod, lin).take_gelu(kind, made[id(getattr(mod, lin))])
         setattr(mod, act, nn.Identity())
     for mod in encoder.modules():
         if getattr(mod, "is_causal", None) is False:     # what clintune's attention takes (clintune.fast.attention)

@@ -418,6 +418,94 @@ def test_int8_static_layernorms_write_the_codes_their_readers_take(monkeypatch):
     assert len(calls) == 2 * 3 and torch.equal(fused_codes, own_pass)
 
 
+needs_amx_gelu = pytest.mark.skipif(not (int8_available() and masks.gelu_linear_available(64, 32)),
+                                    reason="no AMX int8 tiles here: the GELU product stays oneDNN's")
+
+
+@needs_amx_gelu
+def test_amx_gelu_is_the_exact_gelu_to_fp32_rounding():
+    """The kernel's GELU, max(x, 0) - H(|x|) with H by 32 polynomials, against x Phi(x) in float64 over [-12, 12]
+    and a few larger values: within 3e-8 plus half an fp32 step of x; its tanh approximation is not."""
+    import math
+
+    x = torch.cat([torch.linspace(-12, 12, 480_000), torch.tensor([-1e4, -40.0, 1e-30, -1e-30, 40.0, 1e4])])
+    x = torch.cat([x, torch.zeros((-len(x)) % 16)]).contiguous()
+    y = torch.empty_like(x)
+    masks.compiled().gelu_lanes_f32(x.data_ptr(), y.data_ptr(), len(x))
+    xd = x.double()
+    exact = xd * 0.5 * torch.erfc(-xd / math.sqrt(2))
+    err = (y.double() - exact).abs()
+    assert (err <= 3e-8 + xd.abs() * 2 ** -24).all(), err.max().item()
+    tanh = torch.nn.functional.gelu(xd, approximate="tanh")
+    assert (tanh - exact).abs().max() > 100 * err.max()
+
+
+@needs_amx_gelu
+@pytest.mark.parametrize("m", [1, 31, 32, 77])
+def test_amx_gelu_product_writes_the_codes_of_its_formula(m):
+    """uint8 codes of GELU(s_x s_w[j] sum (q_x - z_x) q_w + b) on AMX tiles against oneDNN's product with its exact
+    GELU post-op and against float64 rounding: the same codes but at most a few a step apart (where y / s sits a
+    hair from a half step), rows that fill no whole tile included; clipped at both ends of the range."""
+    import math
+
+    g = torch.Generator().manual_seed(m)
+    n, k = 96, 192
+    lin = nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g) * 0.1)
+        lin.bias.copy_(torch.randn(n, generator=g))
+    from clintune.quantize import _int8_weight
+
+    q, sw = _int8_weight(lin)
+    x = torch.randint(0, 256, (m, k), generator=g, dtype=torch.uint8)
+    sx, zx, codes = 0.02, 131, masks.affine_u8(-0.1, 3.0)       # GELU reaches -0.17: both ends clip
+    got = masks.gelu_linear_u8(x, sx, zx, masks.int8_tiles(q), sw, lin.bias.detach(), codes)
+    onednn = torch.ops.onednn.qlinear_pointwise(x, sx, zx, torch.ops.onednn.qlinear_prepack(q, None), sw,
+                                                torch.zeros(n, dtype=torch.int32), lin.bias.detach(), codes[0],
+                                                codes[1], torch.uint8, "gelu", [], "none")
+    y = (x.double() - zx) @ q.double().t() * (sx * sw.double()) + lin.bias.detach().double()
+    exact = torch.clamp(torch.round(y * 0.5 * torch.erfc(-y / math.sqrt(2)) / codes[0] + codes[1]), 0, 255)
+    assert got.shape == (m, n) and got.dtype == torch.uint8
+    for want in (onednn.int(), exact.int()):
+        diff = (got.int() - want).abs()
+        assert diff.max() <= 1 and diff.sum() <= 2
+    assert (got == 0).any() and (got == 255).any()
+
+
+@needs_amx_gelu
+def test_int8_static_feed_forward_runs_its_gelu_product_on_amx_tiles(monkeypatch):
+    """An int8-static BERT whose feed-forward widths the tiles take (64 -> 128): its GELU linears carry their
+    weights packed for the tiles and predict through gelu_linear_u8 (one call per layer), as close to oneDNN's
+    product with its GELU post-op as the codes' rounding allows."""
+    from transformers import BertConfig, BertModel
+
+    from clintune.quantize import calibrate, set_static
+
+    torch.manual_seed(0)
+    enc = BertModel(BertConfig(vocab_size=40, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=128, max_position_embeddings=64), add_pooling_layer=False).eval()
+    quantize_int8(enc)
+    ups = [m for m in enc.modules() if isinstance(m, Int8Linear) and m.gelu]
+    assert len(ups) == 2 and all(m.tiles is not None for m in ups)
+    assert all(m.tiles is None for m in enc.modules() if isinstance(m, Int8Linear) and not m.gelu)
+    ids = torch.randint(5, 40, (3, 20), generator=torch.Generator().manual_seed(4))
+
+    def run():
+        with torch.inference_mode():
+            return enc(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+
+    set_static(enc, calibrate(enc, run), "test")
+    calls = []
+    real = masks.gelu_linear_u8
+    monkeypatch.setattr(masks, "gelu_linear_u8", lambda *a: calls.append(1) or real(*a))
+    tiles = run()
+    assert len(calls) == 2
+    for m in ups:
+        m.tiles = None
+    onednn = run()
+    assert len(calls) == 2 and (tiles - onednn).norm() / onednn.norm() < 1e-3
+
+
 @needs_int8
 def test_int8_static_trains_saves_and_reloads_its_calibration(tiny_backbone, binary_csv, tmp_path):
     import json
