@@ -1062,17 +1062,17 @@ static int attention_backward_amx_##D(const uint16_t *q, const uint16_t *k, cons
 ATTENTION_BACKWARD_AMX(32)
 ATTENTION_BACKWARD_AMX(64)
 #if defined(__AMX_INT8__)
-/* int8-static's feed-forward product with its GELU, h = GELU(x W^T + b) written as uint8 codes, on AMX tiles
-   (tdpbusd: uint8 x int8 sums in int32), where oneDNN applies its GELU post-op at about the cost of the product
-   itself. x: m x k uint8 codes (x ~ sx (qx - zx)); W: int8 (n x k, per-row scales sw), packed by
-   linear_u8_pack into 16-column x 64-deep tiles; then per element y = (acc - zx colsum[j]) (sx sw[j]) + b[j] in
-   fp32 (scale[j] = sx sw[j], comp[j] = zx colsum[j]: exact in int32 and in fp32 up to 2^24), GELU(y), and
-   q = clamp(round(GELU(y) / s + z), 0, 255) ties to even. GELU(y) = max(y, 0) - H(|y|) with H(a) = a (1 - Phi(a))
-   (x Phi(x) for either sign: GELU(-a) = a Phi(a) - a), H by 32 polynomials of degree 4 on [0, 6) in steps of
-   3/16 (GELU_H: Chebyshev-node least squares in float64, rounded to fp32; within 1.8e-8 of H; H = 0 beyond 6,
-   where H < 6e-9), each found by a two-source permute on the step's index: 18 operations per 16 values. Blocks
-   of 32 rows x 32 columns (four accumulators, two row tiles, two weight tiles: all eight tiles); the tiles of
-   one block are made while the codes of the one before are written. */
+/* int8 linears on AMX tiles (tdpbusd: uint8 x int8 sums in int32): y = x W^T + b for uint8 codes x (m x k,
+   x ~ sx (qx - zx)) and an int8 weight W (n x k, per-row scales sw) packed by linear_u8_pack into 16-column x
+   64-deep tiles; per element y = (acc - zx colsum[j]) (sx sw[j]) + b[j] in fp32 (scale[j] = sx sw[j], comp[j] =
+   zx colsum[j]: exact in int32, and in fp32 up to 2^24), then GELU(y) where asked, written in fp32, bf16 or as
+   uint8 codes q = clamp(round(y / s + z), 0, 255), ties to even. oneDNN's product costs about a third more on
+   BERT's shapes, and its exact-GELU post-op as much as the product itself. GELU(y) = max(y, 0) - H(|y|) with
+   H(a) = a (1 - Phi(a)) (x Phi(x) for either sign: GELU(-a) = a Phi(a) - a), H by 32 polynomials of degree 4 on
+   [0, 6) in steps of 3/16 (GELU_H: Chebyshev-node least squares in float64, rounded to fp32; within 1.8e-8 of
+   H; H = 0 beyond 6, where H < 6e-9), each found by a two-source permute on the step's index: 18 operations per
+   16 values. Blocks of 32 rows x 32 columns (four accumulator tiles, two row tiles, two weight tiles: all eight);
+   the tiles of one block are made while the outputs of the one before are written. */
 static const float GELU_H[5][32] __attribute__((aligned(64))) = {
     {8.04039955e-05f, 6.80589947e-05f, 4.61445998e-05f, 1.94022778e-05f, -6.79179175e-06f, -2.78234238e-05f, -4.08623964e-05f, -4.52470376e-05f,
      -4.22190387e-05f, -3.42109088e-05f, -2.3991186e-05f, -1.39470203e-05f, -5.66889503e-06f, 1.37220809e-07f, 3.49170341e-06f, 4.86473027e-06f,
@@ -1118,25 +1118,37 @@ void linear_u8_pack(const int8_t *w, int64_t n, int64_t k, int8_t *wp) {
                 for (int j = 0; j < 16; j++)
                     memcpy(wp + ((jb * (k / 64) + kc) * 16 + kk) * 64 + j * 4, w + (jb * 16 + j) * k + kc * 64 + kk * 4, 4);
 }
-/* the codes of 32 rows (rows of them real) x 32 columns from C (32 x 32 int32), columns j0 .. j0 + 31 of out */
-static inline void gelu_codes(const int32_t *C, int64_t rows, int64_t j0, const float *scale, const float *bias,
-                              const int32_t *comp, float inv, float zo, uint8_t *out, int64_t n) {
+/* Rows 0 .. rows - 1 of a 32 x 32 block of sums C, columns j0 .. j0 + 31 of out (n wide): mode 0 uint8 codes (inv
+   = 1 / s, zero zo), 1 bf16, 2 fp32; GELU first where gelu (constants where it is inlined: one loop per form) */
+static inline __attribute__((always_inline)) void linear_out(const int32_t *C, int64_t rows, int64_t j0,
+        const float *scale, const float *bias, const int32_t *comp, const int gelu, const int mode, float inv,
+        float zo, void *out, int64_t n) {
     for (int hf = 0; hf < 2; hf++) {
-        const __m512 sc = _mm512_loadu_ps(scale + j0 + 16 * hf), bi = _mm512_loadu_ps(bias + j0 + 16 * hf);
-        const __m512i cp = _mm512_loadu_si512(comp + j0 + 16 * hf);
+        const int64_t j = j0 + 16 * hf;
+        const __m512 sc = _mm512_loadu_ps(scale + j), bi = _mm512_loadu_ps(bias + j);
+        const __m512i cp = _mm512_loadu_si512(comp + j);
         for (int64_t r = 0; r < rows; r++) {
-            const __m512i acc = _mm512_sub_epi32(_mm512_load_si512(C + r * 32 + 16 * hf), cp);
-            const __m512 g = gelu_lanes(_mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), sc, bi));
-            const __m512i q = _mm512_max_epi32(_mm512_cvtps_epi32(_mm512_fmadd_ps(g, _mm512_set1_ps(inv),
-                                                                                 _mm512_set1_ps(zo))), _mm512_setzero_si512());
-            _mm_storeu_si128((__m128i *) (out + r * n + j0 + 16 * hf), _mm512_cvtusepi32_epi8(q));   /* <= 255 */
+            __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(C + r * 32 + 16 * hf), cp)),
+                                       sc, bi);
+            if (gelu) y = gelu_lanes(y);
+            if (mode == 0) {
+                const __m512i q = _mm512_max_epi32(_mm512_cvtps_epi32(_mm512_fmadd_ps(y, _mm512_set1_ps(inv),
+                                                                                     _mm512_set1_ps(zo))), _mm512_setzero_si512());
+                _mm_storeu_si128((__m128i *) ((uint8_t *) out + r * n + j), _mm512_cvtusepi32_epi8(q));   /* <= 255 */
+            } else if (mode == 1) {
+                _mm256_storeu_si256((__m256i *) ((uint16_t *) out + r * n + j), (__m256i) _mm512_cvtneps_pbh(y));
+            } else {
+                _mm512_storeu_ps((float *) out + r * n + j, y);
+            }
         }
     }
 }
-/* out (m x n uint8) = the codes above; k a multiple of 64, n of 32. Returns -1 without memory, else 0. */
-int linear_u8_gelu(const uint8_t *x, int64_t m, int64_t k, const int8_t *wp, int64_t n, const float *scale,
-                   const float *bias, const int32_t *comp, float inv, int32_t zo, uint8_t *out) {
-    const int64_t kcs = k / 64, blocks = (m + 31) / 32;
+/* out (m x n: mode 0 uint8, 1 bf16, 2 fp32) = the linear above; k a multiple of 64, n of 32. Returns -1 without
+   memory, else 0. */
+int linear_u8(const uint8_t *x, int64_t m, int64_t k, const int8_t *wp, int64_t n, const float *scale,
+              const float *bias, const int32_t *comp, int gelu, int mode, float inv, int32_t zo, void *out) {
+    const int64_t kcs = k / 64, blocks = (m + 31) / 32, size = mode == 0 ? 1 : mode == 1 ? 2 : 4;
+    const int form = 3 * !!gelu + mode;
     uint8_t *tails = aligned_alloc(64, (size_t) THREADS() * 32 * k);
     if (!tails) return -1;
     #pragma omp parallel
@@ -1148,12 +1160,13 @@ int linear_u8_gelu(const uint8_t *x, int64_t m, int64_t k, const int8_t *wp, int
         for (int64_t bk = 0; bk < blocks; bk++) {
             const int64_t m0 = bk * 32, rows = m - m0 < 32 ? m - m0 : 32;
             const uint8_t *xa = x + m0 * k;
+            void *o = (uint8_t *) out + m0 * n * size;
             if (rows < 32) {                              /* the last rows, padded to two whole tiles */
                 memset(tail, 0, 32 * k);
                 memcpy(tail, xa, rows * k);
                 xa = tail;
             }
-            for (int64_t j0 = 0; j0 <= n; j0 += 32) {     /* block j0's tiles while block j0 - 32 is coded */
+            for (int64_t j0 = 0; j0 <= n; j0 += 32) {     /* block j0's tiles while block j0 - 32 is written */
                 if (j0 < n) {
                     const int8_t *w0 = wp + (j0 / 16) * kcs * 1024, *w1 = w0 + kcs * 1024;
                     TZERO(0); TZERO(1); TZERO(2); TZERO(3);
@@ -1163,8 +1176,18 @@ int linear_u8_gelu(const uint8_t *x, int64_t m, int64_t k, const int8_t *wp, int
                         TDPI(0, 4, 6); TDPI(1, 4, 7); TDPI(2, 5, 6); TDPI(3, 5, 7);
                     }
                 }
-                if (j0 > 0)
-                    gelu_codes(C[(j0 / 32 - 1) & 1], rows, j0 - 32, scale, bias, comp, inv, (float) zo, out + m0 * n, n);
+                if (j0 > 0) {
+                    const int32_t *c = C[(j0 / 32 - 1) & 1];
+                    const float zf = (float) zo;
+                    switch (form) {
+                        case 0: linear_out(c, rows, j0 - 32, scale, bias, comp, 0, 0, inv, zf, o, n); break;
+                        case 1: linear_out(c, rows, j0 - 32, scale, bias, comp, 0, 1, inv, zf, o, n); break;
+                        case 2: linear_out(c, rows, j0 - 32, scale, bias, comp, 0, 2, inv, zf, o, n); break;
+                        case 3: linear_out(c, rows, j0 - 32, scale, bias, comp, 1, 0, inv, zf, o, n); break;
+                        case 4: linear_out(c, rows, j0 - 32, scale, bias, comp, 1, 1, inv, zf, o, n); break;
+                        default: linear_out(c, rows, j0 - 32, scale, bias, comp, 1, 2, inv, zf, o, n); break;
+                    }
+                }
                 if (j0 < n) {
                     int32_t *c = C[(j0 / 32) & 1];
                     TSTORE(0, c, 128); TSTORE(1, c + 16, 128); TSTORE(2, c + 512, 128); TSTORE(3, c + 528, 128);
@@ -1541,11 +1564,11 @@ def _compile() -> ctypes.CDLL | None:
         lib.attention_int8.argtypes = [p] * 5 + [i64] * 4 + [p, f32, p]
         lib.attention_int8.restype = ctypes.c_int
     lib.linear_u8_available.restype = ctypes.c_int
-    if hasattr(lib, "linear_u8_gelu"):                  # compiled with AMX-INT8 (whether Linux lends the tiles or not)
+    if hasattr(lib, "linear_u8"):                       # compiled with AMX-INT8 (whether Linux lends the tiles or not)
         lib.linear_u8_pack.argtypes = [p, i64, i64, p]
         lib.linear_u8_pack.restype = None
-        lib.linear_u8_gelu.argtypes = [p, i64, i64, p, i64, p, p, p, f32, i32, p]
-        lib.linear_u8_gelu.restype = ctypes.c_int
+        lib.linear_u8.argtypes = [p, i64, i64, p, i64, p, p, p, ctypes.c_int, ctypes.c_int, f32, i32, p]
+        lib.linear_u8.restype = ctypes.c_int
         lib.gelu_lanes_f32.argtypes = [p, p, i64]
         lib.gelu_lanes_f32.restype = None
     return lib
@@ -1701,48 +1724,54 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return out
 
 
-def gelu_linear_available(k: int, n: int) -> bool:
-    """Whether :func:`gelu_linear_u8` runs here for a k -> n linear: AMX tiles with int8 products (Sapphire Rapids
-    and later, the tiles lent by Linux, not turned off by :func:`amx_form`), k a multiple of 64, n of 32."""
+def int8_linear_available(k: int, n: int) -> bool:
+    """Whether :func:`int8_linear` runs here for a k -> n linear: AMX tiles with int8 products (Sapphire Rapids and
+    later, the tiles lent by Linux, not turned off by :func:`amx_form`), k a multiple of 64, n of 32."""
     lib = compiled()
-    return (lib is not None and hasattr(lib, "linear_u8_gelu") and bool(lib.linear_u8_available())
+    return (lib is not None and hasattr(lib, "linear_u8") and bool(lib.linear_u8_available())
             and k > 0 and k % 64 == 0 and n > 0 and n % 32 == 0)
 
 
 def int8_tiles(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An int8 weight (n, k) as :func:`gelu_linear_u8` reads it: (its tiles, 16 output columns by 64 inputs each
-    in tdpbusd's layout; its rows' sums, int32), once per model."""
+    """An int8 weight (n, k) as :func:`int8_linear` reads it: (its tiles, 16 output columns by 64 inputs each in
+    tdpbusd's layout; its rows' sums, int32), made once per model."""
     n, k = q.shape
-    if q.dtype != torch.int8 or not gelu_linear_available(k, n):
-        raise ValueError(f"int8_tiles: an int8 (n, k) weight with k % 64 == 0 and n % 32 == 0, where AMX runs")
+    if q.dtype != torch.int8 or not int8_linear_available(k, n):
+        raise ValueError("int8_tiles: an int8 (n, k) weight with k % 64 == 0 and n % 32 == 0, where AMX runs")
     q = q.contiguous()
     tiles = torch.empty(n * k, dtype=torch.int8)
     compiled().linear_u8_pack(q.data_ptr(), n, k, tiles.data_ptr())
     return tiles, q.sum(1, dtype=torch.int32)
 
 
-def gelu_linear_u8(x: torch.Tensor, x_scale: float, x_zero: int, tiles: tuple[torch.Tensor, torch.Tensor],
-                   w_scales: torch.Tensor, bias: torch.Tensor | None, codes: tuple[float, int]) -> torch.Tensor:
-    """int8-static's feed-forward product with its GELU on AMX tiles: the uint8 codes on ``codes`` = (s, z) of
-    GELU(y), y = x_scale w_scales[j] sum_i (x[., i] - x_zero) q[j, i] + bias[j], for uint8 codes x (m, k) and the
-    int8 weight q (n, k) packed by :func:`int8_tiles`; (m, n) uint8. oneDNN's product with its exact-GELU
-    post-op computes the same function (``qlinear_pointwise(..., "gelu", "none")``): on the Xeon with AMX, 8,192
-    x 384 -> 1,536 in 3.6 ms against 5.0-5.3, its codes within 1 of oneDNN's and 1.5e-6 of them other (2.0e-6 of
-    exact float64 rounding's other; oneDNN's: 1.6e-6). The GELU is x Phi(x) to 1.8e-8 (the C source's GELU_H)."""
+def int8_linear(x: torch.Tensor, x_scale: float, x_zero: int, tiles: tuple[torch.Tensor, torch.Tensor],
+                w_scales: torch.Tensor, bias: torch.Tensor | None, *, gelu: bool = False,
+                out: torch.dtype = torch.float32, codes: tuple[float, int] | None = None) -> torch.Tensor:
+    """y = x_scale w_scales[j] sum_i (x[., i] - x_zero) q[j, i] + bias[j] on AMX tiles for uint8 codes x (m, k) and
+    the int8 weight q (n, k) packed by :func:`int8_tiles`, then the exact GELU where ``gelu``; (m, n) in ``out``
+    (fp32 or bf16), or with ``codes`` = (s, z) y's uint8 codes on that range. oneDNN's ``qlinear_pointwise``
+    computes the same function: on the Xeon with AMX (8,192 rows), 384 -> 384 in 0.58 ms against 0.87, 1,536 ->
+    384 in 2.14 against 2.46, 384 -> 1,536 with the GELU into codes in 3.6 against 5.0-5.3 (oneDNN's GELU
+    post-op about as dear as its product); the codes within 1 of oneDNN's and 1.5e-6 of them other (float64
+    rounding's: 2.0e-6 other, oneDNN's 1.6e-6), bf16 outputs one rounding step apart in 2e-5 of them. The GELU
+    is x Phi(x) to 1.8e-8 (the C source's GELU_H)."""
     packed, colsum = tiles
     m, k = x.shape
     n = colsum.shape[0]
     if x.dtype != torch.uint8 or not x.is_contiguous() or packed.numel() != n * k:
-        raise ValueError("gelu_linear_u8: contiguous uint8 codes (m, k) and tiles of a (n, k) weight")
+        raise ValueError("int8_linear: contiguous uint8 codes (m, k) and the tiles of a (n, k) weight")
+    if codes is None and out not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"int8_linear: fp32, bf16 or uint8 codes out, not {out}")
     scale = (w_scales.float() * float(x_scale)).contiguous()
     comp = (colsum * int(x_zero)).to(torch.int32).contiguous()
     bias = torch.zeros(n) if bias is None else bias.float().contiguous()
-    s, z = codes
-    out = torch.empty((m, n), dtype=torch.uint8)
-    if compiled().linear_u8_gelu(x.data_ptr(), m, k, packed.data_ptr(), n, scale.data_ptr(), bias.data_ptr(),
-                                 comp.data_ptr(), float(1.0 / s), int(z), out.data_ptr()):
-        raise MemoryError("gelu_linear_u8: no memory for its row buffers")
-    return out
+    mode, inv, zero = (0, float(1.0 / codes[0]), int(codes[1])) if codes is not None else \
+        (1 if out == torch.bfloat16 else 2, 1.0, 0)
+    y = torch.empty((m, n), dtype=(torch.uint8, torch.bfloat16, torch.float32)[mode])
+    if compiled().linear_u8(x.data_ptr(), m, k, packed.data_ptr(), n, scale.data_ptr(), bias.data_ptr(),
+                            comp.data_ptr(), int(gelu), mode, inv, zero, y.data_ptr()):
+        raise MemoryError("int8_linear: no memory for its row buffers")
+    return y
 
 
 def attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -418,11 +418,11 @@ def test_int8_static_layernorms_write_the_codes_their_readers_take(monkeypatch):
     assert len(calls) == 2 * 3 and torch.equal(fused_codes, own_pass)
 
 
-needs_amx_gelu = pytest.mark.skipif(not (int8_available() and masks.gelu_linear_available(64, 32)),
-                                    reason="no AMX int8 tiles here: the GELU product stays oneDNN's")
+needs_amx_int8 = pytest.mark.skipif(not (int8_available() and masks.int8_linear_available(64, 32)),
+                                    reason="no AMX int8 tiles here: the int8 linears stay oneDNN's")
 
 
-@needs_amx_gelu
+@needs_amx_int8
 def test_amx_gelu_is_the_exact_gelu_to_fp32_rounding():
     """The kernel's GELU, max(x, 0) - H(|x|) with H by 32 polynomials, against x Phi(x) in float64 over [-12, 12]
     and a few larger values: within 3e-8 plus half an fp32 step of x; its tanh approximation is not."""
@@ -440,43 +440,66 @@ def test_amx_gelu_is_the_exact_gelu_to_fp32_rounding():
     assert (tanh - exact).abs().max() > 100 * err.max()
 
 
-@needs_amx_gelu
-@pytest.mark.parametrize("m", [1, 31, 32, 77])
-def test_amx_gelu_product_writes_the_codes_of_its_formula(m):
-    """uint8 codes of GELU(s_x s_w[j] sum (q_x - z_x) q_w + b) on AMX tiles against oneDNN's product with its exact
-    GELU post-op and against float64 rounding: the same codes but at most a few a step apart (where y / s sits a
-    hair from a half step), rows that fill no whole tile included; clipped at both ends of the range."""
-    import math
+def _int8_case(m: int, n: int = 96, k: int = 192):
+    """A seeded linear, its int8 weight and scales, and uint8 codes x (m, k) on (0.02, 131)."""
+    from clintune.quantize import _int8_weight
 
     g = torch.Generator().manual_seed(m)
-    n, k = 96, 192
     lin = nn.Linear(k, n)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(n, k, generator=g) * 0.1)
         lin.bias.copy_(torch.randn(n, generator=g))
-    from clintune.quantize import _int8_weight
-
     q, sw = _int8_weight(lin)
-    x = torch.randint(0, 256, (m, k), generator=g, dtype=torch.uint8)
-    sx, zx, codes = 0.02, 131, masks.affine_u8(-0.1, 3.0)       # GELU reaches -0.17: both ends clip
-    got = masks.gelu_linear_u8(x, sx, zx, masks.int8_tiles(q), sw, lin.bias.detach(), codes)
-    onednn = torch.ops.onednn.qlinear_pointwise(x, sx, zx, torch.ops.onednn.qlinear_prepack(q, None), sw,
-                                                torch.zeros(n, dtype=torch.int32), lin.bias.detach(), codes[0],
-                                                codes[1], torch.uint8, "gelu", [], "none")
-    y = (x.double() - zx) @ q.double().t() * (sx * sw.double()) + lin.bias.detach().double()
-    exact = torch.clamp(torch.round(y * 0.5 * torch.erfc(-y / math.sqrt(2)) / codes[0] + codes[1]), 0, 255)
-    assert got.shape == (m, n) and got.dtype == torch.uint8
-    for want in (onednn.int(), exact.int()):
+    return lin, q, sw, torch.randint(0, 256, (m, k), generator=g, dtype=torch.uint8), 0.02, 131
+
+
+@needs_amx_int8
+@pytest.mark.parametrize("m", [1, 31, 32, 77])
+def test_amx_int8_linear_computes_onednns_function(m):
+    """y = s_x s_w[j] sum (q_x - z_x) q_w + b on AMX tiles against oneDNN's qlinear_pointwise on the same codes,
+    rows that fill no whole tile included: fp32 within fp32 rounding, bf16 within one rounding step, with the
+    exact GELU (fp32) likewise, and the uint8 codes of the GELU's output, against oneDNN's post-op and float64
+    rounding, equal but at most a few a step apart (where y / s sits a hair from a half step), clipped at both
+    ends of the range."""
+    import math
+
+    lin, q, sw, x, sx, zx = _int8_case(m)
+    n, b = q.shape[0], lin.bias.detach()
+    tiles = masks.int8_tiles(q)
+    packed = torch.ops.onednn.qlinear_prepack(q, None)
+
+    def onednn(out, post="none", codes=(1.0, 0)):
+        return torch.ops.onednn.qlinear_pointwise(x, sx, zx, packed, sw, torch.zeros(n, dtype=torch.int32), b,
+                                                  codes[0], codes[1], out, post, [], "none" if post == "gelu" else "")
+
+    y = (x.double() - zx) @ q.double().t() * (sx * sw.double()) + b.double()
+    exact = y * 0.5 * torch.erfc(-y / math.sqrt(2))
+    for gelu, want in ((False, y), (True, exact)):
+        got = masks.int8_linear(x, sx, zx, tiles, sw, b, gelu=gelu)
+        assert got.dtype == torch.float32 and got.shape == (m, n)
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(got, onednn(torch.float32, "gelu" if gelu else "none"), rtol=1e-5, atol=1e-5)
+    got = masks.int8_linear(x, sx, zx, tiles, sw, b, out=torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - y).abs() <= y.abs() * 2 ** -8 + 1e-6).all()
+    assert (got == onednn(torch.bfloat16)).float().mean() > 0.99
+    codes = masks.affine_u8(-0.1, 3.0)                          # GELU reaches -0.17: both ends clip
+    got = masks.int8_linear(x, sx, zx, tiles, sw, b, gelu=True, codes=codes)
+    assert got.dtype == torch.uint8
+    rounded = torch.clamp(torch.round(exact / codes[0] + codes[1]), 0, 255)
+    for want in (onednn(torch.uint8, "gelu", codes).int(), rounded.int()):
         diff = (got.int() - want).abs()
         assert diff.max() <= 1 and diff.sum() <= 2
     assert (got == 0).any() and (got == 255).any()
 
 
-@needs_amx_gelu
-def test_int8_static_feed_forward_runs_its_gelu_product_on_amx_tiles(monkeypatch):
-    """An int8-static BERT whose feed-forward widths the tiles take (64 -> 128): its GELU linears carry their
-    weights packed for the tiles and predict through gelu_linear_u8 (one call per layer), as close to oneDNN's
-    product with its GELU post-op as the codes' rounding allows."""
+@needs_amx_int8
+def test_int8_bert_predicts_through_the_amx_linears(monkeypatch):
+    """A BERT whose widths the tiles take (64 -> 128): quantize_int8 packs every linear for the tiles (no oneDNN
+    weight beside), and dynamic and int8-static prediction go through masks.int8_linear (six per layer), each as
+    close to the same model on oneDNN's products as the codes' rounding allows; a tanh GELU stays oneDNN's."""
+    import copy
+
     from transformers import BertConfig, BertModel
 
     from clintune.quantize import calibrate, set_static
@@ -484,26 +507,37 @@ def test_int8_static_feed_forward_runs_its_gelu_product_on_amx_tiles(monkeypatch
     torch.manual_seed(0)
     enc = BertModel(BertConfig(vocab_size=40, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                                intermediate_size=128, max_position_embeddings=64), add_pooling_layer=False).eval()
+    ref = copy.deepcopy(enc)
+    tanh = BertModel(BertConfig(vocab_size=40, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=128, max_position_embeddings=64, hidden_act="gelu_pytorch_tanh"),
+                     add_pooling_layer=False).eval()
     quantize_int8(enc)
-    ups = [m for m in enc.modules() if isinstance(m, Int8Linear) and m.gelu]
-    assert len(ups) == 2 and all(m.tiles is not None for m in ups)
-    assert all(m.tiles is None for m in enc.modules() if isinstance(m, Int8Linear) and not m.gelu)
+    quantize_int8(tanh)
+    with monkeypatch.context() as m:
+        m.setattr(masks, "int8_linear_available", lambda k, n: False)
+        quantize_int8(ref)
+    lins = [m for m in enc.modules() if isinstance(m, Int8Linear)]
+    assert len(lins) == 12 and all(m.tiles is not None and m.packed is None for m in lins)
+    assert all(m.tiles is None and m.packed is not None for m in ref.modules() if isinstance(m, Int8Linear))
+    assert [m.tiles is None for m in tanh.modules() if isinstance(m, Int8Linear)] == [False] * 4 + [True, False] + \
+        [False] * 4 + [True, False]                             # the first feed-forward linears: oneDNN's
     ids = torch.randint(5, 40, (3, 20), generator=torch.Generator().manual_seed(4))
 
-    def run():
+    def run(model):
         with torch.inference_mode():
-            return enc(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+            return model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
 
-    set_static(enc, calibrate(enc, run), "test")
     calls = []
-    real = masks.gelu_linear_u8
-    monkeypatch.setattr(masks, "gelu_linear_u8", lambda *a: calls.append(1) or real(*a))
-    tiles = run()
-    assert len(calls) == 2
-    for m in ups:
-        m.tiles = None
-    onednn = run()
-    assert len(calls) == 2 and (tiles - onednn).norm() / onednn.norm() < 1e-3
+    real = masks.int8_linear
+    monkeypatch.setattr(masks, "int8_linear", lambda *a, **kw: calls.append(kw.get("codes")) or real(*a, **kw))
+    for static in (False, True):
+        if static:
+            for model in (enc, ref):
+                set_static(model, calibrate(model, lambda: run(model)), "test")
+        calls.clear()
+        a, b = run(enc), run(ref)
+        assert len(calls) == 12 and sum(c is not None for c in calls) == 2 * static   # the GELU's codes
+        assert (a - b).norm() / b.norm() < 1e-3
 
 
 @needs_int8
