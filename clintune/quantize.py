@@ -119,7 +119,7 @@ class Int8Linear(nn.Module):
                  out_features: int, shared: _SharedInput, tiles: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.gelu: str | None = None          # "none" (exact, erf) or "tanh": GELU applied to the output by oneDNN
+        self.gelu: str | None = None          # "none" (exact, erf) or "tanh": GELU applied as the product writes
         self.codes_out: tuple[float, int] | None = None   # (s, z): write uint8 codes y ~ s (q - z) (int8-static)
         self.codes_in: tuple[float, int] | None = None    # (s, z): uint8 input arrives coded so (int8-static)
         self.static_in: tuple[float, int] | None = None   # (s, z): fp32/bf16 input coded on this range (int8-static)
