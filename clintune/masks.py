@@ -339,12 +339,10 @@ static inline void norm_rows16(const float *z, const __m512 *acc, const float *w
 /* A transformer sublayer's end, z = round(h s) m + r, y = (z - mean) rstd w + b over rows of length n
    (h bf16, the rest fp32; m the stream's mask over h's flat elements, s = 1 / (1 - p)); z and (mean, rstd)
    per row are kept for the backward pass (stats NULL: not kept; z may be y). With threshold -32768 and s = 1
-   (no dropout: prediction) every element is kept and round(h s) = h, so no mask is drawn. yb (not NULL): y
-   rounded to bf16 as well (as PyTorch casts it), for the bf16 products that read y next; yq (not NULL): y's
-   uint8 codes on a fixed range (inv = 1 / s, zero), for int8-static products. */
+   every element is kept and round(h s) = h, so no mask is drawn (prediction's own pass: add_norm_pred). */
 void dropout_add_norm_bf16(const uint16_t *h, const float *r, const float *w, const float *b, float *y, float *z,
                            float *stats, int64_t rows, int64_t n, uint64_t seed, int32_t threshold, float scale,
-                           float eps, uint16_t *yb, uint8_t *yq, float inv, int32_t zero) {
+                           float eps) {
     const int drop = threshold > -32768 || scale != 1.0f;
     #pragma omp parallel for schedule(static)
     for (int64_t i0 = 0; i0 < rows; i0 += 16) {                   /* 16 rows at a time (norm_rows16) */
@@ -373,13 +371,12 @@ void dropout_add_norm_bf16(const uint16_t *h, const float *r, const float *w, co
         }
 #ifdef __AVX512F__
         if (nr == 16)
-            norm_rows16(z + i0 * n, (const __m512 *) acc, w, b, y + i0 * n, yb ? yb + i0 * n : 0, yq ? yq + i0 * n : 0, inv,
-                        (float) zero, stats ? stats + 2 * i0 : 0, n, eps);
+            norm_rows16(z + i0 * n, (const __m512 *) acc, w, b, y + i0 * n, 0, 0, 1.0f, 0.0f, stats ? stats + 2 * i0 : 0,
+                        n, eps);
         else
 #endif
             for (int64_t i = i0; i < i0 + nr; i++)
-                norm_row(z + i * n, acc[i - i0], w, b, y + i * n, yb ? yb + i * n : 0, yq ? yq + i * n : 0, inv,
-                         (float) zero, stats ? stats + 2 * i : 0, n, eps);
+                norm_row(z + i * n, acc[i - i0], w, b, y + i * n, 0, 0, 1.0f, 0.0f, stats ? stats + 2 * i : 0, n, eps);
     }
 }
 /* Prediction's sublayer end, y = LayerNorm(h + r) over rows of n (h bf16, r and y fp32), with y16 (not NULL) y
@@ -1533,7 +1530,7 @@ def _compile() -> ctypes.CDLL | None:
     p, i64, u64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int32, ctypes.c_float
     signatures = {"softmax_keep_bf16": [p] * 3 + [i64] * 3 + [u64, i32],
                   "softmax_keep_backward_bf16": [p] * 3 + [i64] * 3 + [u64, i32],
-                  "dropout_add_norm_bf16": [p] * 7 + [i64] * 2 + [u64, i32, f32, f32, p, p, f32, i32],
+                  "dropout_add_norm_bf16": [p] * 7 + [i64] * 2 + [u64, i32, f32, f32],
                   "dropout_add_norm_backward_bf16": [p] * 6 + [i64] * 2 + [u64, i32, f32],
                   "add_norm_pred": [p] * 6 + [i64] * 2 + [f32, p, f32, i32],
                   "gelu_and_grad_bf16": [p] * 3 + [i64],
@@ -1892,35 +1889,22 @@ def fused_rows_available(n: int) -> bool:
 
 
 def dropout_add_norm(h: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                     seed: int, threshold: int, scale: float, *, for_backward: bool = True, yb: torch.Tensor | None = None,
-                     yq: torch.Tensor | None = None, codes: tuple[float, int] | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                     seed: int, threshold: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y = LayerNorm(round(h * scale) * m + r) over the last dim in one pass: h bf16, r and the LayerNorm's
     weight and bias fp32; m is :func:`draw`'s mask over h's flat elements for ``seed`` (the mask
     ``keep_bits(h.shape, ...)`` gives), and round(h * scale) * m is exactly dropout's bf16 output.
     Returns (y, z, stats): z the LayerNorm's fp32 input and stats each row's (mean, 1 / std), for
-    :func:`dropout_add_norm_backward`; with ``for_backward=False`` nothing is kept (z is y, stats None).
-    ``yb`` (bf16, h's shape): also written, y rounded to bf16 (``y.to(torch.bfloat16)``'s bits). ``yq`` (uint8,
-    h's shape) with ``codes`` (s, z): also written, y's uint8 codes on that fixed range (:func:`quantize_u8`'s
-    codes of y with ``codes=(s, z)``, bit for bit)."""
+    :func:`dropout_add_norm_backward` (prediction, which keeps nothing: :func:`add_norm`)."""
     n = h.shape[-1]
     _check({"h": (h, torch.bfloat16), "r": (r, torch.float32)}, h.shape)
     _check({"weight": (weight, torch.float32), "bias": (bias, torch.float32)}, (n,))
     if not fused_rows_available(n):
         raise ValueError(f"dropout_add_norm: rows of 1 to {MAX_ROW} values, where the kernels are compiled")
-    if yb is not None:
-        _check({"yb": (yb, torch.bfloat16)}, h.shape)
-    if (yq is None) != (codes is None):
-        raise ValueError("dropout_add_norm: yq and codes go together")
-    if yq is not None:
-        _check({"yq": (yq, torch.uint8)}, h.shape)
     rows = h.numel() // n
-    y = torch.empty(h.shape)
-    z, stats = (torch.empty(h.shape), torch.empty((rows, 2))) if for_backward else (y, None)
+    y, z, stats = torch.empty(h.shape), torch.empty(h.shape), torch.empty((rows, 2))
     compiled().dropout_add_norm_bf16(h.data_ptr(), r.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
-                                     z.data_ptr(), None if stats is None else stats.data_ptr(), rows, n, seed,
-                                     int(threshold), float(scale), float(eps), None if yb is None else yb.data_ptr(),
-                                     *_code_args(yq, codes))
+                                     z.data_ptr(), stats.data_ptr(), rows, n, seed, int(threshold), float(scale),
+                                     float(eps))
     return y, z, stats
 
 
