@@ -114,10 +114,35 @@ static inline float exp_neg(float x) {
     float s; memcpy(&s, &e, 4);
     return x < -87.0f ? 0.0f : q * s;
 }
+#if defined(__AVX512BW__) && defined(__AVX512DQ__)
+#include <immintrin.h>
+#define STREAM_LANES 1
+/* The stream 32 elements at a time: words w .. w + 7 (z = seed + (w + 1 + lane) GAMMA; the next 8: z + 8 GAMMA)
+   mixed in 64-bit lanes, whose 16-bit lanes are then elements 4 w .. 4 w + 31 in order (little-endian, as the
+   scalar loops split a word), compared with th at once: bit l of the result = element 4 w + l kept */
+#define GAMMA 0x9E3779B97F4A7C15ULL
+static inline __m512i stream_start(uint64_t seed, int64_t w) {
+    return _mm512_add_epi64(_mm512_set1_epi64((int64_t) (seed + (uint64_t) (w + 1) * GAMMA)),
+                            _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64((int64_t) GAMMA)));
+}
+static inline __mmask32 stream_bits(__m512i *z, __m512i th) {
+    __m512i x = *z;
+    *z = _mm512_add_epi64(x, _mm512_set1_epi64((int64_t) (8 * GAMMA)));
+    x = _mm512_mullo_epi64(_mm512_xor_si512(x, _mm512_srli_epi64(x, 30)), _mm512_set1_epi64((int64_t) 0xBF58476D1CE4E5B9ULL));
+    x = _mm512_mullo_epi64(_mm512_xor_si512(x, _mm512_srli_epi64(x, 27)), _mm512_set1_epi64((int64_t) 0x94D049BB133111EBULL));
+    return _mm512_cmpge_epi16_mask(_mm512_xor_si512(x, _mm512_srli_epi64(x, 31)), th);
+}
+#endif
 /* keep[0 .. n) = the mask of flat elements k0 .. k0 + n - 1 of the stream above (as 0xFFFF / 0, for bf16 bits) */
 static inline void span_keep(uint16_t *keep, int64_t k0, int64_t n, uint64_t seed, int16_t th) {
     const int64_t w0 = k0 >> 2, off = k0 & 3, words = (off + n + 3) >> 2;
-    uint16_t buf[MAXT + 8] __attribute__((aligned(64)));
+    uint16_t buf[MAXT + 40] __attribute__((aligned(64)));
+#ifdef STREAM_LANES
+    __m512i z = stream_start(seed, w0);
+    const __m512i vth = _mm512_set1_epi16(th);
+    for (int64_t j = 0; j < words; j += 8)
+        _mm512_store_si512(buf + 4 * j, _mm512_movm_epi16(stream_bits(&z, vth)));
+#else
     for (int64_t j = 0; j < words; j++) {
         uint64_t r = mix(seed + (uint64_t) (w0 + j + 1) * 0x9E3779B97F4A7C15ULL);
         buf[4 * j] = (uint16_t) -((int16_t) r >= th);
@@ -125,6 +150,7 @@ static inline void span_keep(uint16_t *keep, int64_t k0, int64_t n, uint64_t see
         buf[4 * j + 2] = (uint16_t) -((int16_t) (r >> 32) >= th);
         buf[4 * j + 3] = (uint16_t) -((int16_t) (r >> 48) >= th);
     }
+#endif
     memcpy(keep, buf + off, (size_t) n * sizeof(uint16_t));
 }
 /* probs = softmax(scores) (fp32 inside, rounded once), kept = probs where kept else +0 */
@@ -699,6 +725,21 @@ static inline void softmax_row(float *s, uint16_t *p, int64_t t, int64_t tp, con
     const float sum = _mm512_reduce_add_ps(vsum);
     if (inv) { *inv = sum > 0.0f ? 1.0f / sum : 0.0f; return; }
     const __m512 vinv = _mm512_set1_ps(sum > 0.0f ? 1.0f / sum : 0.0f);
+#ifdef STREAM_LANES
+    if (probs_row) {         /* training: P (rounded to nearest even, as f2bf) kept for the backward pass, P m in p */
+        __m512i z = stream_start(seed, keep0 >> 2);                /* keep0: a row's first element, whole words */
+        const __m512i vth = _mm512_set1_epi16(th);
+        for (int64_t j0 = 0; j0 < tp; j0 += 32) {
+            const __mmask32 kept = stream_bits(&z, vth);
+            for (int64_t j = j0; j < j0 + 32 && j < tp; j += 16) {
+                const __m256i pb = (__m256i) _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(s + j), vinv));
+                _mm256_mask_storeu_epi16(probs_row + j, attended16(0, j, t), pb);
+                _mm256_storeu_si256((__m256i *) (p + j), _mm256_maskz_mov_epi16((__mmask16) (kept >> (j - j0)), pb));
+            }
+        }
+        return;
+    }
+#endif
     for (int64_t j0 = 0; j0 < tp; j0 += 16)                      /* round to nearest even, as f2bf */
         _mm256_storeu_si256((__m256i *) (p + j0), (__m256i) _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(s + j0), vinv)));
     if (probs_row) {                                 /* training: keep P for the backward pass, then drop out */
@@ -710,6 +751,40 @@ static inline void softmax_row(float *s, uint16_t *p, int64_t t, int64_t tp, con
 }
 static inline void grad_row(float *g, const uint16_t *pr, uint16_t *ds, uint16_t *pm, int64_t t, int64_t tp,
                             float mult, int64_t keep0, uint64_t seed, int16_t th) {
+#ifdef STREAM_LANES
+    /* the same operations as below in each lane, on the mask's bits: acc lane l sums keys l, l + 16, ... by fma */
+    uint32_t bits[MAXA / 32 + 1];
+    __m512i z = stream_start(seed, keep0 >> 2);
+    const __m512i vth = _mm512_set1_epi16(th);
+    for (int64_t c = 0; 32 * c < t; c++) bits[c] = stream_bits(&z, vth);
+    const __m512 vmult = _mm512_set1_ps(mult);
+    __m512 vacc = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= t; j += 16) {
+        const __m512 gj = _mm512_maskz_mul_ps((__mmask16) (bits[j / 32] >> (j % 32)), _mm512_load_ps(g + j), vmult);
+        _mm512_store_ps(g + j, gj);
+        const __m512 pj = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+            _mm256_loadu_si256((const __m256i *) (pr + j))), 16));
+        vacc = _mm512_fmadd_ps(gj, pj, vacc);
+    }
+    float acc[16] __attribute__((aligned(64)));
+    _mm512_store_ps(acc, vacc);
+    for (; j < t; j++) {
+        const float gj = bits[j / 32] >> (j % 32) & 1 ? g[j] * mult : 0.0f;
+        g[j] = gj; acc[0] = __builtin_fmaf(gj, bf2f(pr[j]), acc[0]);
+    }
+    float dot = 0.0f;
+    for (int l = 0; l < 16; l++) dot += acc[l];
+    const __m512 vdot = _mm512_set1_ps(dot);
+    for (j = 0; j < tp; j += 16) {                                 /* from t to tp: 0 */
+        const __mmask16 real = attended16(0, j, t);
+        const __m256i pb = _mm256_maskz_loadu_epi16(real, pr + j);
+        const __m512 pj = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(pb), 16));
+        _mm256_store_si256((__m256i *) (ds + j), _mm256_maskz_mov_epi16(real, (__m256i) _mm512_cvtneps_pbh(
+            _mm512_mul_ps(pj, _mm512_sub_ps(_mm512_load_ps(g + j), vdot)))));
+        _mm256_store_si256((__m256i *) (pm + j), _mm256_maskz_mov_epi16(real & (__mmask16) (bits[j / 32] >> (j % 32)), pb));
+    }
+#else
     uint16_t keep[MAXA + 16] __attribute__((aligned(64)));
     span_keep(keep, keep0, t, seed, th);
     float acc[16] = {0};
@@ -723,6 +798,7 @@ static inline void grad_row(float *g, const uint16_t *pr, uint16_t *ds, uint16_t
     for (int l = 0; l < 16; l++) dot += acc[l];
     for (j = 0; j < t; j++) { ds[j] = f2bf(bf2f(pr[j]) * (g[j] - dot)); pm[j] = pr[j] & keep[j]; }
     for (; j < tp; j++) { ds[j] = 0; pm[j] = 0; }
+#endif
 }
 /* R query rows from i0 on of example b, head h (rows: those of them that exist) through softmax_row / grad_row,
    S's rows tp apart (attention_##D's and attention_backward_##D's locals) */
@@ -927,6 +1003,33 @@ void attention_amx_use(int on) { amx_off = !on; }
     }                                                                                                        \
     TSTORE(4, O, D * 4); TSTORE(5, (O) + 16, D * 4);                                                         \
     if (D == 64) { TSTORE(6, (O) + 32, D * 4); TSTORE(7, (O) + 48, D * 4); }
+/* xt (d x tq, tq apart) = rows 0..t-1 of x (ld apart, d wide) transposed, 0 from t to tq: a gather of 16 rows'
+   dimensions (2c, 2c + 1) as words, split into their two 16-bit halves */
+static void transpose_rows(uint16_t *xt, const uint16_t *x, int64_t t, int64_t tq, int64_t ld, int64_t d) {
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32((int32_t) ld));
+    for (int64_t i0 = 0; i0 < tq; i0 += 16) {
+        const __mmask16 real = attended16(0, i0, t);
+        for (int64_t c = 0; c < d; c += 2) {
+            const __m512i w = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), real,
+                                                          _mm512_add_epi32(rows, _mm512_set1_epi32((int32_t) c)), x + i0 * ld, 2);
+            _mm256_storeu_si256((__m256i *) (xt + c * tq + i0), _mm512_cvtepi32_epi16(w));
+            _mm256_storeu_si256((__m256i *) (xt + (c + 1) * tq + i0), _mm512_cvtepi32_epi16(_mm512_srli_epi32(w, 16)));
+        }
+    }
+}
+/* out[j] = a[j] | b[j] << 16 for j < n (a multiple of 32): two rows in the pair layout */
+static inline void interleave_rows(uint32_t *out, const uint16_t *a, const uint16_t *b, int64_t n) {
+    const __m512i lo = _mm512_setr_epi32(0x00200000, 0x00210001, 0x00220002, 0x00230003, 0x00240004, 0x00250005,
+                                         0x00260006, 0x00270007, 0x00280008, 0x00290009, 0x002A000A, 0x002B000B,
+                                         0x002C000C, 0x002D000D, 0x002E000E, 0x002F000F);
+    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    for (int64_t j = 0; j < n; j += 32) {
+        const __m512i x = _mm512_loadu_si512(a + j), y = _mm512_loadu_si512(b + j);
+        _mm512_storeu_si512(out + j, _mm512_permutex2var_epi16(x, lo, y));
+        _mm512_storeu_si512(out + j + 16, _mm512_permutex2var_epi16(x, hi, y));
+    }
+}
 #define ATTENTION_AMX(D)                                                                                      \
 static int attention_amx_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask,       \
                              uint16_t *out, int64_t nb, int64_t nh, int64_t tmax, const int64_t *st, float scale, \
@@ -1008,11 +1111,8 @@ static int attention_backward_amx_##D(const uint16_t *q, const uint16_t *k, cons
         const uint16_t *ob = dout + b * so[0] + h * so[1];                                                   \
         pack_keys(vk, vb, t, tq, D, D);                                                                      \
         pack_pairs(kv, kb, t, tq, D, D);                                                                     \
-        for (int64_t i = 0; i < tq; i++)                              /* dO and Q' transposed, 0 past t */   \
-            for (int64_t c = 0; c < D; c++) {                                                                \
-                otr[c * tq + i] = i < t ? ob[i * so[2] + c] : 0;                                             \
-                qtr[c * tq + i] = i < t ? qb[i * D + c] : 0;                                                 \
-            }                                                                                                \
+        transpose_rows(otr, ob, t, tq, so[2], D);                     /* dO and Q' transposed, 0 past t */   \
+        transpose_rows(qtr, qb, t, tq, D, D);                                                                \
         const int64_t made = (t + 15) / 16 * 8;           /* query pairs the 16-row blocks write; the rest 0 */ \
         memset(pw + made * tq, 0, (size_t) (tq / 2 - made) * tq * 4);                                        \
         memset(sw + made * tq, 0, (size_t) (tq / 2 - made) * tq * 4);                                        \
@@ -1030,9 +1130,7 @@ static int attention_backward_amx_##D(const uint16_t *q, const uint16_t *k, cons
             for (int64_t r = 0; r < 16; r += 2) {        /* pairs of rows of P m and dS (rows past t: 0) */ \
                 uint32_t *pwr = pw + ((i0 + r) / 2) * tq, *swr = sw + ((i0 + r) / 2) * tq;                   \
                 const uint16_t *pm0 = PM + r * tq, *pm1 = pm0 + tq, *ds0 = DS + r * tq, *ds1 = ds0 + tq;     \
-                for (int64_t j = 0; j < tq; j++) {                                                           \
-                    pwr[j] = pm0[j] | (uint32_t) pm1[j] << 16; swr[j] = ds0[j] | (uint32_t) ds1[j] << 16;    \
-                }                                                                                            \
+                interleave_rows(pwr, pm0, pm1, tq); interleave_rows(swr, ds0, ds1, tq);                      \
             }                                                                                                \
         }                                                                                                    \
         for (int64_t j0 = 0; j0 < t; j0 += 16)                        /* dV^T = dO'^T P m, dK^T = Q'^T dS */ \
@@ -1045,11 +1143,14 @@ static int attention_backward_amx_##D(const uint16_t *q, const uint16_t *k, cons
                     TDP(1, 4, 5);                                                                            \
                 }                                                                                            \
                 TSTORE(0, C[0], 64); TSTORE(1, C[1], 64);                                                    \
-                for (int64_t n = 0; n < 16 && j0 + n < t; n++)                                               \
-                    for (int m = 0; m < 16; m++) {                                                           \
-                        dv[(bh * t + j0 + n) * D + u * 16 + m] = f2bf(C[0][m * 16 + n] * dscale);            \
-                        dk[(bh * t + j0 + n) * D + u * 16 + m] = f2bf(C[1][m * 16 + n]);                     \
-                    }                                                                                        \
+                for (int64_t n = 0; n < 16 && j0 + n < t; n++) {           /* column n of C: key j0 + n */  \
+                    const __m512i col = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_setr_epi32(               \
+                        0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(16)), _mm512_set1_epi32((int) n)); \
+                    _mm256_storeu_si256((__m256i *) (dv + (bh * t + j0 + n) * D + u * 16), (__m256i) _mm512_cvtneps_pbh( \
+                        _mm512_mul_ps(_mm512_i32gather_ps(col, C[0], 4), _mm512_set1_ps(dscale))));        \
+                    _mm256_storeu_si256((__m256i *) (dk + (bh * t + j0 + n) * D + u * 16),                   \
+                                        (__m256i) _mm512_cvtneps_pbh(_mm512_i32gather_ps(col, C[1], 4)));     \
+                }                                                                                            \
             }                                                                                                \
         TRELEASE();                                                                                          \
     }                                                                                                        \

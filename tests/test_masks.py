@@ -450,6 +450,31 @@ def test_attention_backward_kernel_is_the_formula_over_a_shared_mask_and_a_row_w
         masks.attention_backward(q, k, v, d_out.transpose(1, 2), probs.float(), seed, thr, 1.25, 0.5)
 
 
+@pytest.mark.parametrize("t", [70, 256])
+def test_attention_training_kernels_drop_out_by_the_row_padded_mask_in_every_block(t, kernel_form):
+    """Rows of many 32-key blocks (the mask's stream is drawn 32 elements at a time, the last block cut at t): the
+    kept P is the softmax, the output (P m) V / (1 - p) and the gradients the formula's, with attention_keep's m."""
+    _attention_kernel()
+    g = torch.Generator().manual_seed(t)
+    b, h, d, thr, seed = 2, 2, 32, -26214, 5                    # threshold -26214: p = 0.1
+    q, k, v = (torch.randn(b, h, t, d, generator=g).bfloat16() for _ in range(3))
+    probs = torch.empty(b, h, t, t, dtype=torch.bfloat16)
+    out = masks.attention(q, k, v, None, 0.3, probs=probs, seed=seed, threshold=thr, dropout_scale=1 / 0.9)
+    keep = masks.attention_keep((b, h, t, t), thr, torch.bool, seed).double()
+    assert 0.85 < keep.mean() < 0.95
+    p64 = torch.softmax(q.double() @ k.double().transpose(-1, -2) * 0.3, -1)
+    torch.testing.assert_close(probs.double(), p64, rtol=2 ** -7, atol=1e-6)
+    want = (probs.double() * keep) @ v.double() / 0.9
+    torch.testing.assert_close(out.transpose(1, 2).double(), want, rtol=0.02, atol=0.01 * want.abs().max().item())
+    d_out = torch.randn(b, t, h, d, generator=g).bfloat16()
+    grads = masks.attention_backward(q, k, v, d_out.transpose(1, 2), probs, seed, thr, 1 / 0.9, 0.3)
+    pk, do = probs.double(), d_out.transpose(1, 2).double() / 0.9
+    dp = (do @ v.double().transpose(-1, -2)) * keep
+    ds = pk * (dp - (dp * pk).sum(-1, keepdim=True))
+    for got, w in zip(grads, (ds @ k.double() * 0.3, ds.transpose(-1, -2) @ q.double(), (pk * keep).transpose(-1, -2) @ do)):
+        torch.testing.assert_close(got.double(), w, rtol=0.02, atol=0.01 * w.abs().max().item())
+
+
 def test_sixteen_row_reductions_give_each_rows_own_reduction_bit_for_bit():
     """AMX prediction finds 16 rows' largest scores and sums of e at once (reduce16_max / reduce16_add: permutes
     across rows); each must be the very bits of that row's own reduction, as the kernel made them before, on rows
