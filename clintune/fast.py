@@ -609,7 +609,8 @@ class _LoraLinear(torch.autograd.Function):
       drop(x) is :class:`_Dropout`'s (the same mask for the same seed) in one pass;
     * backward, with g = bf16(dy): dU = s g B, dB = s (U^T g)^T, dA = dU^T drop(x), and the input gradient
       dx = g W + (dU A) m / (1 - p) summed in fp32 in one pass (:func:`masks.dropout_add`), where autograd
-      would cast both parts to fp32 and add them in two more.
+      would cast both parts to fp32 and add them in two more; with AVX-512 all but g W in one pass over the
+      rows (:func:`masks.lora_backward`: dU kept in fp32, five products and the sum in one kernel).
     Saved: drop(x) and U = drop(x) A^T, as PEFT's modules save them, and the mask's seed."""
 
     @staticmethod
@@ -636,6 +637,11 @@ class _LoraLinear(torch.autograd.Function):
         g = dy.to(torch.bfloat16).reshape(-1, dy.shape[-1])
         u2, d2 = u.view(-1, u.shape[-1]), dropped.view(-1, dropped.shape[-1])
         need_x, _, _, need_a, need_b, _, _ = ctx.needs_input_grad
+        if masks.lora_backward_available(g.shape[1], d2.shape[1], a16.shape[0]) and g.is_contiguous():
+            gw = torch.mm(g, weight) if need_x else None
+            d_a, d_b, dx = masks.lora_backward(g, b16, u2, d2, a16, gw, ctx.scaling, ctx.seed, ctx.threshold, ctx.scale)
+            return (None if dx is None else dx.view(dropped.shape)), None, None, d_a if need_a else None, \
+                d_b if need_b else None, None, None
         du = torch.mm(g, b16).mul_(ctx.scaling)
         d_b = torch.mm(u2.t(), g).t().float().mul_(ctx.scaling) if need_b else None   # (U^T g)^T: the faster layout
         d_a = torch.mm(du.t(), d2).float() if need_a else None

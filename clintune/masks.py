@@ -555,6 +555,98 @@ RANGE_U8(range_f32, float, f2f, load16_f32)
 RANGE_U8(range_bf16, uint16_t, bfl, load16_bf16)
 QUANTIZE_U8(quantize_u8_f32, float, f2f, load16_f32)
 QUANTIZE_U8(quantize_u8_bf16, uint16_t, bfl, load16_bf16)
+/* LoRA's backward for rank r <= 16 over m rows, after the frozen product's input gradient gw = g W (bf16, m x k):
+   with g (m x n) the output gradient, B (n x r), U = drop(x) A^T (m x r), drop(x) (m x k), A (r x k), all bf16,
+       dU = s g B (fp32, never rounded),  dB = s U^T g -> db (n x r),  dA = dU^T drop(x) -> da (r x k),
+       dx = gw + (dU A) m / (1 - p) -> dx (m x k)  (dx NULL: not wanted),
+   m the dropout's mask (seed, threshold: element i k + j of drop(x)), sums in fp32. Two passes over each of g and
+   drop(x) become one over the four rows at a time: the rank-r products as broadcasts into 16 lanes (r padded with
+   zeros), dB and dA summed per thread (n x 16 and k x 16, in cache) and then over the threads in turn.
+   n and k multiples of 16. Returns -1 without memory. */
+#ifdef __AVX512F__
+int lora_backward_available(void) { return 1; }
+#define LORA_ROWS 4
+int lora_backward_bf16(const uint16_t *g, const uint16_t *bmat, const uint16_t *u, const uint16_t *dropped,
+                       const uint16_t *a, const uint16_t *gw, float *da, float *db, float *dx, int64_t m, int64_t n,
+                       int64_t k, int64_t r, float scaling, uint64_t seed, int32_t threshold, float dscale) {
+    const int nt = THREADS();
+    const int64_t wide = n > k ? n : k;
+    float *bp = aligned_alloc(64, (size_t) (n * 16 + r * k + (int64_t) nt * (n + k) * 16) * 4);
+    uint16_t *zero = calloc((size_t) wide, 2);
+    if (!bp || !zero) { free(bp); free(zero); return -1; }
+    float *ap = bp + n * 16, *part = ap + r * k;
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t c = 0; c < 16; c++) bp[j * 16 + c] = c < r ? bf2f(bmat[j * r + c]) : 0.0f;
+    for (int64_t i = 0; i < r * k; i++) ap[i] = bf2f(a[i]);
+    memset(part, 0, (size_t) nt * (n + k) * 16 * 4);
+    const int16_t th = (int16_t) threshold;
+    #pragma omp parallel
+    {
+        float *pdb = part + (int64_t) THREAD() * (n + k) * 16, *pda = pdb + n * 16;
+        uint16_t keep[MAXT] __attribute__((aligned(64)));
+        #pragma omp for schedule(static)
+        for (int64_t i0 = 0; i0 < m; i0 += LORA_ROWS) {
+            const uint16_t *gr[LORA_ROWS], *dr[LORA_ROWS];
+            __m512 uv[LORA_ROWS], du[LORA_ROWS];
+            for (int q = 0; q < LORA_ROWS; q++) {      /* rows past m: zeros, which add nothing */
+                const int on = i0 + q < m;
+                gr[q] = on ? g + (i0 + q) * n : zero;
+                dr[q] = on ? dropped + (i0 + q) * k : zero;
+                uv[q] = _mm512_setzero_ps();
+                for (int64_t c = 0; c < r && on; c++) uv[q][c] = bf2f(u[(i0 + q) * r + c]);
+                du[q] = _mm512_setzero_ps();
+            }
+            for (int64_t j = 0; j < n; j++) {           /* dU rows (4 chains), dB^T += U^T g */
+                const __m512 bj = _mm512_load_ps(bp + j * 16);
+                __m512 acc = _mm512_load_ps(pdb + j * 16);
+                for (int q = 0; q < LORA_ROWS; q++) {
+                    const __m512 gq = _mm512_set1_ps(bf2f(gr[q][j]));
+                    du[q] = _mm512_fmadd_ps(gq, bj, du[q]);
+                    acc = _mm512_fmadd_ps(gq, uv[q], acc);
+                }
+                _mm512_store_ps(pdb + j * 16, acc);
+            }
+            for (int q = 0; q < LORA_ROWS; q++) du[q] = _mm512_mul_ps(du[q], _mm512_set1_ps(scaling));
+            for (int64_t j = 0; j < k; j++) {           /* dA^T += drop(x)^T dU */
+                __m512 acc = _mm512_load_ps(pda + j * 16);
+                for (int q = 0; q < LORA_ROWS; q++) acc = _mm512_fmadd_ps(_mm512_set1_ps(bf2f(dr[q][j])), du[q], acc);
+                _mm512_store_ps(pda + j * 16, acc);
+            }
+            if (!dx) continue;
+            for (int q = 0; q < LORA_ROWS && i0 + q < m; q++) {       /* dx = gw + (dU A) m / (1 - p) */
+                const int64_t i = i0 + q;
+                float d[16] __attribute__((aligned(64)));
+                _mm512_store_ps(d, _mm512_mul_ps(du[q], _mm512_set1_ps(dscale)));
+                span_keep(keep, i * k, k, seed, th);
+                for (int64_t j = 0; j < k; j += 16) {
+                    __m512 v = _mm512_setzero_ps();
+                    for (int64_t c = 0; c < r; c++) v = _mm512_fmadd_ps(_mm512_set1_ps(d[c]), _mm512_loadu_ps(ap + c * k + j), v);
+                    const __mmask16 kept = _mm256_movepi16_mask(_mm256_load_si256((const __m256i *) (keep + j)));
+                    const __m512 base = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                        _mm256_loadu_si256((const __m256i *) (gw + i * k + j))), 16));
+                    _mm512_storeu_ps(dx + i * k + j, _mm512_mask_add_ps(base, kept, base, v));
+                }
+            }
+        }
+    }
+    for (int64_t j = 0; j < n; j++)                       /* the threads' sums in turn */
+        for (int64_t c = 0; c < r; c++) {
+            float t = 0.0f;
+            for (int p = 0; p < nt; p++) t += part[(int64_t) p * (n + k) * 16 + j * 16 + c];
+            db[j * r + c] = t * scaling;
+        }
+    for (int64_t c = 0; c < r; c++)
+        for (int64_t j = 0; j < k; j++) {
+            float t = 0.0f;
+            for (int p = 0; p < nt; p++) t += part[(int64_t) p * (n + k) * 16 + n * 16 + j * 16 + c];
+            da[c * k + j] = t;
+        }
+    free(bp); free(zero);
+    return 0;
+}
+#else
+int lora_backward_available(void) { return 0; }
+#endif
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #include <stdlib.h>
@@ -1639,12 +1731,15 @@ def _compile() -> ctypes.CDLL | None:
                   **{f"dropout_{a}_{b}": [p, p, i64, u64, i32, f32] for a, b in _DROPOUT_TYPES},
                   "dropout_add_bf16_f32": [p] * 3 + [i64, u64, i32, f32],
                   "mul_bf16": [p] * 3 + [i64],
+                  "lora_backward_bf16": [p] * 9 + [i64] * 4 + [f32, u64, i32, f32],
                   **{f"range_{t}": [p, i64, p] for t in ("f32", "bf16")},
                   **{f"quantize_u8_{t}": [p, p, i64, f32, i32] for t in ("f32", "bf16")}}
     for name, args in signatures.items():
         getattr(lib, name).argtypes = args
         getattr(lib, name).restype = None
     lib.embed_norm_f32.restype = ctypes.c_int64
+    lib.lora_backward_bf16.restype = ctypes.c_int
+    lib.lora_backward_available.restype = ctypes.c_int
     lib.add_norm_pred.restype = ctypes.c_int
     lib.attention_bf16_available.restype = ctypes.c_int
     lib.reduce16_mismatches.argtypes = [p]
@@ -2155,6 +2250,37 @@ def dropout_add(a: torch.Tensor, b: torch.Tensor, seed: int, threshold: int, sca
     compiled().dropout_add_bf16_f32(a.data_ptr(), b.data_ptr(), out.data_ptr(), a.numel(), seed, int(threshold),
                                     float(scale))
     return out
+
+
+def lora_backward_available(n: int, k: int, r: int) -> bool:
+    """Whether :func:`lora_backward` runs here: AVX-512, n and k multiples of 16, rank 1 to 16, rows up to MAX_ROW."""
+    lib = compiled()
+    return lib is not None and bool(lib.lora_backward_available()) and n % 16 == 0 and k % 16 == 0 \
+        and 0 < r <= 16 and k <= MAX_ROW
+
+
+def lora_backward(g: torch.Tensor, b: torch.Tensor, u: torch.Tensor, dropped: torch.Tensor, a: torch.Tensor,
+                  gw: torch.Tensor | None, scaling: float, seed: int, threshold: int, dscale: float):
+    """LoRA's gradients from one pass over the rows, for bf16 2-D ``g`` (m, n) = dL/dy, ``b`` = B (n, r),
+    ``u`` = U = drop(x) A^T (m, r), ``dropped`` = drop(x) (m, k), ``a`` = A (r, k) and ``gw`` = g W (m, k; None:
+    no input gradient wanted): (dA (r, k), dB (n, r), dx (m, k) or None), fp32, with dU = s g B in fp32,
+    dB = s U^T g, dA = dU^T drop(x), dx = gw + (dU A) m / (1 - p), m the dropout's mask for ``seed`` and
+    ``threshold`` (:func:`draw`'s over drop(x)'s elements) and ``dscale`` = 1 / (1 - p)."""
+    m, n = g.shape
+    r, k = a.shape
+    _check({"g": (g, torch.bfloat16)}, (m, n))
+    _check({"b": (b, torch.bfloat16)}, (n, r))
+    _check({"u": (u, torch.bfloat16)}, (m, r))
+    _check({"dropped": (dropped, torch.bfloat16), **({} if gw is None else {"gw": (gw, torch.bfloat16)})}, (m, k))
+    _check({"a": (a, torch.bfloat16)}, (r, k))
+    da, db = torch.empty((r, k)), torch.empty((n, r))
+    dx = None if gw is None else torch.empty((m, k))
+    if compiled().lora_backward_bf16(g.data_ptr(), b.data_ptr(), u.data_ptr(), dropped.data_ptr(), a.data_ptr(),
+                                     None if gw is None else gw.data_ptr(), da.data_ptr(), db.data_ptr(),
+                                     None if dx is None else dx.data_ptr(), m, n, k, r, float(scaling), int(seed),
+                                     int(threshold), float(dscale)):
+        raise MemoryError("LoRA backward kernel: no memory for its sums")
+    return da, db, dx
 
 
 def affine_u8(lo: float, hi: float) -> tuple[float, int]:

@@ -790,13 +790,13 @@ def test_fused_sublayer_ends_and_gelu_keep_a_bert_encoders_outputs_and_gradients
     assert not any(hasattr(type(m), "_fused_from") for m in model.modules())
 
 
-def _lora_module(dropout: float, seed: int = 0):
+def _lora_module(dropout: float, seed: int = 0, dims: tuple[int, int] = (16, 24)):
     from peft import LoraConfig, get_peft_model
 
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.query = torch.nn.Linear(16, 24)
+            self.query = torch.nn.Linear(*dims)
 
         def forward(self, x):
             return self.query(x)
@@ -813,16 +813,20 @@ def _lora_module(dropout: float, seed: int = 0):
     return model
 
 
-@pytest.mark.parametrize("dropout", [0.25, 0.0])
-def test_fused_lora_linear_is_peft_lora_with_the_same_masks(dropout):
+@pytest.mark.parametrize("dropout,dims", [(0.25, (16, 24)), (0.0, (16, 24)), (0.25, (32, 48)), (0.0, (32, 48))])
+def test_fused_lora_linear_is_peft_lora_with_the_same_masks(dropout, dims, monkeypatch):
     """PEFT's LoRA linear over a bf16 FrozenLinear, against the fused LoRA function under bf16 autocast: the same
     dropout masks, the output within one bf16 rounding (the update is added in fp32 and rounded once), and the
-    gradients of x, A and B within bf16 noise; eval mode draws no random numbers."""
+    gradients of x, A and B within bf16 noise; eval mode draws no random numbers. Widths that are multiples of 16
+    take the one-pass backward kernel where it is built (masks.lora_backward), the others torch's products."""
     if masks.compiled() is None or not fast._onednn_linear():
         pytest.skip("no C compiler or no oneDNN linear: nothing is fused")
-    model = _lora_module(dropout).train()
-    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(2))
-    dy = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(3))
+    kernel_calls = []
+    kernel = masks.lora_backward
+    monkeypatch.setattr(masks, "lora_backward", lambda *a: kernel_calls.append(1) or kernel(*a))
+    model = _lora_module(dropout, dims=dims).train()
+    x = torch.randn(3, 5, dims[0], generator=torch.Generator().manual_seed(2))
+    dy = torch.randn(3, 5, dims[1], generator=torch.Generator().manual_seed(3))
     runs = []
     for fuse in (False, True):
         if fuse:
@@ -850,6 +854,7 @@ def test_fused_lora_linear_is_peft_lora_with_the_same_masks(dropout):
             model(x.clone().requires_grad_()).float().backward(dy)
         other = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
         assert all(float((other[n] - g1[n]).norm() / g1[n].norm()) > 0.05 for n in g1)
+    assert bool(kernel_calls) == masks.lora_backward_available(dims[1], dims[0], 4)
     model.eval()
     torch.manual_seed(11)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

@@ -475,6 +475,31 @@ def test_attention_training_kernels_drop_out_by_the_row_padded_mask_in_every_blo
         torch.testing.assert_close(got.double(), w, rtol=0.02, atol=0.01 * w.abs().max().item())
 
 
+@pytest.mark.parametrize("m,r,with_x", [(37, 8, True), (4, 16, True), (9, 3, False)])
+def test_lora_backward_kernel_is_the_formula_in_one_pass(m, r, with_x):
+    """dU = s g B (fp32), dB = s U^T g, dA = dU^T drop(x) and dx = gW + (dU A) m / (1 - p) against float64, rows not a
+    multiple of the kernel's four (37, 9), ranks under and at 16, and no input gradient (the first layer's)."""
+    if masks.compiled() is None or not masks.lora_backward_available(48, 64, r):
+        pytest.skip("no AVX-512 LoRA backward kernel here")
+    gen = torch.Generator().manual_seed(m + r)
+    n, k, s, seed, thr = 48, 64, 0.5, 7, -26214
+    g, b, a = (torch.randn(*shape, generator=gen).bfloat16() for shape in ((m, n), (n, r), (r, k)))
+    dropped, gw = torch.randn(m, k, generator=gen).bfloat16(), torch.randn(m, k, generator=gen).bfloat16()
+    u = (dropped.double() @ a.double().t()).bfloat16()
+    da, db, dx = masks.lora_backward(g, b, u, dropped, a, gw if with_x else None, s, seed, thr, 1 / 0.9)
+    du = s * (g.double() @ b.double())
+    keep = torch.from_numpy(masks.reference(m * k, seed, thr)).view(m, k).double()
+    want = {"da": du.t() @ dropped.double(), "db": s * (g.double().t() @ u.double())}
+    got = {"da": da, "db": db}
+    if with_x:
+        want["dx"], got["dx"] = gw.double() + (du @ a.double()) * keep / 0.9, dx
+    else:
+        assert dx is None
+    for name, w in want.items():
+        assert got[name].dtype == torch.float32 and got[name].shape == w.shape, name
+        assert float((got[name].double() - w).abs().max() / w.abs().max()) < 1e-6, name
+
+
 def test_sixteen_row_reductions_give_each_rows_own_reduction_bit_for_bit():
     """AMX prediction finds 16 rows' largest scores and sums of e at once (reduce16_max / reduce16_add: permutes
     across rows); each must be the very bits of that row's own reduction, as the kernel made them before, on rows
