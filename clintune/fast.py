@@ -606,7 +606,9 @@ class _LoraLinear(torch.autograd.Function):
 
     * forward: the LoRA update is added into the frozen product in place (``addmm_``, accumulated in fp32
       and rounded once) instead of PEFT's product, scaling and sum (three bf16 roundings, two more passes);
-      drop(x) is :class:`_Dropout`'s (the same mask for the same seed) in one pass;
+      drop(x) is :class:`_Dropout`'s (the same mask for the same seed) in one pass; with AVX-512 BF16, x's bf16
+      copy, drop(x) and U = drop(x) A^T come from one pass over x and the update is added by one more
+      (:func:`masks.lora_input`, :func:`masks.lora_output`);
     * backward, with g = bf16(dy): dU = s g B, dB = s (U^T g)^T, dA = dU^T drop(x), and the input gradient
       dx = g W + (dU A) m / (1 - p) summed in fp32 in one pass (:func:`masks.dropout_add`), where autograd
       would cast both parts to fp32 and add them in two more; with AVX-512 all but g W in one pass over the
@@ -617,16 +619,19 @@ class _LoraLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, p, scaling):
         bf = torch.bfloat16
         a16, b16 = lora_a.to(bf), lora_b.to(bf)
-        xb = x.to(bf).contiguous()
-        y = torch.ops.mkldnn._linear_pointwise(xb, weight, bias, "none", [], "")
         ctx.threshold, ctx.scale = _threshold(p), 1.0 / (1.0 - p)
-        if p > 0.0:
-            ctx.seed = masks.new_seed()
-            dropped = masks.dropout(x.contiguous(), torch.empty(x.shape, dtype=bf), ctx.seed, ctx.threshold, ctx.scale)
-        else:                                                    # no dropout (or eval): no numbers drawn
-            ctx.seed, dropped = 0, xb
-        u = torch.matmul(dropped, a16.t())
-        y.view(-1, y.shape[-1]).addmm_(u.view(-1, u.shape[-1]), b16.t(), alpha=scaling)
+        ctx.seed = masks.new_seed() if p > 0.0 else 0           # no dropout (or eval): no numbers drawn
+        if masks.lora_backward_available(weight.shape[0], x.shape[-1], a16.shape[0]):
+            xb, dropped, u = masks.lora_input(x.contiguous(), a16, ctx.seed, ctx.threshold, ctx.scale, p > 0.0)
+            y = torch.ops.mkldnn._linear_pointwise(xb, weight, bias, "none", [], "")
+            masks.lora_output(y, u, b16, scaling)
+        else:
+            xb = x.to(bf).contiguous()
+            y = torch.ops.mkldnn._linear_pointwise(xb, weight, bias, "none", [], "")
+            dropped = masks.dropout(x.contiguous(), torch.empty(x.shape, dtype=bf), ctx.seed, ctx.threshold,
+                                    ctx.scale) if p > 0.0 else xb
+            u = torch.matmul(dropped, a16.t())
+            y.view(-1, y.shape[-1]).addmm_(u.view(-1, u.shape[-1]), b16.t(), alpha=scaling)
         ctx.save_for_backward(weight, a16, b16, dropped, u)
         ctx.scaling = scaling
         return y

@@ -563,7 +563,8 @@ QUANTIZE_U8(quantize_u8_bf16, uint16_t, bfl, load16_bf16)
    drop(x) become one over the four rows at a time: the rank-r products as broadcasts into 16 lanes (r padded with
    zeros), dB and dA summed per thread (n x 16 and k x 16, in cache) and then over the threads in turn.
    n and k multiples of 16. Returns -1 without memory. */
-#ifdef __AVX512F__
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
+#include <immintrin.h>
 int lora_backward_available(void) { return 1; }
 #define LORA_ROWS 4
 int lora_backward_bf16(const uint16_t *g, const uint16_t *bmat, const uint16_t *u, const uint16_t *dropped,
@@ -644,8 +645,86 @@ int lora_backward_bf16(const uint16_t *g, const uint16_t *bmat, const uint16_t *
     free(bp); free(zero);
     return 0;
 }
-#else
+/* LoRA's forward around the frozen product (rank r <= 16, k and n multiples of 16), m rows of fp32 x (m x k):
+   lora_input: xb = bf16(x) (the product's input), drop(x) = bf16(x / (1 - p)) m (dropped; NULL when p = 0, where
+   drop(x) is xb) and U = drop(x) A^T (u, m x r, fp32 sums rounded once), four rows at a time in one pass over x;
+   lora_output: y = bf16(y + s U B^T) in place over the product's bf16 y (m x n), the update summed in fp32 and
+   added before the one rounding */
+int lora_input_bf16(const float *x, const uint16_t *a, uint16_t *xb, uint16_t *dropped, uint16_t *u, int64_t m,
+                    int64_t k, int64_t r, uint64_t seed, int32_t threshold, float dscale) {
+    float *at = aligned_alloc(64, (size_t) k * 16 * 4);
+    if (!at) return -1;
+    for (int64_t j = 0; j < k; j++)
+        for (int64_t c = 0; c < 16; c++) at[j * 16 + c] = c < r ? bf2f(a[c * k + j]) : 0.0f;
+    const int16_t th = (int16_t) threshold;
+    #pragma omp parallel
+    {
+        uint16_t keep[MAXT] __attribute__((aligned(64)));
+        #pragma omp for schedule(static)
+        for (int64_t i0 = 0; i0 < m; i0 += LORA_ROWS) {
+            __m512 acc[LORA_ROWS];
+            const int rows = m - i0 < LORA_ROWS ? (int) (m - i0) : LORA_ROWS;
+            for (int q = 0; q < rows; q++) {
+                const int64_t i = i0 + q;
+                const float *xi = x + i * k;
+                uint16_t *bi = xb + i * k, *di = dropped ? dropped + i * k : bi;
+                if (dropped) span_keep(keep, i * k, k, seed, th);
+                for (int64_t j = 0; j < k; j += 16) {
+                    const __m512 v = _mm512_loadu_ps(xi + j);
+                    _mm256_storeu_si256((__m256i *) (bi + j), (__m256i) _mm512_cvtneps_pbh(v));
+                    if (dropped) {
+                        const __mmask16 kept = _mm256_movepi16_mask(_mm256_load_si256((const __m256i *) (keep + j)));
+                        _mm256_storeu_si256((__m256i *) (di + j), _mm256_maskz_mov_epi16(kept,
+                            (__m256i) _mm512_cvtneps_pbh(_mm512_mul_ps(v, _mm512_set1_ps(dscale)))));
+                    }
+                }
+                acc[q] = _mm512_setzero_ps();
+            }
+            for (int64_t j = 0; j < k; j++) {                /* U rows: four chains of broadcasts */
+                const __m512 aj = _mm512_load_ps(at + j * 16);
+                for (int q = 0; q < rows; q++) {
+                    const uint16_t *di = (dropped ? dropped : xb) + (i0 + q) * k;
+                    acc[q] = _mm512_fmadd_ps(_mm512_set1_ps(bf2f(di[j])), aj, acc[q]);
+                }
+            }
+            for (int q = 0; q < rows; q++) {
+                float t[16] __attribute__((aligned(64)));
+                _mm512_store_ps(t, acc[q]);
+                for (int64_t c = 0; c < r; c++) u[(i0 + q) * r + c] = f2bf(t[c]);
+            }
+        }
+    }
+    free(at);
+    return 0;
+}
+int lora_output_bf16(uint16_t *y, const uint16_t *u, const uint16_t *b, int64_t m, int64_t n, int64_t r,
+                     float scaling) {
+    float *bt = aligned_alloc(64, (size_t) r * n * 4);
+    if (!bt) return -1;
+    for (int64_t c = 0; c < r; c++)
+        for (int64_t j = 0; j < n; j++) bt[c * n + j] = bf2f(b[j * r + c]);
+    #pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < m; i++) {
+        float uc[16];
+        for (int64_t c = 0; c < r; c++) uc[c] = bf2f(u[i * r + c]);
+        uint16_t *yi = y + i * n;
+        for (int64_t j = 0; j < n; j += 16) {
+            __m512 v = _mm512_setzero_ps();
+            for (int64_t c = 0; c < r; c++) v = _mm512_fmadd_ps(_mm512_set1_ps(uc[c]), _mm512_load_ps(bt + c * n + j), v);
+            const __m512 yv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                _mm256_loadu_si256((const __m256i *) (yi + j))), 16));
+            _mm256_storeu_si256((__m256i *) (yi + j), (__m256i) _mm512_cvtneps_pbh(
+                _mm512_fmadd_ps(v, _mm512_set1_ps(scaling), yv)));
+        }
+    }
+    free(bt);
+    return 0;
+}
+#else                                 /* never called: lora_backward_available() says so */
 int lora_backward_available(void) { return 0; }
+int lora_backward_bf16(void) { return -1; }
+int lora_input_bf16(void) { return -1; }
+int lora_output_bf16(void) { return -1; }
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -1732,6 +1811,8 @@ def _compile() -> ctypes.CDLL | None:
                   "dropout_add_bf16_f32": [p] * 3 + [i64, u64, i32, f32],
                   "mul_bf16": [p] * 3 + [i64],
                   "lora_backward_bf16": [p] * 9 + [i64] * 4 + [f32, u64, i32, f32],
+                  "lora_input_bf16": [p] * 5 + [i64] * 3 + [u64, i32, f32],
+                  "lora_output_bf16": [p] * 3 + [i64] * 3 + [f32],
                   **{f"range_{t}": [p, i64, p] for t in ("f32", "bf16")},
                   **{f"quantize_u8_{t}": [p, p, i64, f32, i32] for t in ("f32", "bf16")}}
     for name, args in signatures.items():
@@ -1740,6 +1821,8 @@ def _compile() -> ctypes.CDLL | None:
     lib.embed_norm_f32.restype = ctypes.c_int64
     lib.lora_backward_bf16.restype = ctypes.c_int
     lib.lora_backward_available.restype = ctypes.c_int
+    for name in ("lora_input_bf16", "lora_output_bf16"):
+        getattr(lib, name).restype = ctypes.c_int
     lib.add_norm_pred.restype = ctypes.c_int
     lib.attention_bf16_available.restype = ctypes.c_int
     lib.reduce16_mismatches.argtypes = [p]
@@ -2253,7 +2336,8 @@ def dropout_add(a: torch.Tensor, b: torch.Tensor, seed: int, threshold: int, sca
 
 
 def lora_backward_available(n: int, k: int, r: int) -> bool:
-    """Whether :func:`lora_backward` runs here: AVX-512, n and k multiples of 16, rank 1 to 16, rows up to MAX_ROW."""
+    """Whether :func:`lora_backward`, :func:`lora_input` and :func:`lora_output` run here: AVX-512 with BF16, n and k
+    multiples of 16, rank 1 to 16, rows up to MAX_ROW."""
     lib = compiled()
     return lib is not None and bool(lib.lora_backward_available()) and n % 16 == 0 and k % 16 == 0 \
         and 0 < r <= 16 and k <= MAX_ROW
@@ -2281,6 +2365,36 @@ def lora_backward(g: torch.Tensor, b: torch.Tensor, u: torch.Tensor, dropped: to
                                      int(threshold), float(dscale)):
         raise MemoryError("LoRA backward kernel: no memory for its sums")
     return da, db, dx
+
+
+def lora_input(x: torch.Tensor, a: torch.Tensor, seed: int, threshold: int, dscale: float, dropout: bool):
+    """LoRA's input side in one pass over fp32 ``x`` (..., k), for A (r, k) bf16 (:func:`lora_backward_available`'s
+    sizes): (xb, drop(x), U) with xb = bf16(x) for the frozen product, drop(x) = bf16(x * ``dscale``) m (the
+    :func:`dropout` kernel's bits: m :func:`draw`'s mask over x's elements; xb itself without ``dropout``) and
+    U = drop(x) A^T (..., r), its fp32 sums rounded once."""
+    r, k = a.shape
+    _check({"x": (x, torch.float32)}, (*x.shape[:-1], k))
+    _check({"a": (a, torch.bfloat16)}, (r, k))
+    m = x.numel() // k
+    xb = torch.empty(x.shape, dtype=torch.bfloat16)
+    dropped = torch.empty(x.shape, dtype=torch.bfloat16) if dropout else xb
+    u = torch.empty((*x.shape[:-1], r), dtype=torch.bfloat16)
+    if compiled().lora_input_bf16(x.data_ptr(), a.data_ptr(), xb.data_ptr(), dropped.data_ptr() if dropout else None,
+                                  u.data_ptr(), m, k, r, int(seed), int(threshold), float(dscale)):
+        raise MemoryError("LoRA input kernel: no memory")
+    return xb, dropped, u
+
+
+def lora_output(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """In place: y = bf16(y + ``scaling`` U B^T) for the frozen product's bf16 ``y`` (..., n), U (..., r) and B (n, r)
+    bf16, the update summed in fp32 and added before y's one rounding (as ``addmm_`` with ``alpha``)."""
+    n, r = b.shape
+    _check({"y": (y, torch.bfloat16)}, (*y.shape[:-1], n))
+    _check({"u": (u, torch.bfloat16)}, (*y.shape[:-1], r))
+    _check({"b": (b, torch.bfloat16)}, (n, r))
+    if compiled().lora_output_bf16(y.data_ptr(), u.data_ptr(), b.data_ptr(), y.numel() // n, n, r, float(scaling)):
+        raise MemoryError("LoRA output kernel: no memory")
+    return y
 
 
 def affine_u8(lo: float, hi: float) -> tuple[float, int]:

@@ -500,6 +500,27 @@ def test_lora_backward_kernel_is_the_formula_in_one_pass(m, r, with_x):
         assert float((got[name].double() - w).abs().max() / w.abs().max()) < 1e-6, name
 
 
+@pytest.mark.parametrize("dropout", [True, False])
+def test_lora_input_and_output_kernels_are_the_cast_the_dropout_and_the_rank_r_products(dropout):
+    """One pass over x: its bf16 copy and drop(x) are the cast's and the dropout kernel's very bits, U = drop(x) A^T
+    within its one rounding; the update y + s U B^T rounded once is addmm_'s fp32 sum, to the bit."""
+    if masks.compiled() is None or not masks.lora_backward_available(48, 64, 8):
+        pytest.skip("no AVX-512 BF16 LoRA kernels here")
+    gen = torch.Generator().manual_seed(int(dropout))
+    x = torch.randn(3, 37, 64, generator=gen)
+    a, b = torch.randn(8, 64, generator=gen).bfloat16(), torch.randn(48, 8, generator=gen).bfloat16()
+    seed, thr = (9, -26214) if dropout else (0, -32768)
+    xb, dropped, u = masks.lora_input(x, a, seed, thr, 1 / 0.9 if dropout else 1.0, dropout)
+    assert torch.equal(xb, x.bfloat16()) and (dropped is not xb) == dropout
+    if dropout:
+        assert torch.equal(dropped, masks.dropout(x, torch.empty(x.shape, dtype=torch.bfloat16), seed, thr, 1 / 0.9))
+    want = dropped.double() @ a.double().t()
+    assert (u.double() - want).abs().max() <= 2 ** -8 * want.abs().max()
+    y = torch.randn(3, 37, 48, generator=gen).bfloat16()
+    want_y = y.float().view(-1, 48).addmm(u.float().view(-1, 8), b.float().t(), alpha=0.5).bfloat16().view(y.shape)
+    assert masks.lora_output(y, u, b, 0.5) is y and torch.equal(y, want_y)
+
+
 def test_sixteen_row_reductions_give_each_rows_own_reduction_bit_for_bit():
     """AMX prediction finds 16 rows' largest scores and sums of e at once (reduce16_max / reduce16_add: permutes
     across rows); each must be the very bits of that row's own reduction, as the kernel made them before, on rows
