@@ -566,6 +566,9 @@ QUANTIZE_U8(quantize_u8_bf16, uint16_t, bfl, load16_bf16)
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 int lora_backward_available(void) { return 1; }
+static inline __m512 lanes_bf16(const uint16_t *p) {           /* 16 bf16 as fp32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *) p)), 16));
+}
 #define LORA_ROWS 4
 int lora_backward_bf16(const uint16_t *g, const uint16_t *bmat, const uint16_t *u, const uint16_t *dropped,
                        const uint16_t *a, const uint16_t *gw, float *da, float *db, float *dx, int64_t m, int64_t n,
@@ -585,23 +588,25 @@ int lora_backward_bf16(const uint16_t *g, const uint16_t *bmat, const uint16_t *
     {
         float *pdb = part + (int64_t) THREAD() * (n + k) * 16, *pda = pdb + n * 16;
         uint16_t keep[MAXT] __attribute__((aligned(64)));
+        float gf[LORA_ROWS][MAXT] __attribute__((aligned(64))), df[LORA_ROWS][MAXT] __attribute__((aligned(64)));
         #pragma omp for schedule(static)
         for (int64_t i0 = 0; i0 < m; i0 += LORA_ROWS) {
-            const uint16_t *gr[LORA_ROWS], *dr[LORA_ROWS];
             __m512 uv[LORA_ROWS], du[LORA_ROWS];
-            for (int q = 0; q < LORA_ROWS; q++) {      /* rows past m: zeros, which add nothing */
+            for (int q = 0; q < LORA_ROWS; q++) {      /* the rows in fp32 (broadcast from memory below); past m: 0 */
                 const int on = i0 + q < m;
-                gr[q] = on ? g + (i0 + q) * n : zero;
-                dr[q] = on ? dropped + (i0 + q) * k : zero;
-                uv[q] = _mm512_setzero_ps();
-                for (int64_t c = 0; c < r && on; c++) uv[q][c] = bf2f(u[(i0 + q) * r + c]);
+                const uint16_t *gr = on ? g + (i0 + q) * n : zero, *dr = on ? dropped + (i0 + q) * k : zero;
+                for (int64_t j = 0; j < n; j += 16) _mm512_store_ps(gf[q] + j, lanes_bf16(gr + j));
+                for (int64_t j = 0; j < k; j += 16) _mm512_store_ps(df[q] + j, lanes_bf16(dr + j));
+                float uq[16] __attribute__((aligned(64))) = {0};
+                for (int64_t c = 0; c < r && on; c++) uq[c] = bf2f(u[(i0 + q) * r + c]);
+                uv[q] = _mm512_load_ps(uq);
                 du[q] = _mm512_setzero_ps();
             }
             for (int64_t j = 0; j < n; j++) {           /* dU rows (4 chains), dB^T += U^T g */
                 const __m512 bj = _mm512_load_ps(bp + j * 16);
                 __m512 acc = _mm512_load_ps(pdb + j * 16);
                 for (int q = 0; q < LORA_ROWS; q++) {
-                    const __m512 gq = _mm512_set1_ps(bf2f(gr[q][j]));
+                    const __m512 gq = _mm512_set1_ps(gf[q][j]);
                     du[q] = _mm512_fmadd_ps(gq, bj, du[q]);
                     acc = _mm512_fmadd_ps(gq, uv[q], acc);
                 }
@@ -610,7 +615,7 @@ int lora_backward_bf16(const uint16_t *g, const uint16_t *bmat, const uint16_t *
             for (int q = 0; q < LORA_ROWS; q++) du[q] = _mm512_mul_ps(du[q], _mm512_set1_ps(scaling));
             for (int64_t j = 0; j < k; j++) {           /* dA^T += drop(x)^T dU */
                 __m512 acc = _mm512_load_ps(pda + j * 16);
-                for (int q = 0; q < LORA_ROWS; q++) acc = _mm512_fmadd_ps(_mm512_set1_ps(bf2f(dr[q][j])), du[q], acc);
+                for (int q = 0; q < LORA_ROWS; q++) acc = _mm512_fmadd_ps(_mm512_set1_ps(df[q][j]), du[q], acc);
                 _mm512_store_ps(pda + j * 16, acc);
             }
             if (!dx) continue;
@@ -660,34 +665,34 @@ int lora_input_bf16(const float *x, const uint16_t *a, uint16_t *xb, uint16_t *d
     #pragma omp parallel
     {
         uint16_t keep[MAXT] __attribute__((aligned(64)));
+        float df[LORA_ROWS][MAXT] __attribute__((aligned(64)));     /* drop(x)'s rows in fp32; past m: 0 */
         #pragma omp for schedule(static)
         for (int64_t i0 = 0; i0 < m; i0 += LORA_ROWS) {
-            __m512 acc[LORA_ROWS];
-            const int rows = m - i0 < LORA_ROWS ? (int) (m - i0) : LORA_ROWS;
-            for (int q = 0; q < rows; q++) {
+            for (int q = 0; q < LORA_ROWS; q++) {
                 const int64_t i = i0 + q;
+                if (i >= m) { memset(df[q], 0, (size_t) k * 4); continue; }
                 const float *xi = x + i * k;
                 uint16_t *bi = xb + i * k, *di = dropped ? dropped + i * k : bi;
                 if (dropped) span_keep(keep, i * k, k, seed, th);
                 for (int64_t j = 0; j < k; j += 16) {
                     const __m512 v = _mm512_loadu_ps(xi + j);
-                    _mm256_storeu_si256((__m256i *) (bi + j), (__m256i) _mm512_cvtneps_pbh(v));
+                    __m256i h = (__m256i) _mm512_cvtneps_pbh(v);
+                    _mm256_storeu_si256((__m256i *) (bi + j), h);
                     if (dropped) {
                         const __mmask16 kept = _mm256_movepi16_mask(_mm256_load_si256((const __m256i *) (keep + j)));
-                        _mm256_storeu_si256((__m256i *) (di + j), _mm256_maskz_mov_epi16(kept,
-                            (__m256i) _mm512_cvtneps_pbh(_mm512_mul_ps(v, _mm512_set1_ps(dscale)))));
+                        h = _mm256_maskz_mov_epi16(kept, (__m256i) _mm512_cvtneps_pbh(_mm512_mul_ps(v, _mm512_set1_ps(dscale))));
+                        _mm256_storeu_si256((__m256i *) (di + j), h);
                     }
+                    _mm512_store_ps(df[q] + j, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
                 }
-                acc[q] = _mm512_setzero_ps();
             }
-            for (int64_t j = 0; j < k; j++) {                /* U rows: four chains of broadcasts */
+            __m512 acc[LORA_ROWS];
+            for (int q = 0; q < LORA_ROWS; q++) acc[q] = _mm512_setzero_ps();
+            for (int64_t j = 0; j < k; j++) {                /* U rows: four chains of broadcasts from memory */
                 const __m512 aj = _mm512_load_ps(at + j * 16);
-                for (int q = 0; q < rows; q++) {
-                    const uint16_t *di = (dropped ? dropped : xb) + (i0 + q) * k;
-                    acc[q] = _mm512_fmadd_ps(_mm512_set1_ps(bf2f(di[j])), aj, acc[q]);
-                }
+                for (int q = 0; q < LORA_ROWS; q++) acc[q] = _mm512_fmadd_ps(_mm512_set1_ps(df[q][j]), aj, acc[q]);
             }
-            for (int q = 0; q < rows; q++) {
+            for (int q = 0; q < LORA_ROWS && i0 + q < m; q++) {
                 float t[16] __attribute__((aligned(64)));
                 _mm512_store_ps(t, acc[q]);
                 for (int64_t c = 0; c < r; c++) u[(i0 + q) * r + c] = f2bf(t[c]);
