@@ -564,41 +564,38 @@ QUANTIZE_U8(quantize_u8_bf16, uint16_t, bfl, load16_bf16)
    zeros), dB and dA summed per thread (n x 16 and k x 16, in cache) and then over the threads in turn.
    n and k multiples of 16. Returns -1 without memory. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
-#include <immintrin.h>
 int lora_backward_available(void) { return 1; }
-static inline __m512 lanes_bf16(const uint16_t *p) {           /* 16 bf16 as fp32 */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *) p)), 16));
-}
 #define LORA_ROWS 4
 int lora_backward_bf16(const uint16_t *g, const uint16_t *bmat, const uint16_t *u, const uint16_t *dropped,
                        const uint16_t *a, const uint16_t *gw, float *da, float *db, float *dx, int64_t m, int64_t n,
                        int64_t k, int64_t r, float scaling, uint64_t seed, int32_t threshold, float dscale) {
     const int nt = THREADS();
-    const int64_t wide = n > k ? n : k;
-    float *bp = aligned_alloc(64, (size_t) (n * 16 + r * k + (int64_t) nt * (n + k) * 16) * 4);
-    uint16_t *zero = calloc((size_t) wide, 2);
-    if (!bp || !zero) { free(bp); free(zero); return -1; }
+    const int64_t own = (n + k) * (16 + LORA_ROWS);          /* a thread's sums (x 16) and four rows in fp32 */
+    float *bp = aligned_alloc(64, (size_t) (n * 16 + r * k + nt * own) * 4);
+    if (!bp) return -1;
     float *ap = bp + n * 16, *part = ap + r * k;
     for (int64_t j = 0; j < n; j++)
         for (int64_t c = 0; c < 16; c++) bp[j * 16 + c] = c < r ? bf2f(bmat[j * r + c]) : 0.0f;
     for (int64_t i = 0; i < r * k; i++) ap[i] = bf2f(a[i]);
-    memset(part, 0, (size_t) nt * (n + k) * 16 * 4);
+    memset(part, 0, (size_t) nt * own * 4);
     const int16_t th = (int16_t) threshold;
     #pragma omp parallel
     {
-        float *pdb = part + (int64_t) THREAD() * (n + k) * 16, *pda = pdb + n * 16;
+        float *pdb = part + (int64_t) THREAD() * own, *pda = pdb + n * 16, *gf = pda + k * 16, *df = gf + LORA_ROWS * n;
         uint16_t keep[MAXT] __attribute__((aligned(64)));
-        float gf[LORA_ROWS][MAXT] __attribute__((aligned(64))), df[LORA_ROWS][MAXT] __attribute__((aligned(64)));
         #pragma omp for schedule(static)
         for (int64_t i0 = 0; i0 < m; i0 += LORA_ROWS) {
             __m512 uv[LORA_ROWS], du[LORA_ROWS];
             for (int q = 0; q < LORA_ROWS; q++) {      /* the rows in fp32 (broadcast from memory below); past m: 0 */
-                const int on = i0 + q < m;
-                const uint16_t *gr = on ? g + (i0 + q) * n : zero, *dr = on ? dropped + (i0 + q) * k : zero;
-                for (int64_t j = 0; j < n; j += 16) _mm512_store_ps(gf[q] + j, lanes_bf16(gr + j));
-                for (int64_t j = 0; j < k; j += 16) _mm512_store_ps(df[q] + j, lanes_bf16(dr + j));
                 float uq[16] __attribute__((aligned(64))) = {0};
-                for (int64_t c = 0; c < r && on; c++) uq[c] = bf2f(u[(i0 + q) * r + c]);
+                if (i0 + q < m) {
+                    for (int64_t j = 0; j < n; j += 16) _mm512_store_ps(gf + q * n + j, load16_bf16(g + (i0 + q) * n + j));
+                    for (int64_t j = 0; j < k; j += 16) _mm512_store_ps(df + q * k + j, load16_bf16(dropped + (i0 + q) * k + j));
+                    for (int64_t c = 0; c < r; c++) uq[c] = bf2f(u[(i0 + q) * r + c]);
+                } else {
+                    memset(gf + q * n, 0, (size_t) n * 4);
+                    memset(df + q * k, 0, (size_t) k * 4);
+                }
                 uv[q] = _mm512_load_ps(uq);
                 du[q] = _mm512_setzero_ps();
             }
@@ -606,7 +603,7 @@ int lora_backward_bf16(const uint16_t *g, const uint16_t *bmat, const uint16_t *
                 const __m512 bj = _mm512_load_ps(bp + j * 16);
                 __m512 acc = _mm512_load_ps(pdb + j * 16);
                 for (int q = 0; q < LORA_ROWS; q++) {
-                    const __m512 gq = _mm512_set1_ps(gf[q][j]);
+                    const __m512 gq = _mm512_set1_ps(gf[q * n + j]);
                     du[q] = _mm512_fmadd_ps(gq, bj, du[q]);
                     acc = _mm512_fmadd_ps(gq, uv[q], acc);
                 }
@@ -615,7 +612,7 @@ int lora_backward_bf16(const uint16_t *g, const uint16_t *bmat, const uint16_t *
             for (int q = 0; q < LORA_ROWS; q++) du[q] = _mm512_mul_ps(du[q], _mm512_set1_ps(scaling));
             for (int64_t j = 0; j < k; j++) {           /* dA^T += drop(x)^T dU */
                 __m512 acc = _mm512_load_ps(pda + j * 16);
-                for (int q = 0; q < LORA_ROWS; q++) acc = _mm512_fmadd_ps(_mm512_set1_ps(df[q][j]), du[q], acc);
+                for (int q = 0; q < LORA_ROWS; q++) acc = _mm512_fmadd_ps(_mm512_set1_ps(df[q * k + j]), du[q], acc);
                 _mm512_store_ps(pda + j * 16, acc);
             }
             if (!dx) continue;
@@ -628,8 +625,7 @@ int lora_backward_bf16(const uint16_t *g, const uint16_t *bmat, const uint16_t *
                     __m512 v = _mm512_setzero_ps();
                     for (int64_t c = 0; c < r; c++) v = _mm512_fmadd_ps(_mm512_set1_ps(d[c]), _mm512_loadu_ps(ap + c * k + j), v);
                     const __mmask16 kept = _mm256_movepi16_mask(_mm256_load_si256((const __m256i *) (keep + j)));
-                    const __m512 base = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                        _mm256_loadu_si256((const __m256i *) (gw + i * k + j))), 16));
+                    const __m512 base = load16_bf16(gw + i * k + j);
                     _mm512_storeu_ps(dx + i * k + j, _mm512_mask_add_ps(base, kept, base, v));
                 }
             }
@@ -638,16 +634,16 @@ int lora_backward_bf16(const uint16_t *g, const uint16_t *bmat, const uint16_t *
     for (int64_t j = 0; j < n; j++)                       /* the threads' sums in turn */
         for (int64_t c = 0; c < r; c++) {
             float t = 0.0f;
-            for (int p = 0; p < nt; p++) t += part[(int64_t) p * (n + k) * 16 + j * 16 + c];
+            for (int p = 0; p < nt; p++) t += part[p * own + j * 16 + c];
             db[j * r + c] = t * scaling;
         }
     for (int64_t c = 0; c < r; c++)
         for (int64_t j = 0; j < k; j++) {
             float t = 0.0f;
-            for (int p = 0; p < nt; p++) t += part[(int64_t) p * (n + k) * 16 + n * 16 + j * 16 + c];
+            for (int p = 0; p < nt; p++) t += part[p * own + n * 16 + j * 16 + c];
             da[c * k + j] = t;
         }
-    free(bp); free(zero);
+    free(bp);
     return 0;
 }
 /* LoRA's forward around the frozen product (rank r <= 16, k and n multiples of 16), m rows of fp32 x (m x k):
@@ -657,7 +653,7 @@ int lora_backward_bf16(const uint16_t *g, const uint16_t *bmat, const uint16_t *
    added before the one rounding */
 int lora_input_bf16(const float *x, const uint16_t *a, uint16_t *xb, uint16_t *dropped, uint16_t *u, int64_t m,
                     int64_t k, int64_t r, uint64_t seed, int32_t threshold, float dscale) {
-    float *at = aligned_alloc(64, (size_t) k * 16 * 4);
+    float *at = aligned_alloc(64, (size_t) (k * 16 + THREADS() * LORA_ROWS * k) * 4);
     if (!at) return -1;
     for (int64_t j = 0; j < k; j++)
         for (int64_t c = 0; c < 16; c++) at[j * 16 + c] = c < r ? bf2f(a[c * k + j]) : 0.0f;
@@ -665,12 +661,12 @@ int lora_input_bf16(const float *x, const uint16_t *a, uint16_t *xb, uint16_t *d
     #pragma omp parallel
     {
         uint16_t keep[MAXT] __attribute__((aligned(64)));
-        float df[LORA_ROWS][MAXT] __attribute__((aligned(64)));     /* drop(x)'s rows in fp32; past m: 0 */
+        float *df = at + k * 16 + (int64_t) THREAD() * LORA_ROWS * k;     /* drop(x)'s rows in fp32; past m: 0 */
         #pragma omp for schedule(static)
         for (int64_t i0 = 0; i0 < m; i0 += LORA_ROWS) {
             for (int q = 0; q < LORA_ROWS; q++) {
                 const int64_t i = i0 + q;
-                if (i >= m) { memset(df[q], 0, (size_t) k * 4); continue; }
+                if (i >= m) { memset(df + q * k, 0, (size_t) k * 4); continue; }
                 const float *xi = x + i * k;
                 uint16_t *bi = xb + i * k, *di = dropped ? dropped + i * k : bi;
                 if (dropped) span_keep(keep, i * k, k, seed, th);
@@ -683,14 +679,14 @@ int lora_input_bf16(const float *x, const uint16_t *a, uint16_t *xb, uint16_t *d
                         h = _mm256_maskz_mov_epi16(kept, (__m256i) _mm512_cvtneps_pbh(_mm512_mul_ps(v, _mm512_set1_ps(dscale))));
                         _mm256_storeu_si256((__m256i *) (di + j), h);
                     }
-                    _mm512_store_ps(df[q] + j, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+                    _mm512_store_ps(df + q * k + j, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
                 }
             }
             __m512 acc[LORA_ROWS];
             for (int q = 0; q < LORA_ROWS; q++) acc[q] = _mm512_setzero_ps();
             for (int64_t j = 0; j < k; j++) {                /* U rows: four chains of broadcasts from memory */
                 const __m512 aj = _mm512_load_ps(at + j * 16);
-                for (int q = 0; q < LORA_ROWS; q++) acc[q] = _mm512_fmadd_ps(_mm512_set1_ps(df[q][j]), aj, acc[q]);
+                for (int q = 0; q < LORA_ROWS; q++) acc[q] = _mm512_fmadd_ps(_mm512_set1_ps(df[q * k + j]), aj, acc[q]);
             }
             for (int q = 0; q < LORA_ROWS && i0 + q < m; q++) {
                 float t[16] __attribute__((aligned(64)));
@@ -716,10 +712,8 @@ int lora_output_bf16(uint16_t *y, const uint16_t *u, const uint16_t *b, int64_t 
         for (int64_t j = 0; j < n; j += 16) {
             __m512 v = _mm512_setzero_ps();
             for (int64_t c = 0; c < r; c++) v = _mm512_fmadd_ps(_mm512_set1_ps(uc[c]), _mm512_load_ps(bt + c * n + j), v);
-            const __m512 yv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                _mm256_loadu_si256((const __m256i *) (yi + j))), 16));
             _mm256_storeu_si256((__m256i *) (yi + j), (__m256i) _mm512_cvtneps_pbh(
-                _mm512_fmadd_ps(v, _mm512_set1_ps(scaling), yv)));
+                _mm512_fmadd_ps(v, _mm512_set1_ps(scaling), load16_bf16(yi + j))));
         }
     }
     free(bt);
@@ -2342,10 +2336,10 @@ def dropout_add(a: torch.Tensor, b: torch.Tensor, seed: int, threshold: int, sca
 
 def lora_backward_available(n: int, k: int, r: int) -> bool:
     """Whether :func:`lora_backward`, :func:`lora_input` and :func:`lora_output` run here: AVX-512 with BF16, n and k
-    multiples of 16, rank 1 to 16, rows up to MAX_ROW."""
+    multiples of 16 and at most MAX_ROW, rank 1 to 16."""
     lib = compiled()
     return lib is not None and bool(lib.lora_backward_available()) and n % 16 == 0 and k % 16 == 0 \
-        and 0 < r <= 16 and k <= MAX_ROW
+        and 0 < r <= 16 and max(n, k) <= MAX_ROW
 
 
 def lora_backward(g: torch.Tensor, b: torch.Tensor, u: torch.Tensor, dropped: torch.Tensor, a: torch.Tensor,
