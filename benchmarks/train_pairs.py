@@ -32,11 +32,11 @@ sys.path.insert(0, str(HERE))
 
 
 def lora_kernels_off(side: str):
-    """A stand-in for ``masks.lora_backward_available`` that says no on ``side`` (the forward asks from
+    """A stand-in for ``masks.lora_kernels_available`` that says no on ``side`` (the forward asks from
     ``_LoraLinear.forward``, the backward from ``_LoraLinear.backward``)."""
     from clintune import masks
 
-    real = masks.lora_backward_available
+    real = masks.lora_kernels_available
 
     def available(*args) -> bool:
         caller = sys._getframe(1).f_code.co_name
@@ -79,11 +79,11 @@ def main() -> None:
         sys.exit("the compiled LoRA kernels do not run on this CPU: nothing to switch off")
 
     def run(on: bool) -> tuple[float, float]:
-        masks.lora_backward_available = real if on or a.off else stand_in
+        masks.lora_kernels_available = real if on or a.off else stand_in
         try:
             res = clintune.train(**args, fast_off=None if on or not a.off else [a.off])
         finally:
-            masks.lora_backward_available = real
+            masks.lora_kernels_available = real
         history = res.record["training"]["history"]
         return res.cost["train_seconds"], history[-1]["train_loss"] if history else float("nan")
 

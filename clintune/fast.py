@@ -621,7 +621,7 @@ class _LoraLinear(torch.autograd.Function):
         a16, b16 = lora_a.to(bf), lora_b.to(bf)
         ctx.threshold, ctx.scale = _threshold(p), 1.0 / (1.0 - p)
         ctx.seed = masks.new_seed() if p > 0.0 else 0           # no dropout (or eval): no numbers drawn
-        if masks.lora_backward_available(weight.shape[0], x.shape[-1], a16.shape[0]):
+        if masks.lora_kernels_available(weight.shape[0], x.shape[-1], a16.shape[0]):
             xb, dropped, u = masks.lora_input(x.contiguous(), a16, ctx.seed, ctx.threshold, ctx.scale, p > 0.0)
             y = torch.ops.mkldnn._linear_pointwise(xb, weight, bias, "none", [], "")
             masks.lora_output(y, u, b16, scaling)
@@ -642,7 +642,7 @@ class _LoraLinear(torch.autograd.Function):
         g = dy.to(torch.bfloat16).reshape(-1, dy.shape[-1])
         u2, d2 = u.view(-1, u.shape[-1]), dropped.view(-1, dropped.shape[-1])
         need_x, _, _, need_a, need_b, _, _ = ctx.needs_input_grad
-        if masks.lora_backward_available(g.shape[1], d2.shape[1], a16.shape[0]) and g.is_contiguous():
+        if masks.lora_kernels_available(g.shape[1], d2.shape[1], a16.shape[0]) and g.is_contiguous():
             gw = torch.mm(g, weight) if need_x else None
             d_a, d_b, dx = masks.lora_backward(g, b16, u2, d2, a16, gw, ctx.scaling, ctx.seed, ctx.threshold, ctx.scale)
             return (None if dx is None else dx.view(dropped.shape)), None, None, d_a if need_a else None, \

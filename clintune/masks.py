@@ -564,7 +564,7 @@ QUANTIZE_U8(quantize_u8_bf16, uint16_t, bfl, load16_bf16)
    zeros), dB and dA summed per thread (n x 16 and k x 16, in cache) and then over the threads in turn.
    n and k multiples of 16. Returns -1 without memory. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
-int lora_backward_available(void) { return 1; }
+int lora_kernels_available(void) { return 1; }
 #define LORA_ROWS 4
 int lora_backward_bf16(const uint16_t *g, const uint16_t *bmat, const uint16_t *u, const uint16_t *dropped,
                        const uint16_t *a, const uint16_t *gw, float *da, float *db, float *dx, int64_t m, int64_t n,
@@ -719,8 +719,8 @@ int lora_output_bf16(uint16_t *y, const uint16_t *u, const uint16_t *b, int64_t 
     free(bt);
     return 0;
 }
-#else                                 /* never called: lora_backward_available() says so */
-int lora_backward_available(void) { return 0; }
+#else                                 /* never called: lora_kernels_available() says so */
+int lora_kernels_available(void) { return 0; }
 int lora_backward_bf16(void) { return -1; }
 int lora_input_bf16(void) { return -1; }
 int lora_output_bf16(void) { return -1; }
@@ -933,9 +933,7 @@ static inline void grad_row(float *g, const uint16_t *pr, uint16_t *ds, uint16_t
     for (; j + 16 <= t; j += 16) {
         const __m512 gj = _mm512_maskz_mul_ps((__mmask16) (bits[j / 32] >> (j % 32)), _mm512_load_ps(g + j), vmult);
         _mm512_store_ps(g + j, gj);
-        const __m512 pj = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-            _mm256_loadu_si256((const __m256i *) (pr + j))), 16));
-        vacc = _mm512_fmadd_ps(gj, pj, vacc);
+        vacc = _mm512_fmadd_ps(gj, load16_bf16(pr + j), vacc);
     }
     float acc[16] __attribute__((aligned(64)));
     _mm512_store_ps(acc, vacc);
@@ -1819,7 +1817,7 @@ def _compile() -> ctypes.CDLL | None:
         getattr(lib, name).restype = None
     lib.embed_norm_f32.restype = ctypes.c_int64
     lib.lora_backward_bf16.restype = ctypes.c_int
-    lib.lora_backward_available.restype = ctypes.c_int
+    lib.lora_kernels_available.restype = ctypes.c_int
     for name in ("lora_input_bf16", "lora_output_bf16"):
         getattr(lib, name).restype = ctypes.c_int
     lib.add_norm_pred.restype = ctypes.c_int
@@ -2334,11 +2332,11 @@ def dropout_add(a: torch.Tensor, b: torch.Tensor, seed: int, threshold: int, sca
     return out
 
 
-def lora_backward_available(n: int, k: int, r: int) -> bool:
+def lora_kernels_available(n: int, k: int, r: int) -> bool:
     """Whether :func:`lora_backward`, :func:`lora_input` and :func:`lora_output` run here: AVX-512 with BF16, n and k
     multiples of 16 and at most MAX_ROW, rank 1 to 16."""
     lib = compiled()
-    return lib is not None and bool(lib.lora_backward_available()) and n % 16 == 0 and k % 16 == 0 \
+    return lib is not None and bool(lib.lora_kernels_available()) and n % 16 == 0 and k % 16 == 0 \
         and 0 < r <= 16 and max(n, k) <= MAX_ROW
 
 
@@ -2367,7 +2365,7 @@ def lora_backward(g: torch.Tensor, b: torch.Tensor, u: torch.Tensor, dropped: to
 
 
 def lora_input(x: torch.Tensor, a: torch.Tensor, seed: int, threshold: int, dscale: float, dropout: bool):
-    """LoRA's input side in one pass over fp32 ``x`` (..., k), for A (r, k) bf16 (:func:`lora_backward_available`'s
+    """LoRA's input side in one pass over fp32 ``x`` (..., k), for A (r, k) bf16 (:func:`lora_kernels_available`'s
     sizes): (xb, drop(x), U) with xb = bf16(x) for the frozen product, drop(x) = bf16(x * ``dscale``) m (the
     :func:`dropout` kernel's bits: m :func:`draw`'s mask over x's elements; xb itself without ``dropout``) and
     U = drop(x) A^T (..., r), its fp32 sums rounded once."""

@@ -471,7 +471,8 @@ def test_attention_training_kernels_drop_out_by_the_row_padded_mask_in_every_blo
     pk, do = probs.double(), d_out.transpose(1, 2).double() / 0.9
     dp = (do @ v.double().transpose(-1, -2)) * keep
     ds = pk * (dp - (dp * pk).sum(-1, keepdim=True))
-    for got, w in zip(grads, (ds @ k.double() * 0.3, ds.transpose(-1, -2) @ q.double(), (pk * keep).transpose(-1, -2) @ do)):
+    want = (ds @ k.double() * 0.3, ds.transpose(-1, -2) @ q.double(), (pk * keep).transpose(-1, -2) @ do)
+    for got, w in zip(grads, want):
         torch.testing.assert_close(got.double(), w, rtol=0.02, atol=0.01 * w.abs().max().item())
 
 
@@ -479,7 +480,7 @@ def test_attention_training_kernels_drop_out_by_the_row_padded_mask_in_every_blo
 def test_lora_backward_kernel_is_the_formula_in_one_pass(m, r, with_x):
     """dU = s g B (fp32), dB = s U^T g, dA = dU^T drop(x) and dx = gW + (dU A) m / (1 - p) against float64, rows not a
     multiple of the kernel's four (37, 9), ranks under and at 16, and no input gradient (the first layer's)."""
-    if masks.compiled() is None or not masks.lora_backward_available(48, 64, r):
+    if masks.compiled() is None or not masks.lora_kernels_available(48, 64, r):
         pytest.skip("no AVX-512 LoRA backward kernel here")
     gen = torch.Generator().manual_seed(m + r)
     n, k, s, seed, thr = 48, 64, 0.5, 7, -26214
@@ -504,7 +505,7 @@ def test_lora_backward_kernel_is_the_formula_in_one_pass(m, r, with_x):
 def test_lora_input_and_output_kernels_are_the_cast_the_dropout_and_the_rank_r_products(dropout):
     """One pass over x: its bf16 copy and drop(x) are the cast's and the dropout kernel's very bits, U = drop(x) A^T
     within its one rounding; the update y + s U B^T rounded once is addmm_'s fp32 sum, to the bit."""
-    if masks.compiled() is None or not masks.lora_backward_available(48, 64, 8):
+    if masks.compiled() is None or not masks.lora_kernels_available(48, 64, 8):
         pytest.skip("no AVX-512 BF16 LoRA kernels here")
     gen = torch.Generator().manual_seed(int(dropout))
     x = torch.randn(3, 37, 64, generator=gen)
