@@ -45,9 +45,28 @@ def lora_kernels_off(side: str):
     return real, available
 
 
-def main() -> None:
+def lora_sample(work: Path, notes: int) -> Path:
+    """The first ``notes`` notes of the medical-abstracts training split, as a CSV in ``work``."""
     import pandas as pd
-    from bench_data import cpu_line, medabs
+    from bench_data import medabs
+
+    train, _ = medabs(work / "medabs")
+    sample = work / f"pairs-train-{notes}.csv"
+    if not sample.exists():
+        pd.read_csv(train).head(notes).to_csv(sample, index=False)
+    return sample
+
+
+def lora_args(sample: Path, out: Path, epochs: int) -> dict:
+    """``clintune.train`` arguments of the speed run's LoRA (speed.py's settings) on ``sample``."""
+    return dict(data=str(sample), backbone="minilm", method="lora", head="pooler", pooling="cls", lora_r=8,
+                lora_alpha=8, lora_dropout=0.1, target_modules=["query", "key", "value"], epochs=epochs,
+                batch_size=16, max_length=256, lr=3e-4, weight_decay=0, warmup_ratio=0, max_grad_norm=1,
+                val_size=0, patience=0, seed=42, precision="bf16", out=str(out), overwrite=True)
+
+
+def main() -> None:
+    from bench_data import cpu_line
     from f1_seeds import t_interval
 
     import clintune
@@ -64,16 +83,8 @@ def main() -> None:
     a = ap.parse_args()
     if (a.off is None) == (a.no_lora_kernels is None):
         ap.error("give one of --off PART and --no-lora-kernels")
-    work = Path(a.work)
-    train, _ = medabs(work / "medabs")
-    sample = work / f"pairs-train-{a.notes}.csv"
-    if not sample.exists():
-        pd.read_csv(train).head(a.notes).to_csv(sample, index=False)
-    out = Path(tempfile.mkdtemp(prefix="train-pairs-"))
-    args = dict(data=str(sample), backbone="minilm", method="lora", head="pooler", pooling="cls", lora_r=8,
-                lora_alpha=8, lora_dropout=0.1, target_modules=["query", "key", "value"], epochs=a.epochs,
-                batch_size=16, max_length=256, lr=3e-4, weight_decay=0, warmup_ratio=0, max_grad_norm=1,
-                val_size=0, patience=0, seed=42, precision="bf16", out=str(out), overwrite=True)
+    sample = lora_sample(Path(a.work), a.notes)
+    args = lora_args(sample, Path(tempfile.mkdtemp(prefix="train-pairs-")), a.epochs)
     real, stand_in = lora_kernels_off(a.no_lora_kernels or "both")
     if a.no_lora_kernels and not real(384, 384, 8):
         sys.exit("the compiled LoRA kernels do not run on this CPU: nothing to switch off")
