@@ -23,15 +23,12 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
+from int8_ceiling import best_seconds, compile_loop
 
 from clintune import cost
 from clintune.runtime import cpu_flags
@@ -41,9 +38,6 @@ LOOP = r"""
 #include <string.h>
 #include <unistd.h>
 #include <sys/syscall.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 static const uint8_t TILES[64] __attribute__((aligned(64))) = {   /* palette 1; tiles 0-7: 16 rows x 64 bytes */
     1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
     64, 0, 64, 0, 64, 0, 64, 0, 64, 0, 64, 0, 64, 0, 64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
@@ -75,29 +69,12 @@ void tiles(int64_t n, int form) {
         __asm__ volatile ("tilerelease" ::: "memory");
     }
 }
-int threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
 """
 
 
 def ceiling(rounds: int = 5_000_000) -> tuple[dict[str, float], int]:
     """Tera-operations per second of each tile loop on every core (the best of three runs each), and the threads."""
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        sys.exit("amx_ceiling: no C compiler (cc or gcc) found")
-    with tempfile.TemporaryDirectory() as tmp:
-        src, lib = Path(tmp) / "tiles.c", Path(tmp) / "tiles.so"
-        src.write_text(LOOP)
-        cmd = [cc, "-O2", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(lib)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(f"amx_ceiling: {cc} could not compile the tile loop: {done.stderr.strip().splitlines()[-1:]}")
-        so = ctypes.CDLL(str(lib))
+    so = compile_loop(LOOP, "amx_ceiling")
     if not so.amx_request():
         sys.exit("amx_ceiling: Linux did not lend this process the tiles (arch_prctl XTILEDATA)")
     so.tiles.argtypes = [ctypes.c_int64, ctypes.c_int]
@@ -108,12 +85,7 @@ def ceiling(rounds: int = 5_000_000) -> tuple[dict[str, float], int]:
                                                                                 16 * 16 * 32 * 2),
                             ("int8, operands in tiles", 2, 16 * 16 * 64 * 2)):
         so.tiles(rounds // 10, form)
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            so.tiles(rounds, form)
-            times.append(time.perf_counter() - t)
-        out[name] = n * rounds * 4 * ops / min(times) / 1e12
+        out[name] = n * rounds * 4 * ops / best_seconds(so.tiles, rounds, form) / 1e12
     return out, n
 
 

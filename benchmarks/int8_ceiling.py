@@ -10,7 +10,9 @@ Two measurements, each in this one process:
 2. oneDNN's int8 products as clintune's prediction calls them (``clintune.quantize.Int8Linear``: uint8 inputs
    per tensor, int8 weights per channel, bf16 output) at MiniLM's shapes, 4096 tokens (a prediction piece,
    ``training.EVAL_TOKENS_CPU``): query/key/value/output (384 -> 384), the feed-forward pair (384 -> 1536 with
-   its GELU, 1536 -> 384), and rows taken 512 and 1024 at a time.
+   its GELU, 1536 -> 384), and rows taken 512 and 1024 at a time. On CPUs with AMX, clintune's int8 linears run
+   on the tiles in a kernel of its own instead (``masks.int8_linear``); oneDNN's are measured there all the same,
+   and run on the tiles too, past the VNNI loop's ceiling (``amx_ceiling.py`` measures the tiles').
 
     python benchmarks/int8_ceiling.py [--repeats 30]
 
@@ -37,9 +39,6 @@ from clintune.runtime import cpu_flags
 LOOP = r"""
 #include <immintrin.h>
 #include <stdint.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 /* n rounds of 16 independent multiply-adds per thread; returns a sum so nothing is optimised away */
 int64_t vnni(int64_t n) {
     int64_t total = 0;
@@ -71,6 +70,11 @@ double bf16(int64_t n) {
     }
     return total;
 }
+"""
+THREADS = r"""
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 int threads(void) {
 #ifdef _OPENMP
     return omp_get_max_threads();
@@ -81,19 +85,35 @@ int threads(void) {
 """
 
 
-def ceiling(rounds: int = 20_000_000) -> tuple[float, float, int]:
-    """(int8 TOPS, bf16 TFLOP/s, threads) of the multiply-add loops, the best of three runs each."""
+def compile_loop(source: str, who: str) -> ctypes.CDLL:
+    """``source`` and a ``threads()`` function (OpenMP's threads, else 1), compiled for this CPU with OpenMP by the
+    system C compiler and loaded; without a compiler, or where it fails, one line naming ``who`` and exit."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        sys.exit("int8_ceiling: no C compiler (cc or gcc) found")
+        sys.exit(f"{who}: no C compiler (cc or gcc) found")
     with tempfile.TemporaryDirectory() as tmp:
         src, lib = Path(tmp) / "loop.c", Path(tmp) / "loop.so"
-        src.write_text(LOOP)
+        src.write_text(source + THREADS)
         cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(lib)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            sys.exit(f"int8_ceiling: {cc} could not compile the loop: {done.stderr.strip().splitlines()[-1:]}")
-        so = ctypes.CDLL(str(lib))
+            sys.exit(f"{who}: {cc} could not compile the loop: {done.stderr.strip().splitlines()[-1:]}")
+        return ctypes.CDLL(str(lib))
+
+
+def best_seconds(run, *args) -> float:
+    """The shortest of three timed calls ``run(*args)``."""
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        run(*args)
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def ceiling(rounds: int = 20_000_000) -> tuple[float, float, int]:
+    """(int8 TOPS, bf16 TFLOP/s, threads) of the multiply-add loops, the best of three runs each."""
+    so = compile_loop(LOOP, "int8_ceiling")
     so.vnni.argtypes = so.bf16.argtypes = [ctypes.c_int64]
     so.vnni.restype, so.bf16.restype = ctypes.c_int64, ctypes.c_double
     n = so.threads()
@@ -101,12 +121,7 @@ def ceiling(rounds: int = 20_000_000) -> tuple[float, float, int]:
     for name, ops in (("vnni", 16 * 64 * 2), ("bf16", 16 * 32 * 2)):
         fn = getattr(so, name)
         fn(rounds // 10)
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            fn(rounds)
-            times.append(time.perf_counter() - t)
-        best[name] = n * rounds * ops / min(times) / 1e12
+        best[name] = n * rounds * ops / best_seconds(fn, rounds) / 1e12
     return best["vnni"], best["bf16"], n
 
 
@@ -118,7 +133,8 @@ def products(shapes: list[tuple[int, int, bool, int]], m: int, repeats: int) -> 
     torch.manual_seed(0)
     layers, inputs = {}, {}
     for k, n, _, _ in shapes:
-        layers[k, n] = quantize.Int8Linear.from_linear(nn.Linear(k, n), quantize._SharedInput())
+        with masks.amx_form(False):          # oneDNN's packed weights, also where clintune's AMX kernel would run
+            layers[k, n] = quantize.Int8Linear.from_linear(nn.Linear(k, n), quantize._SharedInput())
         inputs[k] = masks.quantize_u8(torch.randn(m, k).bfloat16())
 
     def run(k, n, gelu, rows):
