@@ -14,29 +14,14 @@ notes, and prints each round's samples/s and ratios, then their medians.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_data as datasets  # noqa: E402
-from speed import peer  # noqa: E402
-
-
-def evaluate(model: Path, test: Path, work: Path, calibration: Path | None = None) -> dict:
-    """``clintune evaluate`` in bf16 (the model's precision) or, with ``calibration``, ``--quantize
-    int8-static`` calibrated on it: (samples/s, F1)."""
-    out = work / "pairs-evaluate.json"
-    extra = [] if calibration is None else ["--quantize", "int8-static", "--calibration", str(calibration)]
-    subprocess.run([sys.executable, "-m", "clintune", "-q", "evaluate", "--model", str(model), "--data", str(test),
-                    "--out", str(out), *extra], check=True, stdout=subprocess.DEVNULL,
-                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    r = json.loads(out.read_text())
-    return {"samples_per_s": r["cost"]["predict_samples_per_s"], "f1": r["metrics"]["f1"]}
+from speed import clintune_evaluate, peer  # noqa: E402
 
 
 def main() -> None:
@@ -52,11 +37,12 @@ def main() -> None:
     rows = []
     for i in range(a.rounds):
         p = peer(train, test, argparse.Namespace(epochs=a.peer_epochs), True)["predict_samples_per_s"]
-        bf16, static = evaluate(a.model, test, work), evaluate(a.model, test, work, train)
-        rows.append((p, bf16["samples_per_s"], static["samples_per_s"]))
-        print(f"round {i + 1}: peer bf16 {p:.2f} samples/s; clintune bf16 {bf16['samples_per_s']:.2f} "
-              f"({bf16['samples_per_s'] / p:.2f}x, F1 {bf16['f1']:.4f}), int8-static {static['samples_per_s']:.2f} "
-              f"({static['samples_per_s'] / p:.2f}x, F1 {static['f1']:.4f})")
+        bf16, static = (clintune_evaluate(a.model, test, work, kind="none"),
+                        clintune_evaluate(a.model, test, work, train))
+        b, q = bf16["predict_samples_per_s"], static["predict_samples_per_s"]
+        rows.append((p, b, q))
+        print(f"round {i + 1}: peer bf16 {p:.2f} samples/s; clintune bf16 {b:.2f} ({b / p:.2f}x, F1 {bf16['f1']:.4f}), "
+              f"int8-static {q:.2f} ({q / p:.2f}x, F1 {static['f1']:.4f})")
     med = [statistics.median(c) for c in zip(*rows)]
     ratios = [sorted(r[j] / r[0] for r in rows) for j in (1, 2)]
     print(f"medians: peer {med[0]:.2f}, clintune bf16 {med[1]:.2f}, int8-static {med[2]:.2f} samples/s; "

@@ -87,10 +87,12 @@ def test_log_loss(run: Path) -> float | None:
     return float(log_loss(t["gold"], prob, labels=[c[len("prob_"):] for c in cols]))
 
 
-def clintune_int8(model_dir: Path, test: Path, work: Path, calibration: Path | None = None) -> dict:
+def clintune_evaluate(model_dir: Path, test: Path, work: Path, calibration: Path | None = None,
+                      kind: str | None = None) -> dict:
     """``clintune evaluate --quantize int8`` in a process of its own; with ``calibration`` (the training file),
-    ``--quantize int8-static`` calibrated on it (at load, outside the timed prediction)."""
-    kind = "int8" if calibration is None else "int8-static"
+    ``--quantize int8-static`` calibrated on it (at load, outside the timed prediction); ``kind="none"``
+    (``--quantize none``): the model's own precision, bf16 here."""
+    kind = kind or ("int8" if calibration is None else "int8-static")
     out = work / f"{kind}-evaluate.json"
     cmd = [sys.executable, "-m", "clintune", "-q", "evaluate", "--model", str(model_dir), "--data", str(test),
            "--quantize", kind, "--out", str(out)] + ([] if calibration is None else ["--calibration", str(calibration)])
@@ -174,8 +176,8 @@ def main() -> None:
     if not a.no_lean:
         rows.append({**clintune(train, test, a, work, ("--no-bucket",)), "setting": "  --no-bucket"})
     if not a.no_int8:
-        rows.append({**clintune_int8(Path(ours["model_dir"]), test, work), "setting": "  int8 predict"})
-        rows.append({**clintune_int8(Path(ours["model_dir"]), test, work, train), "setting": "  int8-static"})
+        rows.append({**clintune_evaluate(Path(ours["model_dir"]), test, work), "setting": "  int8 predict"})
+        rows.append({**clintune_evaluate(Path(ours["model_dir"]), test, work, train), "setting": "  int8-static"})
     peak = matmul_peak_flops(torch.bfloat16, remeasure=True) / 1e12   # the better of start and end
     best = max((r for r in rows if r["system"] != "clintune"), key=lambda r: r["train_samples_per_s"])
     flops_per_sample = ours["train_flops"] / (ours["n_train"] * a.epochs) if ours.get("train_flops") else None
