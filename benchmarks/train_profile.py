@@ -13,7 +13,7 @@ length 256, bf16) on the first ``--notes`` medical-abstracts training notes once
 
 The profiler adds its own cost (a few percent), so compare shares, not seconds, with unprofiled runs.
 
-    python benchmarks/train_profile.py [--notes 320] [--epochs 1]
+    python benchmarks/train_profile.py [--notes 320] [--epochs 1] [--micro-batch-tokens N]
 """
 from __future__ import annotations
 
@@ -66,9 +66,13 @@ def main() -> None:
     ap.add_argument("--notes", type=int, default=320)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--work", default="/tmp/clintune-bench")
+    ap.add_argument("--micro-batch-tokens", type=int, default=None, help="clintune's --micro-batch-tokens (default: its own)")
     a = ap.parse_args()
     args = lora_args(lora_sample(Path(a.work), a.notes), Path(tempfile.mkdtemp(prefix="train-profile-")), a.epochs)
-    print(f"{cpu_line()}; {a.notes} notes x {a.epochs} epoch(s)")
+    if a.micro_batch_tokens is not None:
+        args["micro_batch_tokens"] = a.micro_batch_tokens
+    print(f"{cpu_line()}; {a.notes} notes x {a.epochs} epoch(s); micro-batches of at most "
+          f"{args.get('micro_batch_tokens', 'the default')} tokens")
     warm = clintune.train(**args).cost["train_seconds"]
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         t0 = time.perf_counter()

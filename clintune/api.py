@@ -211,7 +211,7 @@ def _train_assembled(cfg: TrainConfig, runtime, splits: Splits, asm, t_start: fl
         val_score = None if splits.val is None else task.val_score(cfg.val_metric, splits.val, lm, enc_val)
         fitres = fit(model, train_feed, targets, cfg, runtime, meter, val_feed=val_feed, val_score=val_score,
                      loss_fn=task.loss(lm, targets, cfg.class_weights), num_labels=len(lm),
-                     token_level=task.token_level)
+                     token_level=task.token_level, arena=speedups.arena)
         learns_state = type(task).fit_state is not Task.fit_state     # e.g. multi-label thresholds
         val_out = None if val_feed is None or not learns_state else predict_logits(
             model, val_feed, cfg.eval_batch_size, runtime, len(lm), task.token_level)

@@ -232,7 +232,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 QUANTIZE = ("none", "int8", "int8-static")
 FAST_PARTS = ("first_token", "attention", "attention_kernel", "dropout", "bf16_weights", "lora", "sublayer_end",
-              "gelu", "memory", "packing", "embeddings")   # clintune.fast.PARTS (checked equal by the tests; not imported: torch-free config)
+              "gelu", "memory", "arena", "packing", "embeddings")   # clintune.fast.PARTS (checked equal by the tests; not imported: torch-free config)
 VAL_METRICS = ("f1", "f1_macro", "auroc", "accuracy", "loss")
 
 #: Per-method default learning rates (used when --lr is not given). Full fine-tuning of a BERT-size
@@ -359,7 +359,7 @@ class TrainConfig:
                         "head reads only that (--pooling cls); on CPU fast dropout masks, cache-sized attention "
                         "chunks with dropout, fused attention without gradients, bf16 storage of frozen "
                         "weights under bf16, fused LoRA linears, dropout + residual + LayerNorm and GELU passes "
-                        "in bf16 training, reuse of freed memory (--no-fast: plain PyTorch)",
+                        "in bf16 training, reuse of freed memory and training's saved tensors in one reused buffer (--no-fast: plain PyTorch)",
                         group="runtime")
     fast_off: list[str] | None = option(None, "leave out these parts of --fast (comma-separated), to measure what "
                                         "each changes: " + ", ".join(FAST_PARTS), group="runtime")

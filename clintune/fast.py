@@ -33,7 +33,9 @@ SDPA falls back to whenever attention dropout is on, and page faults on freshly 
   oneDNN inside the feed-forward block's frozen product (:func:`_ffn_forward`: 1.05x for whole bf16 prediction
   on 2 Xeon cores with AMX, paired in one process). :class:`_Dropout` itself is one compiled pass each way
   (:func:`masks.dropout`).
-* :func:`reuse_freed_memory` lets glibc's malloc reuse freed blocks instead of mapping fresh pages.
+* :func:`reuse_freed_memory` lets glibc's malloc reuse freed blocks instead of mapping fresh pages, and the
+  fused steps' saved tensors come from one reused buffer (:class:`clintune.arena.Arena`, :attr:`Speedups.arena`),
+  so they leave no holes in the heap.
 
 On CUDA none of this is needed (SDPA's fused kernels do dropout themselves), so :func:`accelerate`
 only rewrites models that train on CPU.
@@ -47,6 +49,7 @@ import torch
 from torch import nn
 
 from . import masks
+from .arena import Arena, saved_empty
 from .packing import STARTS
 
 ATTENTION = "clintune"
@@ -65,6 +68,7 @@ PARTS = {
     "sublayer_end": "the fused dropout + residual + LayerNorm (BERT's)",
     "gelu": "GELU keeping its derivative in training, and inside the feed-forward product in prediction (PyTorch's)",
     "memory": "reuse of freed memory (glibc's default)",
+    "arena": "training's saved tensors in one reused buffer (clintune.arena; glibc's heap instead)",
     "packing": "prediction's notes packed without padding (clintune.packing; padded batches instead)",
     "embeddings": "prediction's embeddings (gathers, adds, LayerNorm; BERT's) in one pass (PyTorch's)",
 }
@@ -187,9 +191,9 @@ class _DropoutAttention(torch.autograd.Function):
         with torch.autocast("cpu", enabled=False):
             b, h, t, _ = q.shape
             chunk = _examples_per_chunk(h, t)
-            q = (q * scale).contiguous()
-            k, v = k.contiguous(), v.contiguous()
-            probs = torch.empty((b, h, t, t), dtype=q.dtype)
+            q = torch.mul(q, scale, out=saved_empty(q.shape, q.dtype))       # kept, with k, v and P: the arena's
+            k, v = (x if x.is_contiguous() else saved_empty(x.shape, x.dtype).copy_(x) for x in (k, v))
+            probs = saved_empty((b, h, t, t), q.dtype)
             seed, threshold, fused = masks.new_seed(), _threshold(p), _fused(q.dtype, t)
             out = None
             if fused and kernels and _attention_kernels():  # one kernel (None: a mask or size it does not take)
@@ -1011,6 +1015,7 @@ class Speedups:
         self._weights: list = []
         self._configs: list = []
         self._classes: list = []
+        self.arena: Arena | None = None       # for training's saved tensors (:func:`clintune.arena.saving_into`)
 
     def restore(self) -> None:
         if self.report.get("reuse_freed_memory") and self._weights:
@@ -1022,6 +1027,9 @@ class Speedups:
         for mod, cls in self._classes:
             mod.__class__ = cls
         self._weights, self._configs, self._classes = [], [], []
+        if self.arena is not None:
+            self.report["arena"] = self.arena.report()
+            self.arena.release()
 
 
 def fingerprint(on: bool, off, device: torch.device) -> dict:
@@ -1073,6 +1081,8 @@ def accelerate(model: nn.Module, runtime, restorable: bool = True, off=()) -> Sp
         sp.report["dropout_masks"] = "splitmix64-c" if masks.compiled() is not None else "numpy-sfc64"
     if "memory" not in off:
         sp.report["reuse_freed_memory"] = reuse_freed_memory()
+    if "arena" not in off and restorable:        # restorable: a model about to train
+        sp.arena = Arena()
     if runtime.precision == "bf16":
         if "bf16_weights" not in off:
             weights = frozen_linears_to(model, torch.bfloat16)

@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .arena import saved_empty
 from .store import atomic_path
 
 _SOURCE = r"""
@@ -2177,7 +2178,7 @@ def dropout_add_norm(h: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bia
     if not fused_rows_available(n):
         raise ValueError(f"dropout_add_norm: rows of 1 to {MAX_ROW} values, where the kernels are compiled")
     rows = h.numel() // n
-    y, z, stats = torch.empty(h.shape), torch.empty(h.shape), torch.empty((rows, 2))
+    y, z, stats = torch.empty(h.shape), saved_empty(h.shape), saved_empty((rows, 2))
     compiled().dropout_add_norm_bf16(h.data_ptr(), r.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
                                      z.data_ptr(), stats.data_ptr(), rows, n, seed, int(threshold), float(scale),
                                      float(eps))
@@ -2288,7 +2289,7 @@ def gelu_and_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(GELU(x), GELU'(x)) for bf16 ``x`` in one pass: x Phi(x) and Phi(x) + x phi(x) with the exact normal
     CDF (erf form, 1.5e-7 absolute error), computed in fp32 and rounded to bf16 once each."""
     _check({"x": (x, torch.bfloat16)}, x.shape)
-    y, d = torch.empty_like(x), torch.empty_like(x)
+    y, d = torch.empty_like(x), saved_empty(x.shape, x.dtype)
     compiled().gelu_and_grad_bf16(x.data_ptr(), y.data_ptr(), d.data_ptr(), x.numel())
     return y, d
 
@@ -2373,9 +2374,9 @@ def lora_input(x: torch.Tensor, a: torch.Tensor, seed: int, threshold: int, dsca
     _check({"x": (x, torch.float32)}, (*x.shape[:-1], k))
     _check({"a": (a, torch.bfloat16)}, (r, k))
     m = x.numel() // k
-    xb = torch.empty(x.shape, dtype=torch.bfloat16)
-    dropped = torch.empty(x.shape, dtype=torch.bfloat16) if dropout else xb
-    u = torch.empty((*x.shape[:-1], r), dtype=torch.bfloat16)
+    xb = torch.empty(x.shape, dtype=torch.bfloat16) if dropout else saved_empty(x.shape, torch.bfloat16)
+    dropped = saved_empty(x.shape, torch.bfloat16) if dropout else xb     # kept for the backward pass, as U is
+    u = saved_empty((*x.shape[:-1], r), torch.bfloat16)
     if compiled().lora_input_bf16(x.data_ptr(), a.data_ptr(), xb.data_ptr(), dropped.data_ptr() if dropout else None,
                                   u.data_ptr(), m, k, r, int(seed), int(threshold), float(dscale)):
         raise MemoryError("LoRA input kernel: no memory")

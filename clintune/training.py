@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .arena import Arena, saving_into
 from .batching import Encoded, collate, eval_batches, padded_length, train_batches
 from .cost import CostMeter
 from .methods import trainable_state
@@ -203,11 +204,12 @@ class FitResult:
 def fit(model: nn.Module, train_feed: Feed, targets, cfg, runtime: Runtime, meter: CostMeter,
         *, val_feed: Feed | None = None, val_score: Callable[[object], float] | None = None,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-        num_labels: int | None = None, token_level: bool = False) -> FitResult:
+        num_labels: int | None = None, token_level: bool = False, arena: Arena | None = None) -> FitResult:
     """Train ``model`` in place; return what happened.
 
     ``targets.batch(idx, inputs)`` gives the batch's targets (see :mod:`clintune.tasks`);
-    ``val_score(outputs) -> float``, higher is better.
+    ``val_score(outputs) -> float``, higher is better; ``arena``: where each micro-batch's forward pass keeps
+    the fused steps' saved tensors for its backward (:mod:`clintune.arena`; None: the heap).
     """
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
@@ -266,7 +268,7 @@ def fit(model: nn.Module, train_feed: Feed, targets, cfg, runtime: Runtime, mete
                 loss = 0.0
                 for k, (inputs, y) in enumerate(parts):
                     sync = net.no_sync() if runtime.world > 1 and k < len(parts) - 1 else contextlib.nullcontext()
-                    with sync:
+                    with sync, saving_into(arena):
                         with runtime.autocast():
                             logits = net(**_to(inputs, device))
                         part_loss = loss_fn(logits.float(), y.to(device)) / max(total, 1e-12)

@@ -5,6 +5,7 @@ import torch
 
 import clintune
 from clintune import fast, masks
+from clintune.arena import saving_into
 from clintune.runtime import Runtime
 
 from conftest import tiny_config
@@ -934,9 +935,10 @@ def _lora_step(tiny_backbone, off):
     dtypes = {p.dtype for m in model.modules() if type(m) in (torch.nn.Linear, fast.FrozenLinear)
               for p in m.parameters(recurse=False) if not p.requires_grad}
     torch.manual_seed(123)
-    with rt.autocast():
-        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-    torch.nn.functional.cross_entropy(logits.float(), torch.tensor([0, 1, 0, 1])).backward()
+    with saving_into(sp.arena):                     # as training's loop: saved tensors in the arena, if any
+        with rt.autocast():
+            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        torch.nn.functional.cross_entropy(logits.float(), torch.tensor([0, 1, 0, 1])).backward()
     grads = {n: p.grad.double() for n, p in model.named_parameters() if p.requires_grad}
     sp.restore()                                    # everything back but the dropouts (FastDropout stays)
     assert all(type(m) is before[n] or type(m) is fast.FastDropout for n, m in model.named_modules())
@@ -973,6 +975,9 @@ def test_fast_off_leaves_out_just_that_part_and_keeps_the_gradients(kernel_backb
     assert ("ffn" in fused) == (part != "gelu") and (fused.get("ffn", 0) > 0) == (part not in ("gelu", "bf16_weights"))
     assert (fused.get("lora", 0) > 0) == (part not in ("lora", "dropout", "bf16_weights"))
     assert ("reuse_freed_memory" in report) == (part != "memory")
+    assert ("arena" in report) == (part != "arena")
+    if part != "arena":                             # the fused steps kept their tensors there, and let them go
+        assert report["arena"]["high_mb"] > 0 and report["arena"]["abandoned"] == 0
     if fast._attention_kernels():
         assert any(ran) == (part not in ("attention", "attention_kernel"))
     full = _lora_step(kernel_backbone, [])[1]
