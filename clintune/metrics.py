@@ -15,11 +15,15 @@ and 97.5th percentiles. AUROC uses the rank (Mann-Whitney) form, vectorised over
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support,
-                             roc_auc_score)
+
+# scikit-learn is imported where a metric is computed, not with this module: a training process imports this
+# before it trains and needs it only after, and scikit-learn with SciPy adds some 40 MB to the training's peak
+# resident memory on top of torch, transformers and pandas (issue 7's memory budget).
 
 
 def _auroc_binary(y: np.ndarray, score: np.ndarray) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
     if y.min() == y.max():
         return None
     return float(roc_auc_score(y, score))
@@ -54,6 +58,8 @@ def nanmean_classes(values: list[np.ndarray]) -> np.ndarray:
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, positive_index: int | None = None,
                            labels: list | None = None) -> dict:
     """All single-label metrics from gold indices (N,) and probabilities (N, K)."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
     y_true = np.asarray(y_true)
     k = proba.shape[1]
     pred = proba.argmax(1)
