@@ -35,7 +35,8 @@ SDPA falls back to whenever attention dropout is on, and page faults on freshly 
   (:func:`masks.dropout`).
 * :func:`reuse_freed_memory` lets glibc's malloc reuse freed blocks instead of mapping fresh pages, and the
   fused steps' saved tensors come from one reused buffer (:class:`clintune.arena.Arena`, :attr:`Speedups.arena`),
-  so they leave no holes in the heap.
+  so they leave no holes in the heap; the other large blocks come from :mod:`clintune.blocks` while training,
+  each mapped once and reused, so that small long-lived blocks do not keep holes between them either.
 
 On CUDA none of this is needed (SDPA's fused kernels do dropout themselves), so :func:`accelerate`
 only rewrites models that train on CPU.
@@ -48,7 +49,7 @@ from functools import lru_cache, partial
 import torch
 from torch import nn
 
-from . import masks
+from . import blocks, masks
 from .arena import Arena, saved_empty
 from .packing import STARTS
 
@@ -69,6 +70,7 @@ PARTS = {
     "gelu": "GELU keeping its derivative in training, and inside the feed-forward product in prediction (PyTorch's)",
     "memory": "reuse of freed memory (glibc's default)",
     "arena": "training's saved tensors in one reused buffer (clintune.arena; glibc's heap instead)",
+    "blocks": "training's large blocks mapped once and reused (clintune.blocks; glibc's heap instead)",
     "packing": "prediction's notes packed without padding (clintune.packing; padded batches instead)",
     "embeddings": "prediction's embeddings (gathers, adds, LayerNorm; BERT's) in one pass (PyTorch's)",
 }
@@ -1030,6 +1032,9 @@ class Speedups:
         if self.arena is not None:
             self.report["arena"] = self.arena.report()
             self.arena.release()
+        if self.report.get("block_cache") is True:
+            self.report["block_cache"] = blocks.stats()
+            blocks.uninstall()
 
 
 def fingerprint(on: bool, off, device: torch.device) -> dict:
@@ -1083,6 +1088,8 @@ def accelerate(model: nn.Module, runtime, restorable: bool = True, off=()) -> Sp
         sp.report["reuse_freed_memory"] = reuse_freed_memory()
     if "arena" not in off and restorable:        # restorable: a model about to train
         sp.arena = Arena()
+    if "blocks" not in off and restorable:
+        sp.report["block_cache"] = blocks.install()
     if runtime.precision == "bf16":
         if "bf16_weights" not in off:
             weights = frozen_linears_to(model, torch.bfloat16)

@@ -976,6 +976,7 @@ def test_fast_off_leaves_out_just_that_part_and_keeps_the_gradients(kernel_backb
     assert (fused.get("lora", 0) > 0) == (part not in ("lora", "dropout", "bf16_weights"))
     assert ("reuse_freed_memory" in report) == (part != "memory")
     assert ("arena" in report) == (part != "arena")
+    assert ("block_cache" in report) == (part != "blocks")
     if part != "arena":                             # the fused steps kept their tensors there, and let them go
         assert report["arena"]["high_mb"] > 0 and report["arena"]["abandoned"] == 0
     if fast._attention_kernels():
