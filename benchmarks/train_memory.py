@@ -10,11 +10,14 @@ each in a process of its own (peak RSS is per process), and prints for each:
 * peak RSS (``getrusage``) and train seconds (record.json);
 * at the moment of peak RSS and of the largest sampled use: malloc's bytes in use (``mallinfo2``: in the
   heaps plus mapped blocks) and what the heaps and mappings hold, sampled every 10 ms by a thread;
-* the arena's high-water mark (:mod:`clintune.arena`) where it ran.
+* the arena's high-water mark (:mod:`clintune.arena`) and the block cache's peak mapping (:mod:`clintune.blocks`)
+  where they ran.
 
-Variants: micro-batches of ``--tokens`` (default 2048 and 4096), each with and without ``--fast-off arena``.
+Variants: micro-batches of ``--tokens`` (default 2048 and 4096), each with the whole fast path, with
+``--fast-off blocks`` (the arena alone) and with ``--fast-off arena,blocks`` (glibc's heap for everything), or
+the ``--off`` sets given.
 
-    python benchmarks/train_memory.py [--notes 320] [--epochs 1] [--tokens 2048,4096] [--work DIR]
+    python benchmarks/train_memory.py [--notes 320] [--epochs 1] [--tokens 2048,4096] [--off "" --off blocks ...]
 
 glibc only (``mallinfo2``, glibc 2.33 and later); notes are never printed.
 """
@@ -72,7 +75,8 @@ done = True
 t.join()
 print(json.dumps({{"train_seconds": res.cost["train_seconds"], "peak_rss_mb": resource.getrusage(
     resource.RUSAGE_SELF).ru_maxrss / 1024, "at_peak_rss": peak["rss"], "at_peak_use": peak["use"],
-    "arena": res.cost.get("speedups", {{}}).get("arena")}}))
+    "arena": res.cost.get("speedups", {{}}).get("arena"),
+    "blocks": res.cost.get("speedups", {{}}).get("block_cache")}}))
 """
 
 
@@ -84,12 +88,15 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--tokens", default="2048,4096", help="micro-batch sizes in tokens, comma-separated")
     ap.add_argument("--work", default="/tmp/clintune-bench")
+    ap.add_argument("--off", action="append", default=None,
+                    help="a --fast-off set to run (repeatable; default: '', 'blocks', 'arena,blocks')")
     a = ap.parse_args()
+    offs = [[p for p in o.split(",") if p] for o in (a.off if a.off is not None else ["", "blocks", "arena,blocks"])]
     print(f"{cpu_line()}; {a.notes} notes x {a.epochs} epoch(s)")
-    print(f"{'micro-batch':>11} {'arena':>5} {'train s':>8} {'peak RSS':>9} {'in use':>7} {'heap held':>9} "
-          f"{'max in use':>10} {'arena MB':>8}")
+    print(f"{'micro-batch':>11} {'--fast-off':>12} {'train s':>8} {'peak RSS':>9} {'in use':>7} {'heap held':>9} "
+          f"{'max in use':>10} {'arena MB':>8} {'blocks MB':>9}")
     for tokens in (int(t) for t in a.tokens.split(",")):
-        for off in ([], ["arena"]):
+        for off in offs:
             with tempfile.TemporaryDirectory(prefix="train-memory-") as out:
                 code = CHILD.format(here=str(HERE), work=a.work, notes=a.notes, out=out, epochs=a.epochs,
                                     tokens=tokens, off=off)
@@ -100,11 +107,13 @@ def main() -> None:
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
             use, held, _ = r["at_peak_rss"]
             arena = r["arena"]["high_mb"] if r["arena"] else None
-            print(f"{tokens:11d} {'off' if off else 'on':>5} {r['train_seconds']:8.2f} {r['peak_rss_mb']:9.0f} "
+            mapped = r["blocks"]["peak_mapped_mb"] if isinstance(r["blocks"], dict) else None
+            print(f"{tokens:11d} {','.join(off) or '-':>12} {r['train_seconds']:8.2f} {r['peak_rss_mb']:9.0f} "
                   f"{use:7.0f} {held:9.0f} {r['at_peak_use'][0]:10.0f} "
-                  f"{'-' if arena is None else format(arena, '.0f'):>8}")
-    print("\nMB; 'in use' and 'heap held' at the moment of peak RSS (malloc's counts, sampled every 10 ms); the rest "
-          "of RSS is the libraries' code and data and Python's own arenas.")
+                  f"{'-' if arena is None else format(arena, '.0f'):>8} {'-' if mapped is None else format(mapped, '.0f'):>9}")
+    print("\nMB; 'in use' and 'heap held' at the moment of peak RSS (malloc's counts, sampled every 10 ms: the block "
+          "cache's mappings are not malloc's, so 'blocks MB' is its own peak); the rest of RSS is the libraries' code "
+          "and data and Python's own arenas.")
 
 
 if __name__ == "__main__":

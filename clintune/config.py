@@ -327,7 +327,9 @@ class TrainConfig:
     batch_size: int = option(16, "training batch size", group="training")
     micro_batch_tokens: int | None = option(None, "split each batch into micro-batches of at most this many "
                                             "tokens and accumulate their gradients: the same update, a fraction "
-                                            "of the memory (default: 2048 when an encoder trains on CPU; 0: off)",
+                                            "of the memory (default when an encoder trains on CPU: 4096 for "
+                                            "encoders no bigger than MiniLM-L6, 6 layers x 384, else 2048; "
+                                            "0: off)",
                                             group="training")
     bucket: bool = option(True, "length-bucketed training batches: notes of similar length share a batch, so "
                           "less padding (--no-bucket: plain random batches; steady shapes fragment the heap "

@@ -256,3 +256,30 @@ def test_val_metric_auroc_on_a_one_class_validation_file_is_one_clear_error(tiny
     pd.DataFrame({"text": [f"validation note {i}" for i in range(10)], "label": label}).to_csv(val, index=False)
     with pytest.raises(DataError, match="--val-metric auroc: undefined on the validation split"):
         clintune.train(tiny_config(tiny_backbone, binary_csv, val_data=str(val), val_metric="auroc", epochs=1))
+
+
+def test_default_micro_batch_tokens_follow_the_encoder_size_and_device():
+    """Whole 16 x 256 batches (4,096 tokens) for encoders no bigger than MiniLM-L6 on CPU, 2,048 for larger ones
+    (and where the size is unknown), none on GPUs or where no encoder trains."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from clintune.training import MICRO_TOKENS_CPU, MICRO_TOKENS_SMALL, default_micro_tokens
+
+    def model(**cfg):
+        m = torch.nn.Module()
+        m.encoder = torch.nn.Linear(2, 2)
+        m.encoder.config = SimpleNamespace(**cfg)
+        return m
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert default_micro_tokens(model(num_hidden_layers=6, hidden_size=384), cpu) == MICRO_TOKENS_SMALL == 4096
+    assert default_micro_tokens(model(n_layers=2, dim=64), cpu) == 4096                    # DistilBERT's names
+    assert default_micro_tokens(model(num_hidden_layers=12, hidden_size=384), cpu) == MICRO_TOKENS_CPU == 2048
+    assert default_micro_tokens(model(num_hidden_layers=6, hidden_size=768), cpu) == 2048
+    assert default_micro_tokens(torch.nn.Linear(2, 2), cpu) == 2048                        # no config: unknown
+    assert default_micro_tokens(model(num_hidden_layers=6, hidden_size=384), gpu) == 0
+    frozen = model(num_hidden_layers=6, hidden_size=384)
+    frozen.backbone_trains = False
+    assert default_micro_tokens(frozen, cpu) == 0
