@@ -26,13 +26,9 @@ import ctypes
 import hashlib
 import os
 import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
-
-from .store import atomic_path
 
 MIN_BLOCK = 1 << 20
 FIT = 4.0
@@ -162,7 +158,7 @@ _LIB: list = []
 
 
 def _compile() -> ctypes.CDLL | None:
-    from .masks import _cache_dir
+    from .masks import _cache_dir, build_library
 
     if os.environ.get("CLINTUNE_NO_KERNELS") or os.name != "posix":
         return None
@@ -175,18 +171,9 @@ def _compile() -> ctypes.CDLL | None:
     flags = ["-O2", "-shared", "-fPIC", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{include}"]
     libs = [f"-L{lib}", "-lc10", f"-Wl,-rpath,{lib}"]
     key = hashlib.sha256("\n".join([_SOURCE, cxx, torch.__version__, str(root), *flags]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"blocks-{key}.so"
-    try:
-        if not target.exists():
-            with tempfile.TemporaryDirectory() as tmp, atomic_path(target) as obj:   # never a half-written .so
-                src = Path(tmp) / "blocks.cpp"
-                src.write_text(_SOURCE)
-                done = subprocess.run([cxx, *flags, str(src), "-o", str(obj), *libs], capture_output=True,
-                                      timeout=300)
-                if done.returncode:
-                    raise OSError(f"{cxx} could not compile the block cache")
-        out = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError):
+    out = build_library(_cache_dir() / f"blocks-{key}.so", "blocks.cpp", _SOURCE,
+                        [[cxx, *flags, "{src}", "-o", "{obj}", *libs]])     # -lc10 after the source, or it is dropped
+    if out is None:
         return None
     out.clintune_blocks_install.argtypes = [ctypes.c_size_t, ctypes.c_double, ctypes.c_size_t]
     out.clintune_blocks_install.restype = ctypes.c_int

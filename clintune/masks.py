@@ -1766,6 +1766,28 @@ def _torch_openmp() -> bool:
         return False
 
 
+def build_library(target: Path, filename: str, source: str, commands: list[list[str]],
+                  timeout: float = 300) -> ctypes.CDLL | None:
+    """``target`` (a shared library in the kernel cache) loaded, built first if missing: ``source`` written to
+    ``filename`` in a temporary directory and each command tried in turn until one succeeds ("{src}" and "{obj}"
+    stand for the source and the output), the result renamed into place (never a half-written .so). None where
+    no command builds it or it does not load."""
+    try:
+        if not target.exists():
+            with tempfile.TemporaryDirectory() as tmp, atomic_path(target) as obj:
+                src = Path(tmp) / filename
+                src.write_text(source)
+                for cmd in commands:
+                    cmd = [str(src) if a == "{src}" else str(obj) if a == "{obj}" else a for a in cmd]
+                    if subprocess.run(cmd, capture_output=True, timeout=timeout).returncode == 0:
+                        break
+                else:
+                    raise OSError(f"{commands[0][0]} could not compile {filename}")
+        return ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def _compile() -> ctypes.CDLL | None:
     from .runtime import cpu_flags
 
@@ -1779,20 +1801,10 @@ def _compile() -> ctypes.CDLL | None:
     omp = ["-fopenmp"] if _torch_openmp() else []
     key = hashlib.sha256("\n".join([_SOURCE, cc, *flags, *wide, *omp, *sorted(cpu_flags())]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"masks-{key}.so"
-    try:
-        if not target.exists():
-            with tempfile.TemporaryDirectory() as tmp, atomic_path(target) as obj:   # never a half-written .so
-                src = Path(tmp) / "masks.c"
-                src.write_text(_SOURCE)
-                # a compiler without an option: without it (one thread where OpenMP is missing)
-                for extra in dict.fromkeys(map(tuple, [wide + omp, omp, wide, []])):
-                    cmd = [cc, *flags, *extra, str(src), "-o", str(obj)]
-                    if subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0:
-                        break
-                else:
-                    raise OSError(f"{cc} could not compile the mask kernel")
-        lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError):
+    # a compiler without an option: without it (one thread where OpenMP is missing)
+    lib = build_library(target, "masks.c", _SOURCE, [[cc, *flags, *extra, "{src}", "-o", "{obj}"]
+                                                     for extra in dict.fromkeys(map(tuple, [wide + omp, omp, wide, []]))])
+    if lib is None:
         return None
     for name in set(_FUNCS.values()):
         getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int32]
