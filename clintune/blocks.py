@@ -38,6 +38,7 @@ _SOURCE = r"""
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <sys/mman.h>
+#include <atomic>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -51,7 +52,7 @@ class BlockCache final : public c10::Allocator {
   c10::Allocator* base = nullptr;             // the allocator before (glibc's malloc): small blocks, and restored
   size_t min_block = 0, limit = 0;
   double fit = 1.0;
-  bool caching = false;
+  std::atomic<bool> caching{false};
   double stats[6] = {0, 0, 0, 0, 0, 0};       // mapped, peak mapped, kept free, mappings made, reuses, unmapped
 
   c10::DataPtr allocate(size_t n) override {
@@ -92,7 +93,7 @@ class BlockCache final : public c10::Allocator {
     auto it = live_.find(p);
     if (it == live_.end()) {                  // not one of ours: a raw_deallocate of the base's block
       g.unlock();
-      base->raw_deleter()(p);
+      if (base->raw_deleter() != nullptr) base->raw_deleter()(p);
       return;
     }
     size_t size = it->second;
@@ -105,6 +106,10 @@ class BlockCache final : public c10::Allocator {
     munmap(p, size);
     stats[0] -= size;
     stats[5] += 1;
+  }
+  void read_stats(double* out) {
+    std::lock_guard<std::mutex> g(m_);
+    std::memcpy(out, stats, sizeof stats);
   }
   void trim() {
     std::lock_guard<std::mutex> g(m_);
@@ -150,7 +155,7 @@ extern "C" int clintune_blocks_uninstall() {
 }
 
 extern "C" void clintune_blocks_stats(double* out) {
-  if (cache != nullptr) std::memcpy(out, cache->stats, sizeof cache->stats);
+  if (cache != nullptr) cache->read_stats(out);
 }
 """
 
