@@ -110,7 +110,8 @@ def main() -> None:
             mapped = r["blocks"]["peak_mapped_mb"] if isinstance(r["blocks"], dict) else None
             print(f"{tokens:11d} {','.join(off) or '-':>12} {r['train_seconds']:8.2f} {r['peak_rss_mb']:9.0f} "
                   f"{use:7.0f} {held:9.0f} {r['at_peak_use'][0]:10.0f} "
-                  f"{'-' if arena is None else format(arena, '.0f'):>8} {'-' if mapped is None else format(mapped, '.0f'):>9}")
+                  f"{'-' if arena is None else format(arena, '.0f'):>8} "
+                  f"{'-' if mapped is None else format(mapped, '.0f'):>9}")
     print("\nMB; 'in use' and 'heap held' at the moment of peak RSS (malloc's counts, sampled every 10 ms: the block "
           "cache's mappings are not malloc's, so 'blocks MB' is its own peak); the rest of RSS is the libraries' code "
           "and data and Python's own arenas.")

@@ -57,7 +57,7 @@ class Arena:
 
     def empty(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
         shape = tuple(shape)
-        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        n = math.prod(shape) * dtype.itemsize
         size = -(-max(n, 1) // ALIGN) * ALIGN
         while True:
             if self._i < len(self._chunks):

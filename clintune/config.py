@@ -361,8 +361,8 @@ class TrainConfig:
                         "head reads only that (--pooling cls); on CPU fast dropout masks, cache-sized attention "
                         "chunks with dropout, fused attention without gradients, bf16 storage of frozen "
                         "weights under bf16, fused LoRA linears, dropout + residual + LayerNorm and GELU passes "
-                        "in bf16 training, reuse of freed memory and training's saved tensors in one reused "
-                        "buffer (--no-fast: plain PyTorch)",
+                        "in bf16 training, reuse of freed memory, training's saved tensors in one reused buffer "
+                        "and its large blocks mapped once and reused (--no-fast: plain PyTorch)",
                         group="runtime")
     fast_off: list[str] | None = option(None, "leave out these parts of --fast (comma-separated), to measure what "
                                         "each changes: " + ", ".join(FAST_PARTS), group="runtime")

@@ -1802,8 +1802,8 @@ def _compile() -> ctypes.CDLL | None:
     key = hashlib.sha256("\n".join([_SOURCE, cc, *flags, *wide, *omp, *sorted(cpu_flags())]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"masks-{key}.so"
     # a compiler without an option: without it (one thread where OpenMP is missing)
-    lib = build_library(target, "masks.c", _SOURCE, [[cc, *flags, *extra, "{src}", "-o", "{obj}"]
-                                                     for extra in dict.fromkeys(map(tuple, [wide + omp, omp, wide, []]))])
+    variants = dict.fromkeys(map(tuple, [wide + omp, omp, wide, []]))
+    lib = build_library(target, "masks.c", _SOURCE, [[cc, *flags, *extra, "{src}", "-o", "{obj}"] for extra in variants])
     if lib is None:
         return None
     for name in set(_FUNCS.values()):
