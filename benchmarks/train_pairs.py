@@ -11,9 +11,12 @@ t-interval. What the "off" runs leave out:
 * ``--off PART``: a ``--fast-off`` part (:data:`clintune.fast.PARTS`), e.g. ``lora`` or ``attention_kernel``;
 * ``--no-lora-kernels``: the compiled LoRA kernels (:func:`clintune.masks.lora_input`, ``lora_output``,
   ``lora_backward``; torch's casts and products instead), or only their forward (``--no-lora-kernels forward``)
-  or backward (``backward``) side.
+  or backward (``backward``) side;
+* ``--no-lora-tiles``: the LoRA kernels' AMX form (their rank-r products on the tiles; the AVX-512 form instead,
+  :func:`clintune.masks.amx_form` with ``lora_only``), where the CPU has AMX.
 
     python benchmarks/train_pairs.py --no-lora-kernels [both|forward|backward] [--pairs 6] [--notes 320]
+    python benchmarks/train_pairs.py --no-lora-tiles [--pairs 6]
     python benchmarks/train_pairs.py --off lora [--pairs 6]
 
 Both arms draw the same dropout masks where the change keeps them (the fast path's seeds come from the same
@@ -76,29 +79,35 @@ def main() -> None:
     ap.add_argument("--off", default=None, help="a --fast-off part the 'off' runs leave out")
     ap.add_argument("--no-lora-kernels", nargs="?", const="both", choices=("both", "forward", "backward"),
                     default=None, help="the 'off' runs without the compiled LoRA kernels (or one side of them)")
+    ap.add_argument("--no-lora-tiles", action="store_true",
+                    help="the 'off' runs with the LoRA kernels' AVX-512 form instead of their AMX one")
     ap.add_argument("--pairs", type=int, default=6)
     ap.add_argument("--notes", type=int, default=320)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--work", default="/tmp/clintune-bench")
     a = ap.parse_args()
-    if (a.off is None) == (a.no_lora_kernels is None):
-        ap.error("give one of --off PART and --no-lora-kernels")
+    if sum((a.off is not None, a.no_lora_kernels is not None, a.no_lora_tiles)) != 1:
+        ap.error("give one of --off PART, --no-lora-kernels and --no-lora-tiles")
     sample = lora_sample(Path(a.work), a.notes)
     args = lora_args(sample, Path(tempfile.mkdtemp(prefix="train-pairs-")), a.epochs)
     real, stand_in = lora_kernels_off(a.no_lora_kernels or "both")
-    if a.no_lora_kernels and not real(384, 384, 8):
+    if (a.no_lora_kernels or a.no_lora_tiles) and not real(384, 384, 8):
         sys.exit("the compiled LoRA kernels do not run on this CPU: nothing to switch off")
+    if a.no_lora_tiles and not masks.compiled().attention_amx_available():
+        sys.exit("no AMX tiles on this CPU: the LoRA kernels run in their AVX-512 form already")
 
     def run(on: bool) -> tuple[float, float]:
-        masks.lora_kernels_available = real if on or a.off else stand_in
+        masks.lora_kernels_available = real if on or not a.no_lora_kernels else stand_in
         try:
-            res = clintune.train(**args, fast_off=None if on or not a.off else [a.off])
+            with masks.amx_form(on or not a.no_lora_tiles, lora_only=True):
+                res = clintune.train(**args, fast_off=None if on or not a.off else [a.off])
         finally:
             masks.lora_kernels_available = real
         history = res.record["training"]["history"]
         return res.cost["train_seconds"], history[-1]["train_loss"] if history else float("nan")
 
-    what = f"--fast-off {a.off}" if a.off else f"LoRA kernels off ({a.no_lora_kernels})"
+    what = (f"--fast-off {a.off}" if a.off else "the LoRA kernels' AMX form" if a.no_lora_tiles
+            else f"LoRA kernels off ({a.no_lora_kernels})")
     print(f"{cpu_line()}; {a.notes} notes x {a.epochs} epoch(s), {a.pairs} pairs; off: {what}")
     run(True)                                                   # warm-up: oneDNN's kernels, the model's files
     rows = []

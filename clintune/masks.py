@@ -30,7 +30,9 @@ AVX-512 BF16, attention is one kernel too, forward (:func:`attention`: QK^T, sof
 PV per example and head in cache, with bf16 dot-product instructions) and backward (:func:`attention_backward`);
 where the CPU also has AMX and Linux lends the process its tiles, the same kernels make their products on the tiles
 (16 query rows at a time; the element-wise steps are the same code, so only the order of fp32 sums differs; the
-library's ``attention_amx_use(0)`` turns that form off, for tests and benchmarks: :func:`amx_form`).
+library's ``attention_amx_use(0)`` turns that form off, for tests and benchmarks: :func:`amx_form`); so do
+LoRA's rank-r products (:func:`lora_input`, :func:`lora_backward`; ``lora_amx_use(0)``: :func:`amx_form`'s
+``lora_only``).
 For int8 prediction (:mod:`clintune.quantize`) it also codes a tensor as uint8 in two passes, its range and then
 its codes (:func:`quantize_u8`: PyTorch's per-tensor scheme, without PyTorch's fp32 copy of bf16 input), and
 attends with 8-bit products where the CPU has AVX-512 VNNI (:func:`attention_int8`).
@@ -67,6 +69,9 @@ _SOURCE = r"""
 #define THREADS() 1
 #define THREAD() 0
 #endif
+static int lora_amx_off = 0;        /* lora_amx_use(0): LoRA's kernels in their AVX-512 form, for tests and benchmarks */
+void lora_amx_use(int on) { lora_amx_off = !on; }
+int lora_amx_used(void) { return !lora_amx_off; }
 static inline uint64_t mix(uint64_t z) {
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
@@ -567,9 +572,24 @@ QUANTIZE_U8(quantize_u8_bf16, uint16_t, bfl, load16_bf16)
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
 int lora_kernels_available(void) { return 1; }
 #define LORA_ROWS 4
-int lora_backward_bf16(const uint16_t *g, const uint16_t *bmat, const uint16_t *u, const uint16_t *dropped,
-                       const uint16_t *a, const uint16_t *gw, float *da, float *db, float *dx, int64_t m, int64_t n,
-                       int64_t k, int64_t r, float scaling, uint64_t seed, int32_t threshold, float dscale) {
+/* row i of dx = gw + (dU A) m / (1 - p) from row i's dU (fp32, 16 lanes, 0 past r) and A (r x k, fp32) */
+static inline void lora_dx_row(float *dx, const uint16_t *gw, __m512 du, const float *ap, int64_t i, int64_t k,
+                               int64_t r, uint64_t seed, int16_t th, float dscale, uint16_t *keep) {
+    float d[16] __attribute__((aligned(64)));
+    _mm512_store_ps(d, _mm512_mul_ps(du, _mm512_set1_ps(dscale)));
+    span_keep(keep, i * k, k, seed, th);
+    for (int64_t j = 0; j < k; j += 16) {
+        __m512 v = _mm512_setzero_ps();
+        for (int64_t c = 0; c < r; c++) v = _mm512_fmadd_ps(_mm512_set1_ps(d[c]), _mm512_loadu_ps(ap + c * k + j), v);
+        const __mmask16 kept = _mm256_movepi16_mask(_mm256_load_si256((const __m256i *) (keep + j)));
+        const __m512 base = load16_bf16(gw + i * k + j);
+        _mm512_storeu_ps(dx + i * k + j, _mm512_mask_add_ps(base, kept, base, v));
+    }
+}
+static int lora_backward_vec(const uint16_t *g, const uint16_t *bmat, const uint16_t *u, const uint16_t *dropped,
+                             const uint16_t *a, const uint16_t *gw, float *da, float *db, float *dx, int64_t m,
+                             int64_t n, int64_t k, int64_t r, float scaling, uint64_t seed, int32_t threshold,
+                             float dscale) {
     const int nt = THREADS();
     const int64_t own = (n + k) * (16 + LORA_ROWS);          /* a thread's sums (x 16) and four rows in fp32 */
     float *bp = aligned_alloc(64, (size_t) (n * 16 + r * k + nt * own) * 4);
@@ -617,19 +637,7 @@ int lora_backward_bf16(const uint16_t *g, const uint16_t *bmat, const uint16_t *
                 _mm512_store_ps(pda + j * 16, acc);
             }
             if (!dx) continue;
-            for (int q = 0; q < LORA_ROWS && i0 + q < m; q++) {       /* dx = gw + (dU A) m / (1 - p) */
-                const int64_t i = i0 + q;
-                float d[16] __attribute__((aligned(64)));
-                _mm512_store_ps(d, _mm512_mul_ps(du[q], _mm512_set1_ps(dscale)));
-                span_keep(keep, i * k, k, seed, th);
-                for (int64_t j = 0; j < k; j += 16) {
-                    __m512 v = _mm512_setzero_ps();
-                    for (int64_t c = 0; c < r; c++) v = _mm512_fmadd_ps(_mm512_set1_ps(d[c]), _mm512_loadu_ps(ap + c * k + j), v);
-                    const __mmask16 kept = _mm256_movepi16_mask(_mm256_load_si256((const __m256i *) (keep + j)));
-                    const __m512 base = load16_bf16(gw + i * k + j);
-                    _mm512_storeu_ps(dx + i * k + j, _mm512_mask_add_ps(base, kept, base, v));
-                }
-            }
+            for (int q = 0; q < LORA_ROWS && i0 + q < m; q++) lora_dx_row(dx, gw, du[q], ap, i0 + q, k, r, seed, th, dscale, keep);
         }
     }
     for (int64_t j = 0; j < n; j++)                       /* the threads' sums in turn */
@@ -652,8 +660,26 @@ int lora_backward_bf16(const uint16_t *g, const uint16_t *bmat, const uint16_t *
    drop(x) is xb) and U = drop(x) A^T (u, m x r, fp32 sums rounded once), four rows at a time in one pass over x;
    lora_output: y = bf16(y + s U B^T) in place over the product's bf16 y (m x n), the update summed in fp32 and
    added before the one rounding */
-int lora_input_bf16(const float *x, const uint16_t *a, uint16_t *xb, uint16_t *dropped, uint16_t *u, int64_t m,
-                    int64_t k, int64_t r, uint64_t seed, int32_t threshold, float dscale) {
+/* row i of xb = bf16(x) and of drop(x) (NULL: no dropout, drop(x) is xb), and drop(x)'s row in fp32 into df */
+static inline void lora_input_row(const float *x, uint16_t *xb, uint16_t *dropped, float *df, int64_t i, int64_t k,
+                                  uint64_t seed, int16_t th, float dscale, uint16_t *keep) {
+    const float *xi = x + i * k;
+    uint16_t *bi = xb + i * k, *di = dropped ? dropped + i * k : bi;
+    if (dropped) span_keep(keep, i * k, k, seed, th);
+    for (int64_t j = 0; j < k; j += 16) {
+        const __m512 v = _mm512_loadu_ps(xi + j);
+        __m256i h = (__m256i) _mm512_cvtneps_pbh(v);
+        _mm256_storeu_si256((__m256i *) (bi + j), h);
+        if (dropped) {
+            const __mmask16 kept = _mm256_movepi16_mask(_mm256_load_si256((const __m256i *) (keep + j)));
+            h = _mm256_maskz_mov_epi16(kept, (__m256i) _mm512_cvtneps_pbh(_mm512_mul_ps(v, _mm512_set1_ps(dscale))));
+            _mm256_storeu_si256((__m256i *) (di + j), h);
+        }
+        if (df) _mm512_store_ps(df + j, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    }
+}
+static int lora_input_vec(const float *x, const uint16_t *a, uint16_t *xb, uint16_t *dropped, uint16_t *u, int64_t m,
+                          int64_t k, int64_t r, uint64_t seed, int32_t threshold, float dscale) {
     float *at = aligned_alloc(64, (size_t) (k * 16 + THREADS() * LORA_ROWS * k) * 4);
     if (!at) return -1;
     for (int64_t j = 0; j < k; j++)
@@ -666,22 +692,8 @@ int lora_input_bf16(const float *x, const uint16_t *a, uint16_t *xb, uint16_t *d
         #pragma omp for schedule(static)
         for (int64_t i0 = 0; i0 < m; i0 += LORA_ROWS) {
             for (int q = 0; q < LORA_ROWS; q++) {
-                const int64_t i = i0 + q;
-                if (i >= m) { memset(df + q * k, 0, (size_t) k * 4); continue; }
-                const float *xi = x + i * k;
-                uint16_t *bi = xb + i * k, *di = dropped ? dropped + i * k : bi;
-                if (dropped) span_keep(keep, i * k, k, seed, th);
-                for (int64_t j = 0; j < k; j += 16) {
-                    const __m512 v = _mm512_loadu_ps(xi + j);
-                    __m256i h = (__m256i) _mm512_cvtneps_pbh(v);
-                    _mm256_storeu_si256((__m256i *) (bi + j), h);
-                    if (dropped) {
-                        const __mmask16 kept = _mm256_movepi16_mask(_mm256_load_si256((const __m256i *) (keep + j)));
-                        h = _mm256_maskz_mov_epi16(kept, (__m256i) _mm512_cvtneps_pbh(_mm512_mul_ps(v, _mm512_set1_ps(dscale))));
-                        _mm256_storeu_si256((__m256i *) (di + j), h);
-                    }
-                    _mm512_store_ps(df + q * k + j, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
-                }
+                if (i0 + q >= m) memset(df + q * k, 0, (size_t) k * 4);
+                else lora_input_row(x, xb, dropped, df + q * k, i0 + q, k, seed, th, dscale, keep);
             }
             __m512 acc[LORA_ROWS];
             for (int q = 0; q < LORA_ROWS; q++) acc[q] = _mm512_setzero_ps();
@@ -722,8 +734,6 @@ int lora_output_bf16(uint16_t *y, const uint16_t *u, const uint16_t *b, int64_t 
 }
 #else                                 /* never called: lora_kernels_available() says so */
 int lora_kernels_available(void) { return 0; }
-int lora_backward_bf16(void) { return -1; }
-int lora_input_bf16(void) { return -1; }
 int lora_output_bf16(void) { return -1; }
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -1328,6 +1338,145 @@ static int attention_backward_amx_##D(const uint16_t *q, const uint16_t *k, cons
 }
 ATTENTION_BACKWARD_AMX(32)
 ATTENTION_BACKWARD_AMX(64)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
+#define LORA_AMX 1
+/* lora_backward_bf16 with its rank-r products on the tiles (n and k multiples of 32), 32 rows at a time: dU = s g B
+   from g's rows as they lie and B in pairs (fp32, two 16 x 16 results), then dB^T += U^T g and dA += dU^T drop(x)
+   per 16 columns, g's and drop(x)'s 32 rows interleaved in pairs (interleave_rows) and U^T, dU^T as 16 x 32 bf16
+   operands (r padded with zeros). dU is split into three bf16 parts, hi = bf16(dU), mid = bf16(dU - hi) and
+   lo = bf16(dU - hi - mid), which hold its fp32 bits, and dA made from all three: as accurate as the AVX-512
+   form's from the fp32 dU (against float64 at 4,096 x 384 x rank 8, the largest error 3.5e-7 of dA's largest
+   value, that form's 1.3e-6; from hi alone, 1.7e-3). dB^T and dA are summed per thread (16 x n, 16 x k fp32, in cache) and then over
+   the threads in turn; dx from the fp32 dU row by row as that form's (lora_dx_row). */
+static int lora_backward_amx(const uint16_t *g, const uint16_t *bmat, const uint16_t *u, const uint16_t *dropped,
+                             const uint16_t *a, const uint16_t *gw, float *da, float *db, float *dx, int64_t m,
+                             int64_t n, int64_t k, int64_t r, float scaling, uint64_t seed, int32_t threshold,
+                             float dscale) {
+    const int nt = THREADS();
+    /* a thread's words: dB^T and dA sums, g's and drop(x)'s rows in pairs, a zero-padded last block (32 x (n + k)) */
+    const int64_t own = 16 * (n + k) * 3;
+    uint32_t *bp = aligned_alloc(64, (size_t) (8 * n + r * k + nt * own) * 4);
+    if (!bp) return -1;
+    float *ap = (float *) (bp + 8 * n), *part = ap + r * k;
+    for (int64_t j = 0; j < n; j += 2)                      /* B (n x r) in pairs: 32 rows of n a tile, 16 columns */
+        for (int64_t c = 0; c < 16; c++)
+            bp[(j / 32) * 256 + (j % 32) / 2 * 16 + c] = c < r ? (uint32_t) bmat[j * r + c] | (uint32_t) bmat[(j + 1) * r + c] << 16 : 0u;
+    for (int64_t i = 0; i < r * k; i++) ap[i] = bf2f(a[i]);
+    const int16_t th = (int16_t) threshold;
+    #pragma omp parallel
+    {
+        float *pdb = part + (int64_t) THREAD() * own, *pda = pdb + 16 * n;
+        uint32_t *gp = (uint32_t *) (pda + 16 * k), *dp = gp + 16 * n;
+        uint16_t *tail = (uint16_t *) (dp + 16 * k);
+        float du[32 * 16] __attribute__((aligned(64)));
+        uint16_t ut[16 * 32] __attribute__((aligned(64))), dut[3][16 * 32] __attribute__((aligned(64)));
+        uint16_t keep[MAXT] __attribute__((aligned(64)));
+        memset(pdb, 0, (size_t) 16 * (n + k) * 4);
+        TCONFIG();
+        #pragma omp for schedule(static)
+        for (int64_t i0 = 0; i0 < m; i0 += 32) {
+            const int64_t rows = m - i0 < 32 ? m - i0 : 32;
+            const uint16_t *gs = g + i0 * n, *ds = dropped + i0 * k;
+            if (rows < 32) {                                        /* the last rows, then zeros */
+                memset(tail, 0, (size_t) 32 * (n + k) * 2);
+                memcpy(tail, gs, (size_t) rows * n * 2);
+                memcpy(tail + 32 * n, ds, (size_t) rows * k * 2);
+                gs = tail; ds = tail + 32 * n;
+            }
+            TZERO(0); TZERO(1);
+            for (int64_t j = 0; j < n; j += 32) {                  /* dU = g B */
+                TLOAD(4, bp + (j / 32) * 256, 64);
+                TLOAD(2, gs + j, n * 2); TDP(0, 2, 4);
+                TLOAD(3, gs + 16 * n + j, n * 2); TDP(1, 3, 4);
+            }
+            TSTORE(0, du, 64); TSTORE(1, du + 256, 64);
+            memset(ut, 0, sizeof ut);
+            for (int64_t q = 0; q < 32; q++) {
+                _mm512_store_ps(du + q * 16, _mm512_mul_ps(_mm512_load_ps(du + q * 16), _mm512_set1_ps(scaling)));
+                for (int64_t c = 0; c < 16; c++) {
+                    const float x = du[q * 16 + c];
+                    const uint16_t hi = f2bf(x), mid = f2bf(x - bf2f(hi));
+                    dut[0][c * 32 + q] = hi;
+                    dut[1][c * 32 + q] = mid;
+                    dut[2][c * 32 + q] = f2bf(x - bf2f(hi) - bf2f(mid));
+                }
+                if (q < rows) for (int64_t c = 0; c < r; c++) ut[c * 32 + q] = u[(i0 + q) * r + c];
+            }
+            for (int64_t p = 0; p < 16; p++) {
+                interleave_rows(gp + p * n, gs + 2 * p * n, gs + (2 * p + 1) * n, n);
+                interleave_rows(dp + p * k, ds + 2 * p * k, ds + (2 * p + 1) * k, k);
+            }
+            TLOAD(5, ut, 64);
+            for (int64_t j = 0; j < n; j += 16) {                  /* dB^T += U^T g */
+                TLOAD(0, pdb + j, n * 4); TLOAD(6, gp + j, n * 4); TDP(0, 5, 6); TSTORE(0, pdb + j, n * 4);
+            }
+            TLOAD(7, dut[0], 64); TLOAD(5, dut[1], 64); TLOAD(2, dut[2], 64);
+            for (int64_t j = 0; j < k; j += 16) {                  /* dA += (hi + mid + lo)^T drop(x) */
+                TLOAD(1, pda + j, k * 4); TLOAD(4, dp + j, k * 4);
+                TDP(1, 2, 4); TDP(1, 5, 4); TDP(1, 7, 4);
+                TSTORE(1, pda + j, k * 4);
+            }
+            if (dx) for (int64_t q = 0; q < rows; q++) lora_dx_row(dx, gw, _mm512_load_ps(du + q * 16), ap, i0 + q, k, r, seed, th, dscale, keep);
+        }
+        TRELEASE();
+    }
+    for (int64_t j = 0; j < n; j++)                       /* the threads' sums in turn */
+        for (int64_t c = 0; c < r; c++) {
+            float t = 0.0f;
+            for (int p = 0; p < nt; p++) t += part[p * own + c * n + j];
+            db[j * r + c] = t * scaling;
+        }
+    for (int64_t c = 0; c < r; c++)
+        for (int64_t j = 0; j < k; j++) {
+            float t = 0.0f;
+            for (int p = 0; p < nt; p++) t += part[p * own + 16 * n + c * k + j];
+            da[c * k + j] = t;
+        }
+    free(bp);
+    return 0;
+}
+/* lora_input_bf16 with U = drop(x) A^T on the tiles (k a multiple of 32): 32 rows of xb and drop(x) as
+   lora_input_row writes them, then U's 32 x 16 block from drop(x)'s rows as they lie and A^T in pairs */
+static int lora_input_amx(const float *x, const uint16_t *a, uint16_t *xb, uint16_t *dropped, uint16_t *u, int64_t m,
+                          int64_t k, int64_t r, uint64_t seed, int32_t threshold, float dscale) {
+    uint32_t *at = aligned_alloc(64, (size_t) (8 * k + THREADS() * 16 * k) * 4);
+    if (!at) return -1;
+    for (int64_t j = 0; j < k; j += 2)                      /* A^T (k x r) in pairs: 32 rows of k a tile */
+        for (int64_t c = 0; c < 16; c++)
+            at[(j / 32) * 256 + (j % 32) / 2 * 16 + c] = c < r ? (uint32_t) a[c * k + j] | (uint32_t) a[c * k + j + 1] << 16 : 0u;
+    const int16_t th = (int16_t) threshold;
+    #pragma omp parallel
+    {
+        uint16_t *tail = (uint16_t *) (at + 8 * k + (int64_t) THREAD() * 16 * k);     /* 32 rows, zero-padded */
+        uint16_t keep[MAXT] __attribute__((aligned(64)));
+        float ub[32 * 16] __attribute__((aligned(64)));
+        TCONFIG();
+        #pragma omp for schedule(static)
+        for (int64_t i0 = 0; i0 < m; i0 += 32) {
+            const int64_t rows = m - i0 < 32 ? m - i0 : 32;
+            for (int64_t q = 0; q < rows; q++) lora_input_row(x, xb, dropped, NULL, i0 + q, k, seed, th, dscale, keep);
+            const uint16_t *ds = (dropped ? dropped : xb) + i0 * k;
+            if (rows < 32) {
+                memset(tail, 0, (size_t) 32 * k * 2);
+                memcpy(tail, ds, (size_t) rows * k * 2);
+                ds = tail;
+            }
+            TZERO(0); TZERO(1);
+            for (int64_t j = 0; j < k; j += 32) {
+                TLOAD(4, at + (j / 32) * 256, 64);
+                TLOAD(2, ds + j, k * 2); TDP(0, 2, 4);
+                TLOAD(3, ds + 16 * k + j, k * 2); TDP(1, 3, 4);
+            }
+            TSTORE(0, ub, 64); TSTORE(1, ub + 256, 64);
+            for (int64_t q = 0; q < rows; q++)
+                for (int64_t c = 0; c < r; c++) u[(i0 + q) * r + c] = f2bf(ub[q * 16 + c]);
+        }
+        TRELEASE();
+    }
+    free(at);
+    return 0;
+}
+#endif
 #if defined(__AMX_INT8__)
 /* int8 linears on AMX tiles (tdpbusd: uint8 x int8 sums in int32): y = x W^T + b for uint8 codes x (m x k,
    x ~ sx (qx - zx)) and an int8 weight W (n x k, per-row scales sw) packed by linear_u8_pack into 16-column x
@@ -1479,6 +1628,29 @@ void attention_amx_use(int on) { (void) on; }
 #define attention_amx_64 attention_64
 #define attention_backward_amx_32 attention_backward_32
 #define attention_backward_amx_64 attention_backward_64
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
+/* LoRA's backward (lora_backward_vec): its products on the tiles where they run and n and k are multiples of 32 */
+int lora_backward_bf16(const uint16_t *g, const uint16_t *bmat, const uint16_t *u, const uint16_t *dropped,
+                       const uint16_t *a, const uint16_t *gw, float *da, float *db, float *dx, int64_t m, int64_t n,
+                       int64_t k, int64_t r, float scaling, uint64_t seed, int32_t threshold, float dscale) {
+#ifdef LORA_AMX
+    if (AMX_ON() && !lora_amx_off && n % 32 == 0 && k % 32 == 0)
+        return lora_backward_amx(g, bmat, u, dropped, a, gw, da, db, dx, m, n, k, r, scaling, seed, threshold, dscale);
+#endif
+    return lora_backward_vec(g, bmat, u, dropped, a, gw, da, db, dx, m, n, k, r, scaling, seed, threshold, dscale);
+}
+/* LoRA's input side (lora_input_vec): U's product on the tiles where they run and k is a multiple of 32 */
+int lora_input_bf16(const float *x, const uint16_t *a, uint16_t *xb, uint16_t *dropped, uint16_t *u, int64_t m,
+                    int64_t k, int64_t r, uint64_t seed, int32_t threshold, float dscale) {
+#ifdef LORA_AMX
+    if (AMX_ON() && !lora_amx_off && k % 32 == 0) return lora_input_amx(x, a, xb, dropped, u, m, k, r, seed, threshold, dscale);
+#endif
+    return lora_input_vec(x, a, xb, dropped, u, m, k, r, seed, threshold, dscale);
+}
+#else                                 /* never called: lora_kernels_available() says so */
+int lora_backward_bf16(void) { return -1; }
+int lora_input_bf16(void) { return -1; }
 #endif
 int attention_backward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *dout,
                             const uint16_t *probs, uint16_t *dq, uint16_t *dk, uint16_t *dv, int64_t nb, int64_t nh,
@@ -1845,6 +2017,9 @@ def _compile() -> ctypes.CDLL | None:
     lib.attention_amx_available.restype = ctypes.c_int
     lib.attention_amx_use.argtypes = [ctypes.c_int]
     lib.attention_amx_use.restype = None
+    lib.lora_amx_use.argtypes = [ctypes.c_int]
+    lib.lora_amx_use.restype = None
+    lib.lora_amx_used.restype = ctypes.c_int
     lib.attention_int8_available.restype = ctypes.c_int
     if lib.attention_int8_available():
         lib.attention_int8.argtypes = [p] * 5 + [i64] * 4 + [p, f32, p]
@@ -1861,20 +2036,23 @@ def _compile() -> ctypes.CDLL | None:
 
 
 @contextmanager
-def amx_form(on: bool):
-    """Inside the block the bf16 attention kernels use their AMX form (``on``, where the CPU has AMX and Linux lends
-    the tiles) or their AVX-512 form; the form in use before comes back after it. For tests and benchmarks, which
-    check and time both forms on one CPU (the kernels choose AMX wherever it runs)."""
+def amx_form(on: bool, lora_only: bool = False):
+    """Inside the block the bf16 kernels (attention, the int8 linears, LoRA's; with ``lora_only``, LoRA's alone) use
+    their AMX form (``on``, where the CPU has AMX and Linux lends the tiles) or their AVX-512 form; the form in use
+    before comes back after it. For tests and benchmarks, which check and time both forms on one CPU (the kernels
+    choose AMX wherever it runs)."""
     lib = compiled()
     if lib is None:
         yield
         return
-    before = bool(lib.attention_amx_available())
-    lib.attention_amx_use(int(on))
+    use, used = ((lib.lora_amx_use, lib.lora_amx_used) if lora_only
+                 else (lib.attention_amx_use, lib.attention_amx_available))
+    before = bool(used())
+    use(int(on))
     try:
         yield
     finally:
-        lib.attention_amx_use(int(before))
+        use(int(before))
 
 
 def compiled() -> ctypes.CDLL | None:

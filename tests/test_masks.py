@@ -476,14 +476,27 @@ def test_attention_training_kernels_drop_out_by_the_row_padded_mask_in_every_blo
         torch.testing.assert_close(got.double(), w, rtol=0.02, atol=0.01 * w.abs().max().item())
 
 
-@pytest.mark.parametrize("m,r,with_x", [(37, 8, True), (4, 16, True), (9, 3, False)])
-def test_lora_backward_kernel_is_the_formula_in_one_pass(m, r, with_x):
+@pytest.fixture(params=["avx512", "amx"])
+def lora_form(request):
+    """The LoRA kernels' two forms: AVX-512 broadcasts, and AMX tiles for the rank-r products where the CPU has
+    them (the kernels choose the tiles there, for n and k multiples of 32; this runs the other form too)."""
+    if masks.compiled() is None or not masks.lora_kernels_available(64, 64, 8):
+        pytest.skip("no AVX-512 BF16 LoRA kernels here")
+    if request.param == "amx" and not _amx_tiles():
+        pytest.skip("no AMX tiles on this CPU")
+    with masks.amx_form(request.param == "amx", lora_only=True):
+        yield request.param
+
+
+@pytest.mark.parametrize("m,r,n,with_x", [(37, 8, 48, True), (4, 16, 64, True), (9, 3, 64, False),
+                                          (70, 8, 64, True), (64, 16, 96, True)])
+def test_lora_backward_kernel_is_the_formula_in_one_pass(m, r, n, with_x, lora_form):
     """dU = s g B (fp32), dB = s U^T g, dA = dU^T drop(x) and dx = gW + (dU A) m / (1 - p) against float64, rows not a
-    multiple of the kernel's four (37, 9), ranks under and at 16, and no input gradient (the first layer's)."""
-    if masks.compiled() is None or not masks.lora_kernels_available(48, 64, r):
-        pytest.skip("no AVX-512 LoRA backward kernel here")
+    multiple of the kernels' four or 32 (37, 9, 70), ranks under and at 16, no input gradient (the first layer's),
+    and n not a multiple of 32 (48: the AVX-512 form even where the tiles run). The tiles' dA comes from dU's fp32
+    bits in three bf16 parts, so both forms meet fp32's bound."""
     gen = torch.Generator().manual_seed(m + r)
-    n, k, s, seed, thr = 48, 64, 0.5, 7, -26214
+    k, s, seed, thr = 64, 0.5, 7, -26214
     g, b, a = (torch.randn(*shape, generator=gen).bfloat16() for shape in ((m, n), (n, r), (r, k)))
     dropped, gw = torch.randn(m, k, generator=gen).bfloat16(), torch.randn(m, k, generator=gen).bfloat16()
     u = (dropped.double() @ a.double().t()).bfloat16()
@@ -502,11 +515,10 @@ def test_lora_backward_kernel_is_the_formula_in_one_pass(m, r, with_x):
 
 
 @pytest.mark.parametrize("dropout", [True, False])
-def test_lora_input_and_output_kernels_are_the_cast_the_dropout_and_the_rank_r_products(dropout):
+def test_lora_input_and_output_kernels_are_the_cast_the_dropout_and_the_rank_r_products(dropout, lora_form):
     """One pass over x: its bf16 copy and drop(x) are the cast's and the dropout kernel's very bits, U = drop(x) A^T
-    within its one rounding; the update y + s U B^T rounded once is addmm_'s fp32 sum, to the bit."""
-    if masks.compiled() is None or not masks.lora_kernels_available(48, 64, 8):
-        pytest.skip("no AVX-512 BF16 LoRA kernels here")
+    within its one rounding (111 rows: three blocks of the tiles' 32 and a part); the update y + s U B^T rounded
+    once is addmm_'s fp32 sum, to the bit."""
     gen = torch.Generator().manual_seed(int(dropout))
     x = torch.randn(3, 37, 64, generator=gen)
     a, b = torch.randn(8, 64, generator=gen).bfloat16(), torch.randn(48, 8, generator=gen).bfloat16()
