@@ -1629,7 +1629,6 @@ void attention_amx_use(int on) { (void) on; }
 #define attention_backward_amx_32 attention_backward_32
 #define attention_backward_amx_64 attention_backward_64
 #endif
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
 /* LoRA's backward (lora_backward_vec): its products on the tiles where they run and n and k are multiples of 32 */
 int lora_backward_bf16(const uint16_t *g, const uint16_t *bmat, const uint16_t *u, const uint16_t *dropped,
                        const uint16_t *a, const uint16_t *gw, float *da, float *db, float *dx, int64_t m, int64_t n,
@@ -1648,10 +1647,6 @@ int lora_input_bf16(const float *x, const uint16_t *a, uint16_t *xb, uint16_t *d
 #endif
     return lora_input_vec(x, a, xb, dropped, u, m, k, r, seed, threshold, dscale);
 }
-#else                                 /* never called: lora_kernels_available() says so */
-int lora_backward_bf16(void) { return -1; }
-int lora_input_bf16(void) { return -1; }
-#endif
 int attention_backward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *dout,
                             const uint16_t *probs, uint16_t *dq, uint16_t *dk, uint16_t *dv, int64_t nb, int64_t nh,
                             int64_t t, int64_t d, const int64_t *so, float scale, uint64_t seed, int32_t th,
@@ -1900,6 +1895,8 @@ int attention_int8(const uint16_t *q, const uint16_t *k, const uint16_t *v, cons
 int attention_int8_available(void) { return 0; }
 #endif
 #else
+int lora_backward_bf16(void) { return -1; }        /* never called: lora_kernels_available() says so */
+int lora_input_bf16(void) { return -1; }
 int attention_bf16_available(void) { return 0; }
 int reduce16_mismatches(const float *v) { (void) v; return -1; }
 int attention_int8_available(void) { return 0; }
@@ -1960,7 +1957,9 @@ def build_library(target: Path, filename: str, source: str, commands: list[list[
         return None
 
 
-def _compile() -> ctypes.CDLL | None:
+def _compile(arch: tuple[str, ...] = ("-march=native",)) -> ctypes.CDLL | None:
+    """The kernels built for ``arch`` (this CPU by default; the tests also build them for CPUs without AVX-512,
+    whose library must still load and declare every function) and loaded, each function's signature declared."""
     from .runtime import cpu_flags
 
     if os.environ.get("CLINTUNE_NO_KERNELS") or os.name != "posix":
@@ -1968,7 +1967,7 @@ def _compile() -> ctypes.CDLL | None:
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None:
         return None
-    flags = ["-O3", "-march=native", "-shared", "-fPIC"]
+    flags = ["-O3", *arch, "-shared", "-fPIC"]
     wide = ["-mprefer-vector-width=512"] if "avx512dq" in cpu_flags() else []    # 64-bit products in zmm
     omp = ["-fopenmp"] if _torch_openmp() else []
     key = hashlib.sha256("\n".join([_SOURCE, cc, *flags, *wide, *omp, *sorted(cpu_flags())]).encode()).hexdigest()[:16]

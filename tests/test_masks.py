@@ -78,6 +78,25 @@ def test_the_kernel_is_compiled_once_into_the_kernel_dir(monkeypatch, tmp_path, 
     assert masks.compiled() is not None and built[0].stat().st_mtime_ns == stamp          # reused, not rebuilt
 
 
+@pytest.mark.parametrize("arch", [("-march=x86-64",), ("-march=x86-64-v3",)])
+def test_the_kernels_build_and_load_for_cpus_without_avx512(monkeypatch, tmp_path, arch):
+    """Built for an older CPU (no AVX-512: the wide kernels compiled out), the library still declares every
+    function the Python side gives a signature to (a stub that says "not here" where a kernel is missing), and
+    its mask stream is the same; the AVX-512 and AMX kernels say they do not run."""
+    if masks.shutil.which("cc") is None and masks.shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    monkeypatch.delenv("CLINTUNE_NO_KERNELS", raising=False)
+    monkeypatch.setenv("CLINTUNE_KERNEL_DIR", str(tmp_path))
+    lib = masks._compile(arch)
+    assert lib is not None
+    assert not lib.lora_kernels_available() and not lib.attention_bf16_available()
+    assert not lib.attention_amx_available() and not lib.attention_int8_available()
+    out = torch.empty(1000, dtype=torch.int32)
+    lib.keep_i32(out.data_ptr(), out.numel(), 5, -26214)
+    want = torch.from_numpy(masks.reference(out.numel(), 5, -26214)).to(torch.int32)
+    assert torch.equal(out, want)
+
+
 def test_draw_refuses_a_non_contiguous_target():
     with pytest.raises(ValueError):
         masks.draw(torch.empty(4, 4, dtype=torch.int16).t(), 0)
