@@ -69,7 +69,7 @@ _SOURCE = r"""
 #define THREADS() 1
 #define THREAD() 0
 #endif
-static int lora_amx_off = 0;        /* lora_amx_use(0): LoRA's kernels in their AVX-512 form, for tests and benchmarks */
+static int lora_amx_off = 0;      /* lora_amx_use(0): LoRA's kernels in their AVX-512 form (tests, benchmarks) */
 void lora_amx_use(int on) { lora_amx_off = !on; }
 int lora_amx_used(void) { return !lora_amx_off; }
 static inline uint64_t mix(uint64_t z) {
@@ -2536,7 +2536,9 @@ def lora_backward(g: torch.Tensor, b: torch.Tensor, u: torch.Tensor, dropped: to
     ``u`` = U = drop(x) A^T (m, r), ``dropped`` = drop(x) (m, k), ``a`` = A (r, k) and ``gw`` = g W (m, k; None:
     no input gradient wanted): (dA (r, k), dB (n, r), dx (m, k) or None), fp32, with dU = s g B in fp32,
     dB = s U^T g, dA = dU^T drop(x), dx = gw + (dU A) m / (1 - p), m the dropout's mask for ``seed`` and
-    ``threshold`` (:func:`draw`'s over drop(x)'s elements) and ``dscale`` = 1 / (1 - p)."""
+    ``threshold`` (:func:`draw`'s over drop(x)'s elements) and ``dscale`` = 1 / (1 - p). Where AMX tiles run
+    (:func:`amx_form`) and n and k are multiples of 32, dU, dB and dA are made on the tiles, dA from dU's fp32 bits
+    in three bf16 parts (as accurate as the AVX-512 form's fp32 dU)."""
     m, n = g.shape
     r, k = a.shape
     _check({"g": (g, torch.bfloat16)}, (m, n))
@@ -2558,7 +2560,7 @@ def lora_input(x: torch.Tensor, a: torch.Tensor, seed: int, threshold: int, dsca
     """LoRA's input side in one pass over fp32 ``x`` (..., k), for A (r, k) bf16 (:func:`lora_kernels_available`'s
     sizes): (xb, drop(x), U) with xb = bf16(x) for the frozen product, drop(x) = bf16(x * ``dscale``) m (the
     :func:`dropout` kernel's bits: m :func:`draw`'s mask over x's elements; xb itself without ``dropout``) and
-    U = drop(x) A^T (..., r), its fp32 sums rounded once."""
+    U = drop(x) A^T (..., r), its fp32 sums rounded once (on AMX tiles where they run and k is a multiple of 32)."""
     r, k = a.shape
     _check({"x": (x, torch.float32)}, (*x.shape[:-1], k))
     _check({"a": (a, torch.bfloat16)}, (r, k))
