@@ -1340,6 +1340,31 @@ ATTENTION_BACKWARD_AMX(32)
 ATTENTION_BACKWARD_AMX(64)
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
 #define LORA_AMX 1
+/* A rank-r matrix (kd x r, r <= 16; element (j, c) at w[j sj + c sc]) in the tiles' pair layout, for tiles_32x16:
+   kd / 32 tiles of 16 pairs of rows x 16 columns, 0 past r */
+static void pack_rank_pairs(uint32_t *out, const uint16_t *w, int64_t kd, int64_t r, int64_t sj, int64_t sc) {
+    for (int64_t j = 0; j < kd; j += 2)
+        for (int64_t c = 0; c < 16; c++)
+            out[(j / 32) * 256 + (j % 32) / 2 * 16 + c] =
+                c < r ? (uint32_t) w[j * sj + c * sc] | (uint32_t) w[(j + 1) * sj + c * sc] << 16 : 0u;
+}
+/* out (32 x 16 fp32) = 32 bf16 rows x (ld apart, kd wide: a multiple of 32) times pack_rank_pairs' w */
+static inline void tiles_32x16(float *out, const uint16_t *x, int64_t ld, const uint32_t *w, int64_t kd) {
+    TZERO(0); TZERO(1);
+    for (int64_t j = 0; j < kd; j += 32) {
+        TLOAD(4, w + (j / 32) * 256, 64);
+        TLOAD(2, x + j, ld * 2); TDP(0, 2, 4);
+        TLOAD(3, x + 16 * ld + j, ld * 2); TDP(1, 3, 4);
+    }
+    TSTORE(0, out, 64); TSTORE(1, out + 256, 64);
+}
+/* the 32 rows at src (ld apart) where all exist, else the rows that do copied into tail, then zeros */
+static inline const uint16_t *rows32(uint16_t *tail, const uint16_t *src, int64_t rows, int64_t ld) {
+    if (rows == 32) return src;
+    memset(tail, 0, (size_t) 32 * ld * 2);
+    memcpy(tail, src, (size_t) rows * ld * 2);
+    return tail;
+}
 /* lora_backward_bf16 with its rank-r products on the tiles (n and k multiples of 32), 32 rows at a time: dU = s g B
    from g's rows as they lie and B in pairs (fp32, two 16 x 16 results), then dB^T += U^T g and dA += dU^T drop(x)
    per 16 columns, g's and drop(x)'s 32 rows interleaved in pairs (interleave_rows) and U^T, dU^T as 16 x 32 bf16
@@ -1358,9 +1383,7 @@ static int lora_backward_amx(const uint16_t *g, const uint16_t *bmat, const uint
     uint32_t *bp = aligned_alloc(64, (size_t) (8 * n + r * k + nt * own) * 4);
     if (!bp) return -1;
     float *ap = (float *) (bp + 8 * n), *part = ap + r * k;
-    for (int64_t j = 0; j < n; j += 2)                      /* B (n x r) in pairs: 32 rows of n a tile, 16 columns */
-        for (int64_t c = 0; c < 16; c++)
-            bp[(j / 32) * 256 + (j % 32) / 2 * 16 + c] = c < r ? (uint32_t) bmat[j * r + c] | (uint32_t) bmat[(j + 1) * r + c] << 16 : 0u;
+    pack_rank_pairs(bp, bmat, n, r, r, 1);                    /* B (n x r) */
     for (int64_t i = 0; i < r * k; i++) ap[i] = bf2f(a[i]);
     const int16_t th = (int16_t) threshold;
     #pragma omp parallel
@@ -1376,20 +1399,9 @@ static int lora_backward_amx(const uint16_t *g, const uint16_t *bmat, const uint
         #pragma omp for schedule(static)
         for (int64_t i0 = 0; i0 < m; i0 += 32) {
             const int64_t rows = m - i0 < 32 ? m - i0 : 32;
-            const uint16_t *gs = g + i0 * n, *ds = dropped + i0 * k;
-            if (rows < 32) {                                        /* the last rows, then zeros */
-                memset(tail, 0, (size_t) 32 * (n + k) * 2);
-                memcpy(tail, gs, (size_t) rows * n * 2);
-                memcpy(tail + 32 * n, ds, (size_t) rows * k * 2);
-                gs = tail; ds = tail + 32 * n;
-            }
-            TZERO(0); TZERO(1);
-            for (int64_t j = 0; j < n; j += 32) {                  /* dU = g B */
-                TLOAD(4, bp + (j / 32) * 256, 64);
-                TLOAD(2, gs + j, n * 2); TDP(0, 2, 4);
-                TLOAD(3, gs + 16 * n + j, n * 2); TDP(1, 3, 4);
-            }
-            TSTORE(0, du, 64); TSTORE(1, du + 256, 64);
+            const uint16_t *gs = rows32(tail, g + i0 * n, rows, n);
+            const uint16_t *ds = rows32(tail + 32 * n, dropped + i0 * k, rows, k);
+            tiles_32x16(du, gs, n, bp, n);                          /* dU = g B */
             memset(ut, 0, sizeof ut);
             for (int64_t q = 0; q < 32; q++) {
                 _mm512_store_ps(du + q * 16, _mm512_mul_ps(_mm512_load_ps(du + q * 16), _mm512_set1_ps(scaling)));
@@ -1441,9 +1453,7 @@ static int lora_input_amx(const float *x, const uint16_t *a, uint16_t *xb, uint1
                           int64_t k, int64_t r, uint64_t seed, int32_t threshold, float dscale) {
     uint32_t *at = aligned_alloc(64, (size_t) (8 * k + THREADS() * 16 * k) * 4);
     if (!at) return -1;
-    for (int64_t j = 0; j < k; j += 2)                      /* A^T (k x r) in pairs: 32 rows of k a tile */
-        for (int64_t c = 0; c < 16; c++)
-            at[(j / 32) * 256 + (j % 32) / 2 * 16 + c] = c < r ? (uint32_t) a[c * k + j] | (uint32_t) a[c * k + j + 1] << 16 : 0u;
+    pack_rank_pairs(at, a, k, r, 1, k);                       /* A^T (k x r) */
     const int16_t th = (int16_t) threshold;
     #pragma omp parallel
     {
@@ -1455,19 +1465,7 @@ static int lora_input_amx(const float *x, const uint16_t *a, uint16_t *xb, uint1
         for (int64_t i0 = 0; i0 < m; i0 += 32) {
             const int64_t rows = m - i0 < 32 ? m - i0 : 32;
             for (int64_t q = 0; q < rows; q++) lora_input_row(x, xb, dropped, NULL, i0 + q, k, seed, th, dscale, keep);
-            const uint16_t *ds = (dropped ? dropped : xb) + i0 * k;
-            if (rows < 32) {
-                memset(tail, 0, (size_t) 32 * k * 2);
-                memcpy(tail, ds, (size_t) rows * k * 2);
-                ds = tail;
-            }
-            TZERO(0); TZERO(1);
-            for (int64_t j = 0; j < k; j += 32) {
-                TLOAD(4, at + (j / 32) * 256, 64);
-                TLOAD(2, ds + j, k * 2); TDP(0, 2, 4);
-                TLOAD(3, ds + 16 * k + j, k * 2); TDP(1, 3, 4);
-            }
-            TSTORE(0, ub, 64); TSTORE(1, ub + 256, 64);
+            tiles_32x16(ub, rows32(tail, (dropped ? dropped : xb) + i0 * k, rows, k), k, at, k);     /* U */
             for (int64_t q = 0; q < rows; q++)
                 for (int64_t c = 0; c < r; c++) u[(i0 + q) * r + c] = f2bf(ub[q * 16 + c]);
         }
