@@ -58,28 +58,14 @@ class BlockCache final : public c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     if (n < min_block || !caching) return base->allocate(n);
     size_t size = (n + kGrain - 1) / kGrain * kGrain;
-    void* p = nullptr;
-    {
-      std::lock_guard<std::mutex> g(m_);
-      auto it = free_.lower_bound(size);
-      if (it != free_.end() && double(it->first) <= double(size) * fit) {
-        size = it->first;
-        p = it->second;
-        free_.erase(it);
-        stats[2] -= size;
-        stats[4] += 1;
-      }
-    }
-    if (p == nullptr) {
+    void* p = take(size);
+    if (p == nullptr) {                       // mapped outside the lock, then counted and registered under it
       p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
       if (p == MAP_FAILED) return base->allocate(n);
       std::lock_guard<std::mutex> g(m_);
       stats[0] += size;
       stats[3] += 1;
       if (stats[0] > stats[1]) stats[1] = stats[0];
-    }
-    {
-      std::lock_guard<std::mutex> g(m_);
       live_[p] = size;
     }
     return {p, p, &BlockCache::release, c10::Device(c10::DeviceType::CPU)};
@@ -123,6 +109,20 @@ class BlockCache final : public c10::Allocator {
   }
 
  private:
+  // the smallest kept block that holds size bytes and is at most fit times it, registered as live (size: its
+  // own); nullptr if none
+  void* take(size_t& size) {
+    std::lock_guard<std::mutex> g(m_);
+    auto it = free_.lower_bound(size);
+    if (it == free_.end() || double(it->first) > double(size) * fit) return nullptr;
+    size = it->first;
+    void* p = it->second;
+    free_.erase(it);
+    stats[2] -= size;
+    stats[4] += 1;
+    live_[p] = size;
+    return p;
+  }
   std::mutex m_;
   std::multimap<size_t, void*> free_;
   std::unordered_map<void*, size_t> live_;
