@@ -36,14 +36,15 @@ sys.path.insert(0, str(HERE))
 
 def lora_kernels_off(side: str):
     """A stand-in for ``masks.lora_kernels_available`` that says no on ``side`` (the forward asks from
-    ``_LoraLinear.forward``, the backward from ``_LoraLinear.backward``)."""
+    ``_LoraLinear.forward``, the backward from ``_LoraLinear.backward``; query, key and value together,
+    ``fast._LoraLinears``, need both and ask from ``_qkv_parts``: no on either side)."""
     from clintune import masks
 
     real = masks.lora_kernels_available
 
     def available(*args) -> bool:
         caller = sys._getframe(1).f_code.co_name
-        return real(*args) and side not in ("both", caller)
+        return real(*args) and side not in ("both", caller) and caller != "_qkv_parts"
 
     return real, available
 

@@ -231,8 +231,9 @@ POOLINGS = ("mean", "cls")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 QUANTIZE = ("none", "int8", "int8-static")
-FAST_PARTS = ("first_token", "attention", "attention_kernel", "dropout", "bf16_weights", "lora", "sublayer_end",
-              "gelu", "memory", "arena", "blocks", "packing", "embeddings")   # clintune.fast.PARTS (checked equal by the tests; not imported: torch-free config)
+# clintune.fast.PARTS (checked equal by the tests; not imported: torch-free config)
+FAST_PARTS = ("first_token", "attention", "attention_kernel", "dropout", "bf16_weights", "lora", "qkv", "sublayer_end",
+              "gelu", "memory", "arena", "blocks", "packing", "embeddings")
 VAL_METRICS = ("f1", "f1_macro", "auroc", "accuracy", "loss")
 
 #: Per-method default learning rates (used when --lr is not given). Full fine-tuning of a BERT-size

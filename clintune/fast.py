@@ -65,7 +65,8 @@ PARTS = {
                "which draw the same masks)",
     "bf16_weights": "frozen weights stored in bf16 through oneDNN (autocast casts fp32 ones instead; also "
                     "leaves out lora)",
-    "lora": "the fused LoRA linear (PEFT's)",
+    "lora": "the fused LoRA linear (PEFT's; also leaves out qkv)",
+    "qkv": "query, key and value's LoRA linears as one (their frozen products one product; one at a time instead)",
     "sublayer_end": "the fused dropout + residual + LayerNorm (BERT's)",
     "gelu": "GELU keeping its derivative in training, and inside the feed-forward product in prediction (PyTorch's)",
     "memory": "reuse of freed memory (glibc's default)",
@@ -164,6 +165,26 @@ class FastDropout(nn.Module):
 _CHUNK_ELEMENTS = 1 << 20     # scores of one chunk of examples: 2 MB in bf16, so they stay in cache
 
 
+def joint_view(*parts: torch.Tensor) -> torch.Tensor | None:
+    """The (m, G n) matrix of which G (B, h, T, d) tensors are the column blocks e n .. (e + 1) n - 1 (n = h d,
+    m = B T), i.e. ``joint.view(B, T, G, h, d)[:, :, e].transpose(1, 2)`` for each e in turn (what
+    :class:`_LoraLinears` returns for query, key and value, and the attention's backward writes their gradients
+    as), as a view of their storage; None where they are laid out otherwise."""
+    first = parts[0]
+    if first.dim() != 4:
+        return None
+    b, h, t, d = first.shape
+    g = len(parts)
+    want = (t * g * h * d, d, g * h * d, 1)
+    size = first.element_size()
+    for e, x in enumerate(parts):
+        if (x.shape != first.shape or x.dtype != first.dtype or x.stride() != want
+                or x.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or x.data_ptr() != first.data_ptr() + e * h * d * size):
+            return None
+    return first.as_strided((b * t, g * h * d), (g * h * d, 1), first.storage_offset())
+
+
 class _DropoutAttention(torch.autograd.Function):
     """softmax(Q K^T * scale + bias) with dropout, times V, a chunk of examples at a time, in q's dtype.
 
@@ -192,6 +213,7 @@ class _DropoutAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, bias, padded, p, scale, mask=None, kernels=True):
         with torch.autocast("cpu", enabled=False):
             b, h, t, _ = q.shape
+            side_by_side = joint_view(q, k, v) is not None
             chunk = _examples_per_chunk(h, t)
             q = torch.mul(q, scale, out=saved_empty(q.shape, q.dtype))       # kept, with k, v and P: the arena's
             k, v = (x if x.is_contiguous() else saved_empty(x.shape, x.dtype).copy_(x) for x in (k, v))
@@ -202,7 +224,7 @@ class _DropoutAttention(torch.autograd.Function):
                 out = masks.attention(q, k, v, mask, 1.0, probs=probs, seed=seed, threshold=threshold,
                                       dropout_scale=1.0 / (1.0 - p))
             ctx.p, ctx.scale, ctx.chunk, ctx.seed, ctx.threshold, ctx.fused = p, scale, chunk, seed, threshold, fused
-            ctx.kernel = out is not None
+            ctx.kernel, ctx.side_by_side = out is not None, side_by_side
             if out is not None:
                 ctx.save_for_backward(q, k, v, probs)
                 return out.transpose(1, 2)                          # (B, h, T, d) view of the (B, T, h, d) output
@@ -230,9 +252,13 @@ class _DropoutAttention(torch.autograd.Function):
         b, h, t, _ = q.shape
         threshold, fused = ctx.threshold, ctx.fused                  # what the forward did, with the same mask
         if ctx.kernel:                  # the whole backward in one kernel too (it takes whatever the forward took)
+            out = None
+            if ctx.side_by_side:        # q, k, v were views of one (B, T, 3, h, d): their gradients laid out alike
+                joint = torch.empty((b, t, 3, h, q.shape[-1]), dtype=q.dtype)
+                out = tuple(joint[:, :, e].transpose(1, 2) for e in range(3))
             with torch.autocast("cpu", enabled=False):
                 grads = masks.attention_backward(q, k, v, d_out, probs, ctx.seed, threshold, 1.0 / (1.0 - ctx.p),
-                                                 ctx.scale)
+                                                 ctx.scale, out=out)
             return (*grads, None, None, None, None, None, None)
         kept, keep = _mask_buffers(fused, probs, ctx.chunk, threshold, ctx.seed)
         with torch.autocast("cpu", enabled=False):
@@ -685,16 +711,156 @@ def _lora_parts(mod: nn.Module):
 
 
 def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    base = self.base_layer
-    if (not args and not kwargs and x.dtype == torch.float32 and x.device.type == "cpu"
-            and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-            and type(base) is FrozenLinear and base.weight.dtype == torch.bfloat16
-            and (base.bias is None or base.bias.dtype == torch.bfloat16)):
-        parts = _lora_parts(self)
-        if parts is not None:
-            a, b, p, scaling = parts
-            return _LoraLinear.apply(x, base.weight, base.bias, a, b, p, scaling)
+    parts = None if args or kwargs else _lora_ready(self, x)
+    if parts is not None:
+        a, b, p, scaling = parts
+        base = self.base_layer
+        return _LoraLinear.apply(x, base.weight, base.bias, a, b, p, scaling)
     return self._fused_from.forward(self, x, *args, **kwargs)
+
+
+class _LoraLinears(torch.autograd.Function):
+    """G PEFT LoRA linears on one input x (BERT's query, key and value), each :class:`_LoraLinear`'s maths
+    y_e = x W_e^T + b_e + s (drop_e(x) A_e^T) B_e^T, computed together:
+
+    * forward: the G frozen products and the G updates as one product (oneDNN),
+          [bf16(x) | U_1 .. U_G | 0] [[W_1 | s B_1 | 0 .. | 0]; ..; [W_G | 0 .. | s B_G | 0]]^T + [b_1 .. b_G],
+      its depth k + G r padded to a multiple of 32 (MiniLM's three at 3,200 tokens: 1.07 ms, as the frozen
+      product alone, where three products took 1.45 ms at 4,096 and adding the updates 0.68 ms more), x's bf16
+      copy, each linear's dropout and U_e made in one pass over x (:func:`masks.lora_input` with G linears and
+      ``width``); each update is summed in fp32 with the frozen product and rounded once, as :class:`_LoraLinear`'s,
+      with s B_e rounded to bf16 (exact for a power-of-two s, as PEFT's default alpha = r gives);
+    * backward, with g = [g_1 .. g_G] the output gradients side by side (bf16, m x G n_e): one input-gradient
+      product g [W_1; ..; W_G] where autograd makes G and adds their fp32 results in G - 1 more passes, and
+      dx = g W + sum_e (dU_e A_e) m_e / (1 - p) in one pass with every dA_e and dB_e (:func:`masks.lora_backward`
+      with G linears). g W is rounded once to bf16, where the linears one at a time round each g_e W_e.
+
+    The masks are drawn from G seeds taken in the linears' order, as the linears one at a time take them.
+    Returns the G outputs as views (B, heads, T, d) of one (B, T, G n_e) bf16 tensor: what BERT's self-attention
+    makes of each output, so that their gradients arrive in the layout the attention's backward writes.
+    Only where :func:`masks.lora_kernels_available` (the caller checks)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, folded, bias, p, scaling, heads, *lora):
+        bf = torch.bfloat16
+        groups = len(lora) // 2
+        a16 = [t.to(bf) for t in lora[:groups]]
+        b16 = [t.to(bf) for t in lora[groups:]]
+        (gn, k), r = weight.shape, a16[0].shape[0]
+        n = gn // groups
+        for e, b in enumerate(lora[groups:]):                  # this step's s B_e into the folded weight
+            folded[e * n:(e + 1) * n, k + e * r:k + (e + 1) * r] = b.detach() * scaling
+        ctx.threshold, ctx.scale = _threshold(p), 1.0 / (1.0 - p)
+        ctx.seeds = [masks.new_seed() if p > 0.0 else 0 for _ in range(groups)]
+        xw, dropped, u = masks.lora_input(x.contiguous(), a16, ctx.seeds, ctx.threshold, ctx.scale, p > 0.0,
+                                          width=folded.shape[1])
+        y = torch.ops.mkldnn._linear_pointwise(xw, folded, bias, "none", [], "")
+        ctx.save_for_backward(weight, *a16, *b16, *dropped, *u)
+        ctx.scaling, ctx.groups, ctx.heads = scaling, groups, heads
+        b, t = x.shape[:2]
+        y = y.view(b, t, groups, heads, n // heads)
+        return tuple(y[:, :, e].transpose(1, 2) for e in range(groups))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        groups = ctx.groups
+        weight, *rest = ctx.saved_tensors
+        a16, b16, dropped, u = (rest[i * groups:(i + 1) * groups] for i in range(4))
+        b, h, t, d = next(ge for ge in grads if ge is not None).shape
+        g = None if any(ge is None or ge.dtype != torch.bfloat16 for ge in grads) else joint_view(*grads)
+        if g is None:            # the gradients side by side as the attention's backward writes them, else copied so
+            g = torch.empty((b, t, groups, h, d), dtype=torch.bfloat16)
+            for e, ge in enumerate(grads):                    # None: an output unused (its gradient zero)
+                if ge is None:
+                    g[:, :, e].zero_()
+                else:
+                    g[:, :, e].copy_(ge.transpose(1, 2))
+            g = g.view(b * t, groups * h * d)
+        need_x = ctx.needs_input_grad[0]
+        gw = torch.mm(g, weight) if need_x else None
+        m = b * t
+        d_a, d_b, dx = masks.lora_backward(g, list(b16), [x.view(m, -1) for x in u],
+                                           [x.reshape(m, x.shape[-1]) for x in dropped], list(a16), gw, ctx.scaling,
+                                           ctx.seeds, ctx.threshold, ctx.scale)
+        need = ctx.needs_input_grad[7:]
+        lora_grads = [d if need[i] else None for i, d in enumerate([*d_a, *d_b])]
+        return (None if dx is None else dx.view(b, t, -1)), None, None, None, None, None, None, *lora_grads
+
+
+def _lora_ready(mod: nn.Module, x: torch.Tensor):
+    """:func:`_lora_parts` of a class-swapped LoRA linear over a bf16 :class:`FrozenLinear` about to take fp32 ``x``
+    on CPU under bf16 autocast (:class:`_LoraLinear`'s case), else None."""
+    base = getattr(mod, "base_layer", None)
+    if (x.dtype == torch.float32 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and type(base) is FrozenLinear
+            and base.weight.dtype == torch.bfloat16 and (base.bias is None or base.bias.dtype == torch.bfloat16)):
+        return _lora_parts(mod)
+    return None
+
+
+def _stacked(mod: nn.Module, linears, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The frozen bf16 weights and biases of G ``linears`` stacked: W = [W_1; ..; W_G] (G n x k), the folded
+    weight [W | 0] (G n x k', k' = k + G r rounded up to a multiple of 32; :class:`_LoraLinears` writes each
+    step's s B_e into it) and [b_1 .. b_G]; kept on ``mod`` and made again only when one of them is another
+    tensor or was changed in place."""
+    parts = [lin.base_layer.weight for lin in linears] + [lin.base_layer.bias for lin in linears]
+    key = (r, *(None if t is None else (t.data_ptr(), t._version) for t in parts))
+    held = mod.__dict__.get("_stacked_weights")
+    if held is None or held[0] != key:
+        biases = parts[len(linears):]
+        bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        weight = torch.cat([w.detach() for w in parts[:len(linears)]])
+        gn, k = weight.shape
+        folded = weight.new_zeros((gn, -(-(k + len(linears) * r) // 32) * 32))
+        folded[:, :k] = weight
+        held = (key, weight, folded, bias)
+        mod.__dict__["_stacked_weights"] = held
+    return held[1:]
+
+
+def _qkv_parts(self, x: torch.Tensor):
+    """(stacked weight, folded weight, stacked bias, p, scaling, A_q, A_k, A_v, B_q, B_k, B_v) when BERT's
+    self-attention ``self`` can make its query, key and value by :class:`_LoraLinears`: all three class-swapped
+    LoRA linears in :class:`_LoraLinear`'s case with the same rank, dropout, scaling and shapes, biases all or none, the
+    kernels there for them, x (B, T, k); else None."""
+    linears = [getattr(self, name, None) for name in ("query", "key", "value")]
+    if x.dim() != 3 or not all(hasattr(type(lin), "_fused_from") for lin in linears):
+        return None
+    parts = [_lora_ready(lin, x) for lin in linears]
+    if any(pt is None for pt in parts):
+        return None
+    (a0, b0, p, scaling), shape = parts[0], linears[0].base_layer.weight.shape
+    if any(pt[2] != p or pt[3] != scaling or pt[0].shape != a0.shape or pt[1].shape != b0.shape for pt in parts) \
+            or any(lin.base_layer.weight.shape != shape for lin in linears) \
+            or len({lin.base_layer.bias is None for lin in linears}) != 1 \
+            or shape[0] % self.num_attention_heads or x.shape[-1] != shape[1] \
+            or not masks.lora_kernels_available(shape[0], shape[1], a0.shape[0]):
+        return None
+    weight, folded, bias = _stacked(self, linears, a0.shape[0])
+    return weight, folded, bias, p, scaling, *(pt[0] for pt in parts), *(pt[1] for pt in parts)
+
+
+def _qkv_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
+    """BERT's self-attention (``BertSelfAttention.forward`` and its copies) with query, key and value made by
+    :class:`_LoraLinears` where it can (no cache, an attention function transformers registers); the original
+    forward otherwise."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    parts = None
+    if (not args and kwargs.get("cache") is None and kwargs.get("past_key_values") is None
+            and self.config._attn_implementation in ALL_ATTENTION_FUNCTIONS):
+        parts = _qkv_parts(self, hidden_states)
+    if parts is None:
+        return self._fused_from.forward(self, hidden_states, attention_mask, *args, **kwargs)
+    kwargs.pop("cache", None)
+    kwargs.pop("past_key_values", None)
+    weight, folded, bias, p, scaling, *lora = parts
+    query, key, value = _LoraLinears.apply(hidden_states, weight, folded, bias, p, scaling, self.num_attention_heads,
+                                           *lora)
+    interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+    out, weights = interface(self, query, key, value, attention_mask,
+                             dropout=0.0 if not self.training else self.dropout.p, scaling=self.scaling, **kwargs)
+    return out.reshape(*hidden_states.shape[:-1], -1).contiguous(), weights
 
 
 class _DropoutAddNorm(torch.autograd.Function):
@@ -907,12 +1073,14 @@ def gelu_algorithm(act: nn.Module) -> str | None:
 def _fusable(mod: nn.Module) -> str | None:
     """"sublayer_end" for a module whose forward is BERT's ``BertSelfOutput.forward`` (dense, dropout,
     LayerNorm of the sum; also RoBERTa's, CamemBERT's ... copies), "gelu" for transformers' exact GELU,
-    "lora" for PEFT's LoRA linear over a :class:`FrozenLinear`, "ffn" for BERT's intermediate layer (and its
+    "lora" for PEFT's LoRA linear over a :class:`FrozenLinear`, "qkv" for BERT's self-attention (and its copies)
+    whose query, key and value are all such (:func:`_qkv_forward`), "ffn" for BERT's intermediate layer (and its
     copies) over a :class:`FrozenLinear` with a GELU oneDNN computes (exact or tanh; :func:`_ffn_forward`),
     "embeddings" for BERT's or RoBERTa's embeddings (and copies; :func:`_embeddings_forward`),
     "distilbert_embeddings" for DistilBERT's (:func:`_distilbert_embeddings_forward`)."""
     from peft.tuners.lora.layer import Linear as LoraLinear
-    from transformers.models.bert.modeling_bert import BertEmbeddings, BertIntermediate, BertSelfOutput
+    from transformers.models.bert.modeling_bert import (BertEmbeddings, BertIntermediate, BertSelfAttention,
+                                                        BertSelfOutput)
     from transformers.models.distilbert.modeling_distilbert import Embeddings as DistilBertEmbeddings
     from transformers.models.roberta.modeling_roberta import RobertaEmbeddings
 
@@ -932,6 +1100,10 @@ def _fusable(mod: nn.Module) -> str | None:
             return "distilbert_embeddings"
     if type(mod) is LoraLinear and type(getattr(mod, "base_layer", None)) is FrozenLinear:
         return "lora"
+    qkv = [getattr(mod, name, None) for name in ("query", "key", "value")]
+    if (all(isinstance(lin, LoraLinear) and type(getattr(lin, "base_layer", None)) is FrozenLinear for lin in qkv)
+            and _same_code(type(mod).forward, BertSelfAttention.forward)):
+        return "qkv"
     if (type(getattr(mod, "dense", None)) is FrozenLinear and _same_code(type(mod).forward, BertIntermediate.forward)
             and isinstance(getattr(mod, "intermediate_act_fn", None), nn.Module)):
         kind = gelu_algorithm(mod.intermediate_act_fn)
@@ -953,6 +1125,7 @@ def _original(mod: nn.Module, method: str):
 
 
 _FUSED_FORWARDS = {"sublayer_end": _sublayer_end_forward, "gelu": _gelu_forward, "lora": _lora_forward,
+                   "qkv": _qkv_forward,
                    "ffn": _ffn_forward, "embeddings": _embeddings_forward,
                    "distilbert_embeddings": _distilbert_embeddings_forward}
 _fused_classes: dict[tuple[type, str], type] = {}
@@ -1028,6 +1201,7 @@ class Speedups:
             cfg._attn_implementation = impl
         for mod, cls in self._classes:
             mod.__class__ = cls
+            mod.__dict__.pop("_stacked_weights", None)     # _qkv_forward's copy of the frozen weights
         self._weights, self._configs, self._classes = [], [], []
         if self.arena is not None:
             self.report["arena"] = self.arena.report()
@@ -1102,6 +1276,7 @@ def accelerate(model: nn.Module, runtime, restorable: bool = True, off=()) -> Sp
                 sp._classes += swapped
                 sp.report["onednn_frozen_linears"] = len(swapped)
         skip = (off | ({"lora", "sublayer_end"} if "dropout" in off else set()) | ({"ffn"} if "gelu" in off else set())
+                | ({"qkv"} if off & {"lora", "dropout"} else set())
                 | ({"distilbert_embeddings"} if "embeddings" in off else set()))
         fused = fuse_passes(model, skip)
         for pairs in fused.values():

@@ -561,115 +561,160 @@ RANGE_U8(range_f32, float, f2f, load16_f32)
 RANGE_U8(range_bf16, uint16_t, bfl, load16_bf16)
 QUANTIZE_U8(quantize_u8_f32, float, f2f, load16_f32)
 QUANTIZE_U8(quantize_u8_bf16, uint16_t, bfl, load16_bf16)
-/* LoRA's backward for rank r <= 16 over m rows, after the frozen product's input gradient gw = g W (bf16, m x k):
-   with g (m x n) the output gradient, B (n x r), U = drop(x) A^T (m x r), drop(x) (m x k), A (r x k), all bf16,
-       dU = s g B (fp32, never rounded),  dB = s U^T g -> db (n x r),  dA = dU^T drop(x) -> da (r x k),
-       dx = gw + (dU A) m / (1 - p) -> dx (m x k)  (dx NULL: not wanted),
-   m the dropout's mask (seed, threshold: element i k + j of drop(x)), sums in fp32. Two passes over each of g and
-   drop(x) become one over the four rows at a time: the rank-r products as broadcasts into 16 lanes (r padded with
-   zeros), dB and dA summed per thread (n x 16 and k x 16, in cache) and then over the threads in turn.
-   n and k multiples of 16. Returns -1 without memory. */
+/* LoRA's backward for rank r <= 16 over m rows, after the frozen product's input gradient gw = g W (bf16, m x k),
+   for G <= LORA_GROUPS LoRA linears on one input x (G = 3: query, key and value, their frozen products one
+   product of the concatenated weights W = [W_1; ..; W_G]): with g (m x G n, row stride ldg) the output gradients
+   side by side, g_e its columns e n .. (e + 1) n - 1, and per linear e B_e (n x r), U_e = drop_e(x) A_e^T (m x r),
+   drop_e(x) (m x k), A_e (r x k), all bf16,
+       dU_e = s g_e B_e (fp32, never rounded),  dB_e = s U_e^T g_e -> db[e] (n x r),  dA_e = dU_e^T drop_e(x) -> da[e],
+       dx = gw + sum_e (dU_e A_e) m_e / (1 - p) -> dx (m x k)  (dx NULL: not wanted),
+   m_e the dropout's mask of linear e (seeds[e], threshold: element i k + j of drop_e(x)), sums in fp32, added in
+   the order e = 0, 1, ... Two passes over each of g and drop(x) become one over the four rows at a time: the
+   rank-r products as broadcasts into 16 lanes (r padded with zeros), dB and dA summed per thread (n x 16 and
+   k x 16, in cache) and then over the threads in turn; dx's row once for all G. n and k multiples of 16.
+   Returns -1 without memory. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
 int lora_kernels_available(void) { return 1; }
 #define LORA_ROWS 4
-/* row i of dx = gw + (dU A) m / (1 - p) from row i's dU (fp32, 16 lanes, 0 past r) and A (r x k, fp32) */
-static inline void lora_dx_row(float *dx, const uint16_t *gw, __m512 du, const float *ap, int64_t i, int64_t k,
-                               int64_t r, uint64_t seed, int16_t th, float dscale, uint16_t *keep) {
-    float d[16] __attribute__((aligned(64)));
-    _mm512_store_ps(d, _mm512_mul_ps(du, _mm512_set1_ps(dscale)));
-    span_keep(keep, i * k, k, seed, th);
+#define LORA_GROUPS 4
+/* row i of dx = gw + sum_e (dU_e A_e) m_e / (1 - p) from row i's dU_e (fp32, 16 lanes, 0 past r; du[e]) and A_e
+   (r x k, fp32; ap + e r k); keep: G rows of MAXT */
+static inline void lora_dx_row(float *dx, const uint16_t *gw, const __m512 *du, const float *ap, int64_t i, int64_t k,
+                               int64_t r, int64_t groups, const uint64_t *seeds, int16_t th, float dscale,
+                               uint16_t *keep) {
+    float d[LORA_GROUPS][16] __attribute__((aligned(64)));
+    for (int64_t e = 0; e < groups; e++) {
+        _mm512_store_ps(d[e], _mm512_mul_ps(du[e], _mm512_set1_ps(dscale)));
+        span_keep(keep + e * MAXT, i * k, k, seeds[e], th);
+    }
     for (int64_t j = 0; j < k; j += 16) {
-        __m512 v = _mm512_setzero_ps();
-        for (int64_t c = 0; c < r; c++) v = _mm512_fmadd_ps(_mm512_set1_ps(d[c]), _mm512_loadu_ps(ap + c * k + j), v);
-        const __mmask16 kept = _mm256_movepi16_mask(_mm256_load_si256((const __m256i *) (keep + j)));
-        const __m512 base = load16_bf16(gw + i * k + j);
-        _mm512_storeu_ps(dx + i * k + j, _mm512_mask_add_ps(base, kept, base, v));
+        __m512 base = load16_bf16(gw + i * k + j);
+        for (int64_t e = 0; e < groups; e++) {
+            const float *ae = ap + e * r * k;
+            __m512 v = _mm512_setzero_ps();
+            for (int64_t c = 0; c < r; c++)
+                v = _mm512_fmadd_ps(_mm512_set1_ps(d[e][c]), _mm512_loadu_ps(ae + c * k + j), v);
+            const __mmask16 kept = _mm256_movepi16_mask(_mm256_load_si256((const __m256i *) (keep + e * MAXT + j)));
+            base = _mm512_mask_add_ps(base, kept, base, v);
+        }
+        _mm512_storeu_ps(dx + i * k + j, base);
     }
 }
-static int lora_backward_vec(const uint16_t *g, const uint16_t *bmat, const uint16_t *u, const uint16_t *dropped,
-                             const uint16_t *a, const uint16_t *gw, float *da, float *db, float *dx, int64_t m,
-                             int64_t n, int64_t k, int64_t r, float scaling, uint64_t seed, int32_t threshold,
-                             float dscale) {
+/* A_e (r x k bf16, e < groups) in fp32 into ap (groups r k); B_e (n x r) per 16 lanes into bp (groups n 16), or
+   none where bp is NULL */
+static void lora_unpack(float *ap, float *bp, const uint16_t *const *a, const uint16_t *const *bmat, int64_t n,
+                        int64_t k, int64_t r, int64_t groups) {
+    for (int64_t e = 0; e < groups; e++) {
+        for (int64_t i = 0; i < r * k; i++) ap[e * r * k + i] = bf2f(a[e][i]);
+        if (bp)
+            for (int64_t j = 0; j < n; j++)
+                for (int64_t c = 0; c < 16; c++) bp[(e * n + j) * 16 + c] = c < r ? bf2f(bmat[e][j * r + c]) : 0.0f;
+    }
+}
+/* the threads' sums in turn (part: nt areas own floats apart, linear e's at e (n + k) 16): dB_e = s (its sums) into
+   db[e] (n x r), dA_e into da[e] (r x k); element (j, c) of dB^T's sums at j 16 + c, of dA's at n 16 + j 16 + c
+   (amx: c n + j and n 16 + c k + j) */
+static void lora_sums(const float *part, int64_t own, int nt, float *const *da, float *const *db, int64_t n, int64_t k,
+                      int64_t r, int64_t groups, float scaling, int amx) {
+    for (int64_t e = 0; e < groups; e++) {
+        const float *s = part + e * (n + k) * 16;
+        for (int64_t j = 0; j < n; j++)
+            for (int64_t c = 0; c < r; c++) {
+                float t = 0.0f;
+                for (int p = 0; p < nt; p++) t += s[p * own + (amx ? c * n + j : j * 16 + c)];
+                db[e][j * r + c] = t * scaling;
+            }
+        for (int64_t c = 0; c < r; c++)
+            for (int64_t j = 0; j < k; j++) {
+                float t = 0.0f;
+                for (int p = 0; p < nt; p++) t += s[p * own + n * 16 + (amx ? c * k + j : j * 16 + c)];
+                da[e][c * k + j] = t;
+            }
+    }
+}
+static int lora_backward_vec(const uint16_t *g, int64_t ldg, const uint16_t *const *bmat, const uint16_t *const *u,
+                             const uint16_t *const *dropped, int64_t ldd, const uint16_t *const *a, const uint16_t *gw,
+                             float *const *da, float *const *db, float *dx, int64_t m, int64_t n, int64_t k, int64_t r,
+                             int64_t groups, float scaling, const uint64_t *seeds, int32_t threshold, float dscale) {
     const int nt = THREADS();
-    const int64_t own = (n + k) * (16 + LORA_ROWS);          /* a thread's sums (x 16) and four rows in fp32 */
-    float *bp = aligned_alloc(64, (size_t) (n * 16 + r * k + nt * own) * 4);
+    /* a thread's floats: its sums (x 16), four rows of g and of drop(x) in fp32, the G masks' rows (MAXT each) */
+    const int64_t own = groups * (n + k) * 16 + (n + k) * LORA_ROWS + groups * MAXT / 2;
+    float *bp = aligned_alloc(64, (size_t) (groups * (n * 16 + r * k) + nt * own) * 4);
     if (!bp) return -1;
-    float *ap = bp + n * 16, *part = ap + r * k;
-    for (int64_t j = 0; j < n; j++)
-        for (int64_t c = 0; c < 16; c++) bp[j * 16 + c] = c < r ? bf2f(bmat[j * r + c]) : 0.0f;
-    for (int64_t i = 0; i < r * k; i++) ap[i] = bf2f(a[i]);
+    float *ap = bp + groups * n * 16, *part = ap + groups * r * k;
+    lora_unpack(ap, bp, a, bmat, n, k, r, groups);
     memset(part, 0, (size_t) nt * own * 4);
     const int16_t th = (int16_t) threshold;
     #pragma omp parallel
     {
-        float *pdb = part + (int64_t) THREAD() * own, *pda = pdb + n * 16, *gf = pda + k * 16, *df = gf + LORA_ROWS * n;
-        uint16_t keep[MAXT] __attribute__((aligned(64)));
+        float *sums = part + (int64_t) THREAD() * own, *gf = sums + groups * (n + k) * 16, *df = gf + LORA_ROWS * n;
+        uint16_t *keep = (uint16_t *) (df + LORA_ROWS * k);
         #pragma omp for schedule(static)
         for (int64_t i0 = 0; i0 < m; i0 += LORA_ROWS) {
-            __m512 uv[LORA_ROWS], du[LORA_ROWS];
-            for (int q = 0; q < LORA_ROWS; q++) {      /* the rows in fp32 (broadcast from memory below); past m: 0 */
-                float uq[16] __attribute__((aligned(64))) = {0};
-                if (i0 + q < m) {
-                    for (int64_t j = 0; j < n; j += 16) _mm512_store_ps(gf + q * n + j, load16_bf16(g + (i0 + q) * n + j));
-                    for (int64_t j = 0; j < k; j += 16) _mm512_store_ps(df + q * k + j, load16_bf16(dropped + (i0 + q) * k + j));
-                    for (int64_t c = 0; c < r; c++) uq[c] = bf2f(u[(i0 + q) * r + c]);
-                } else {
-                    memset(gf + q * n, 0, (size_t) n * 4);
-                    memset(df + q * k, 0, (size_t) k * 4);
+            __m512 du[LORA_ROWS][LORA_GROUPS];
+            for (int64_t e = 0; e < groups; e++) {
+                float *pdb = sums + e * (n + k) * 16, *pda = pdb + n * 16;
+                const float *be = bp + e * n * 16;
+                __m512 uv[LORA_ROWS];
+                for (int q = 0; q < LORA_ROWS; q++) {  /* the rows in fp32 (broadcast from memory below); past m: 0 */
+                    float uq[16] __attribute__((aligned(64))) = {0};
+                    if (i0 + q < m) {
+                        const uint16_t *gq = g + (i0 + q) * ldg + e * n, *dq = dropped[e] + (i0 + q) * ldd;
+                        for (int64_t j = 0; j < n; j += 16) _mm512_store_ps(gf + q * n + j, load16_bf16(gq + j));
+                        for (int64_t j = 0; j < k; j += 16) _mm512_store_ps(df + q * k + j, load16_bf16(dq + j));
+                        for (int64_t c = 0; c < r; c++) uq[c] = bf2f(u[e][(i0 + q) * r + c]);
+                    } else {
+                        memset(gf + q * n, 0, (size_t) n * 4);
+                        memset(df + q * k, 0, (size_t) k * 4);
+                    }
+                    uv[q] = _mm512_load_ps(uq);
+                    du[q][e] = _mm512_setzero_ps();
                 }
-                uv[q] = _mm512_load_ps(uq);
-                du[q] = _mm512_setzero_ps();
-            }
-            for (int64_t j = 0; j < n; j++) {           /* dU rows (4 chains), dB^T += U^T g */
-                const __m512 bj = _mm512_load_ps(bp + j * 16);
-                __m512 acc = _mm512_load_ps(pdb + j * 16);
-                for (int q = 0; q < LORA_ROWS; q++) {
-                    const __m512 gq = _mm512_set1_ps(gf[q * n + j]);
-                    du[q] = _mm512_fmadd_ps(gq, bj, du[q]);
-                    acc = _mm512_fmadd_ps(gq, uv[q], acc);
+                for (int64_t j = 0; j < n; j++) {           /* dU rows (4 chains), dB^T += U^T g */
+                    const __m512 bj = _mm512_load_ps(be + j * 16);
+                    __m512 acc = _mm512_load_ps(pdb + j * 16);
+                    for (int q = 0; q < LORA_ROWS; q++) {
+                        const __m512 gq = _mm512_set1_ps(gf[q * n + j]);
+                        du[q][e] = _mm512_fmadd_ps(gq, bj, du[q][e]);
+                        acc = _mm512_fmadd_ps(gq, uv[q], acc);
+                    }
+                    _mm512_store_ps(pdb + j * 16, acc);
                 }
-                _mm512_store_ps(pdb + j * 16, acc);
-            }
-            for (int q = 0; q < LORA_ROWS; q++) du[q] = _mm512_mul_ps(du[q], _mm512_set1_ps(scaling));
-            for (int64_t j = 0; j < k; j++) {           /* dA^T += drop(x)^T dU */
-                __m512 acc = _mm512_load_ps(pda + j * 16);
-                for (int q = 0; q < LORA_ROWS; q++) acc = _mm512_fmadd_ps(_mm512_set1_ps(df[q * k + j]), du[q], acc);
-                _mm512_store_ps(pda + j * 16, acc);
+                for (int q = 0; q < LORA_ROWS; q++) du[q][e] = _mm512_mul_ps(du[q][e], _mm512_set1_ps(scaling));
+                for (int64_t j = 0; j < k; j++) {           /* dA^T += drop(x)^T dU */
+                    __m512 acc = _mm512_load_ps(pda + j * 16);
+                    for (int q = 0; q < LORA_ROWS; q++)
+                        acc = _mm512_fmadd_ps(_mm512_set1_ps(df[q * k + j]), du[q][e], acc);
+                    _mm512_store_ps(pda + j * 16, acc);
+                }
             }
             if (!dx) continue;
-            for (int q = 0; q < LORA_ROWS && i0 + q < m; q++) lora_dx_row(dx, gw, du[q], ap, i0 + q, k, r, seed, th, dscale, keep);
+            for (int q = 0; q < LORA_ROWS && i0 + q < m; q++)
+                lora_dx_row(dx, gw, du[q], ap, i0 + q, k, r, groups, seeds, th, dscale, keep);
         }
     }
-    for (int64_t j = 0; j < n; j++)                       /* the threads' sums in turn */
-        for (int64_t c = 0; c < r; c++) {
-            float t = 0.0f;
-            for (int p = 0; p < nt; p++) t += part[p * own + j * 16 + c];
-            db[j * r + c] = t * scaling;
-        }
-    for (int64_t c = 0; c < r; c++)
-        for (int64_t j = 0; j < k; j++) {
-            float t = 0.0f;
-            for (int p = 0; p < nt; p++) t += part[p * own + n * 16 + j * 16 + c];
-            da[c * k + j] = t;
-        }
+    lora_sums(part, own, nt, da, db, n, k, r, groups, scaling, 0);
     free(bp);
     return 0;
 }
-/* LoRA's forward around the frozen product (rank r <= 16, k and n multiples of 16), m rows of fp32 x (m x k):
-   lora_input: xb = bf16(x) (the product's input), drop(x) = bf16(x / (1 - p)) m (dropped; NULL when p = 0, where
-   drop(x) is xb) and U = drop(x) A^T (u, m x r, fp32 sums rounded once), four rows at a time in one pass over x;
-   lora_output: y = bf16(y + s U B^T) in place over the product's bf16 y (m x n), the update summed in fp32 and
-   added before the one rounding */
-/* row i of xb = bf16(x) and of drop(x) (NULL: no dropout, drop(x) is xb), and drop(x)'s row in fp32 into df */
-static inline void lora_input_row(const float *x, uint16_t *xb, uint16_t *dropped, float *df, int64_t i, int64_t k,
-                                  uint64_t seed, int16_t th, float dscale, uint16_t *keep) {
+/* LoRA's forward around the frozen product (rank r <= 16, k and n multiples of 16), m rows of fp32 x (m x k), for
+   G linears on x as lora_backward_bf16's:
+   lora_input: xb = bf16(x) (the product's input), drop_e(x) = bf16(x / (1 - p)) m_e (dropped[e], m_e from
+   seeds[e]; dropped NULL when p = 0, where drop_e(x) is xb) and U_e = drop_e(x) A_e^T (u[e], m x r, fp32 sums
+   rounded once), four rows at a time in one pass over x;
+   lora_output: y = bf16(y + s U B^T) in place over the product's bf16 y (m x n, rows ld apart: one linear's
+   columns of the G side by side), the update summed in fp32 and added before the one rounding */
+/* row i of xb = bf16(x) (xb NULL: not written) and of drop(x) (NULL: no dropout, drop(x) is xb), and drop(x)'s
+   row in fp32 into df */
+static inline void lora_input_row(const float *x, uint16_t *xb, int64_t ldx, uint16_t *dropped, float *df, int64_t i,
+                                  int64_t k, uint64_t seed, int16_t th, float dscale, uint16_t *keep) {
     const float *xi = x + i * k;
-    uint16_t *bi = xb + i * k, *di = dropped ? dropped + i * k : bi;
+    uint16_t *bi = xb ? xb + i * ldx : NULL, *di = dropped ? dropped + i * k : bi;
     if (dropped) span_keep(keep, i * k, k, seed, th);
     for (int64_t j = 0; j < k; j += 16) {
         const __m512 v = _mm512_loadu_ps(xi + j);
         __m256i h = (__m256i) _mm512_cvtneps_pbh(v);
-        _mm256_storeu_si256((__m256i *) (bi + j), h);
+        if (bi) _mm256_storeu_si256((__m256i *) (bi + j), h);
         if (dropped) {
             const __mmask16 kept = _mm256_movepi16_mask(_mm256_load_si256((const __m256i *) (keep + j)));
             h = _mm256_maskz_mov_epi16(kept, (__m256i) _mm512_cvtneps_pbh(_mm512_mul_ps(v, _mm512_set1_ps(dscale))));
@@ -678,40 +723,67 @@ static inline void lora_input_row(const float *x, uint16_t *xb, uint16_t *droppe
         if (df) _mm512_store_ps(df + j, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
     }
 }
-static int lora_input_vec(const float *x, const uint16_t *a, uint16_t *xb, uint16_t *dropped, uint16_t *u, int64_t m,
-                          int64_t k, int64_t r, uint64_t seed, int32_t threshold, float dscale) {
-    float *at = aligned_alloc(64, (size_t) (k * 16 + THREADS() * LORA_ROWS * k) * 4);
+/* rows i0 .. i0 + rows - 1 of linear e's input side: of xb only for e = 0, of drop_e(x) where there is dropout
+   (without, linear e > 0 reads xb, which e = 0 wrote) */
+static inline int lora_group_rows(const float *x, uint16_t *xb, int64_t ldx, uint16_t *const *dropped, float *df,
+                                  int64_t e, int64_t i0, int64_t rows, int64_t k, const uint64_t *seeds, int16_t th,
+                                  float dscale, uint16_t *keep) {
+    if (e > 0 && !dropped) return 0;
+    for (int64_t q = 0; q < rows; q++)
+        lora_input_row(x, e == 0 ? xb : NULL, ldx, dropped ? dropped[e] : NULL, df ? df + q * k : NULL, i0 + q, k,
+                       seeds[e], th, dscale, keep);
+    return 1;
+}
+/* row i of U_e (fp32 sums t, rounded once) into u[e] and, where xb's rows are wider than x's (ldx > k), into xb's
+   columns k + e r .. k + (e + 1) r - 1 too, the columns past all G zeroed with the last: [xb | U_1 .. U_G | 0],
+   the frozen product's input with the updates folded in */
+static inline void lora_u_row(const float *t, uint16_t *const *u, uint16_t *xb, int64_t ldx, int64_t i, int64_t k,
+                              int64_t r, int64_t e, int64_t groups) {
+    for (int64_t c = 0; c < r; c++) u[e][i * r + c] = f2bf(t[c]);
+    if (ldx == k) return;
+    uint16_t *row = xb + i * ldx + k;
+    memcpy(row + e * r, u[e] + i * r, (size_t) r * 2);
+    if (e == groups - 1) memset(row + groups * r, 0, (size_t) (ldx - k - groups * r) * 2);
+}
+static int lora_input_vec(const float *x, const uint16_t *const *a, uint16_t *xb, int64_t ldx, uint16_t *const *dropped,
+                          uint16_t *const *u, int64_t m, int64_t k, int64_t r, int64_t groups, const uint64_t *seeds,
+                          int32_t threshold, float dscale) {
+    float *at = aligned_alloc(64, (size_t) (groups * k * 16 + THREADS() * LORA_ROWS * k) * 4);
     if (!at) return -1;
-    for (int64_t j = 0; j < k; j++)
-        for (int64_t c = 0; c < 16; c++) at[j * 16 + c] = c < r ? bf2f(a[c * k + j]) : 0.0f;
+    for (int64_t e = 0; e < groups; e++)
+        for (int64_t j = 0; j < k; j++)
+            for (int64_t c = 0; c < 16; c++) at[(e * k + j) * 16 + c] = c < r ? bf2f(a[e][c * k + j]) : 0.0f;
     const int16_t th = (int16_t) threshold;
     #pragma omp parallel
     {
         uint16_t keep[MAXT] __attribute__((aligned(64)));
-        float *df = at + k * 16 + (int64_t) THREAD() * LORA_ROWS * k;     /* drop(x)'s rows in fp32; past m: 0 */
+        float *df = at + groups * k * 16 + (int64_t) THREAD() * LORA_ROWS * k;   /* drop(x)'s rows in fp32; past m: 0 */
         #pragma omp for schedule(static)
         for (int64_t i0 = 0; i0 < m; i0 += LORA_ROWS) {
-            for (int q = 0; q < LORA_ROWS; q++) {
-                if (i0 + q >= m) memset(df + q * k, 0, (size_t) k * 4);
-                else lora_input_row(x, xb, dropped, df + q * k, i0 + q, k, seed, th, dscale, keep);
-            }
-            __m512 acc[LORA_ROWS];
-            for (int q = 0; q < LORA_ROWS; q++) acc[q] = _mm512_setzero_ps();
-            for (int64_t j = 0; j < k; j++) {                /* U rows: four chains of broadcasts from memory */
-                const __m512 aj = _mm512_load_ps(at + j * 16);
-                for (int q = 0; q < LORA_ROWS; q++) acc[q] = _mm512_fmadd_ps(_mm512_set1_ps(df[q * k + j]), aj, acc[q]);
-            }
-            for (int q = 0; q < LORA_ROWS && i0 + q < m; q++) {
-                float t[16] __attribute__((aligned(64)));
-                _mm512_store_ps(t, acc[q]);
-                for (int64_t c = 0; c < r; c++) u[(i0 + q) * r + c] = f2bf(t[c]);
+            const int64_t rows = m - i0 < LORA_ROWS ? m - i0 : LORA_ROWS;
+            if (rows < LORA_ROWS) memset(df + rows * k, 0, (size_t) (LORA_ROWS - rows) * k * 4);
+            for (int64_t e = 0; e < groups; e++) {
+                lora_group_rows(x, xb, ldx, dropped, df, e, i0, rows, k, seeds, th, dscale, keep);
+                const float *ae = at + e * k * 16;
+                __m512 acc[LORA_ROWS];
+                for (int q = 0; q < LORA_ROWS; q++) acc[q] = _mm512_setzero_ps();
+                for (int64_t j = 0; j < k; j++) {            /* U rows: four chains of broadcasts from memory */
+                    const __m512 aj = _mm512_load_ps(ae + j * 16);
+                    for (int q = 0; q < LORA_ROWS; q++)
+                        acc[q] = _mm512_fmadd_ps(_mm512_set1_ps(df[q * k + j]), aj, acc[q]);
+                }
+                for (int q = 0; q < rows; q++) {
+                    float t[16] __attribute__((aligned(64)));
+                    _mm512_store_ps(t, acc[q]);
+                    lora_u_row(t, u, xb, ldx, i0 + q, k, r, e, groups);
+                }
             }
         }
     }
     free(at);
     return 0;
 }
-int lora_output_bf16(uint16_t *y, const uint16_t *u, const uint16_t *b, int64_t m, int64_t n, int64_t r,
+int lora_output_bf16(uint16_t *y, int64_t ld, const uint16_t *u, const uint16_t *b, int64_t m, int64_t n, int64_t r,
                      float scaling) {
     float *bt = aligned_alloc(64, (size_t) r * n * 4);
     if (!bt) return -1;
@@ -721,7 +793,7 @@ int lora_output_bf16(uint16_t *y, const uint16_t *u, const uint16_t *b, int64_t 
     for (int64_t i = 0; i < m; i++) {
         float uc[16];
         for (int64_t c = 0; c < r; c++) uc[c] = bf2f(u[i * r + c]);
-        uint16_t *yi = y + i * n;
+        uint16_t *yi = y + i * ld;
         for (int64_t j = 0; j < n; j += 16) {
             __m512 v = _mm512_setzero_ps();
             for (int64_t c = 0; c < r; c++) v = _mm512_fmadd_ps(_mm512_set1_ps(uc[c]), _mm512_load_ps(bt + c * n + j), v);
@@ -1041,12 +1113,13 @@ ATTENTION(64, 4)
      dP = dO' V^T in fp32 (V packed as the forward packs K), G = dP m, dS = P (G - rowsum(G P)) rounded once,
      dQ = dS K * scale (K packed in pairs of keys, as the forward packs V), and over all the rows
      dV += (P m)^T dO', dK += dS^T Q' (pairs of rows of P m / dS times pairs of rows of dO' / Q', fp32).
-   q, k, v, probs, dq, dk, dv contiguous; dO's (b, h, t) strides in so (its last dim contiguous). */
+   q, k, v, probs contiguous; dO's (b, h, t) strides in so, dQ's, dK's and dV's (the same for all three) in sg
+   (their last dims contiguous). */
 #define ATTENTION_BACKWARD(D, R)                                                                              \
 static int attention_backward_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *dout, \
                                   const uint16_t *probs, uint16_t *dq, uint16_t *dk, uint16_t *dv, int64_t nb,  \
-                                  int64_t nh, int64_t t, const int64_t *so, float scale, uint64_t seed, int16_t th, \
-                                  float dscale) {                                                             \
+                                  int64_t nh, int64_t t, const int64_t *so, const int64_t *sg, float scale,      \
+                                  uint64_t seed, int16_t th, float dscale) {                                  \
     const int64_t tp = (t + 15) / 16 * 16, dp = D / 2, words = tp * dp + tp / 2 * D + 2 * tp * D;           \
     uint32_t *heap = aligned_alloc(64, (size_t) THREADS() * words * 4);   /* packed V and K, dV and dK sums */ \
     if (!heap) return -1;                                                                                    \
@@ -1063,6 +1136,7 @@ static int attention_backward_##D(const uint16_t *q, const uint16_t *k, const ui
         const int64_t bh = b * nh + h;                                                                       \
         const uint16_t *qb = q + bh * t * D, *kb = k + bh * t * D, *vb = v + bh * t * D;                     \
         const uint16_t *ob = dout + b * so[0] + h * so[1];                                                   \
+        const int64_t gb = b * sg[0] + h * sg[1], gt = sg[2];       /* (b, h)'s dQ, dK, dV rows: gb + i gt */ \
         pack_keys(vk, vb, t, tp, D, D);                                                                      \
         pack_pairs(kv, kb, t, tp, D, D);                                                                     \
         memset(accv, 0, (size_t) tp * D * 8);                                                                \
@@ -1082,7 +1156,7 @@ static int attention_backward_##D(const uint16_t *q, const uint16_t *k, const ui
             const __m512 vs = _mm512_set1_ps(scale);                                                         \
             for (int64_t r = 0; r < rows; r++)                                                               \
                 for (int u = 0; u < D / 16; u++)                                                             \
-                    _mm256_storeu_si256((__m256i *) (dq + (bh * t + i0 + r) * D + u * 16),                   \
+                    _mm256_storeu_si256((__m256i *) (dq + gb + (i0 + r) * gt + u * 16),                   \
                                         (__m256i) _mm512_cvtneps_pbh(_mm512_mul_ps(o[r][u], vs)));           \
             for (int r = 0; r < R / 2; r++)                           /* pairs of rows of P m and of dS */   \
                 for (int64_t j = 0; j < t; j++) {                                                            \
@@ -1110,9 +1184,9 @@ static int attention_backward_##D(const uint16_t *q, const uint16_t *k, const ui
         const __m512 vds = _mm512_set1_ps(dscale);                                                           \
         for (int64_t j = 0; j < t; j++)                                                                      \
             for (int u = 0; u < D / 16; u++) {                                                               \
-                _mm256_storeu_si256((__m256i *) (dv + (bh * t + j) * D + u * 16),                            \
+                _mm256_storeu_si256((__m256i *) (dv + gb + (j) * gt + u * 16),                            \
                                     (__m256i) _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(accv + j * D + u * 16), vds))); \
-                _mm256_storeu_si256((__m256i *) (dk + (bh * t + j) * D + u * 16),                            \
+                _mm256_storeu_si256((__m256i *) (dk + gb + (j) * gt + u * 16),                            \
                                     (__m256i) _mm512_cvtneps_pbh(_mm512_load_ps(acck + j * D + u * 16)));    \
             }                                                                                                \
     }                                                                                                        \
@@ -1271,7 +1345,7 @@ ATTENTION_AMX(64)
 static int attention_backward_amx_##D(const uint16_t *q, const uint16_t *k, const uint16_t *v,                  \
                                       const uint16_t *dout, const uint16_t *probs, uint16_t *dq, uint16_t *dk,  \
                                       uint16_t *dv, int64_t nb, int64_t nh, int64_t t, const int64_t *so,        \
-                                      float scale, uint64_t seed, int16_t th, float dscale) {                  \
+                                      const int64_t *sg, float scale, uint64_t seed, int16_t th, float dscale) { \
     const int64_t tq = (t + 31) / 32 * 32, dp = D / 2;                                                       \
     const int64_t words = tq * dp + tq / 2 * D + 2 * (tq / 2) * tq + D * tq;                                 \
     uint32_t *heap = aligned_alloc(64, (size_t) THREADS() * words * 4);                                      \
@@ -1288,6 +1362,7 @@ static int attention_backward_amx_##D(const uint16_t *q, const uint16_t *k, cons
         const int64_t bh = b * nh + h;                                                                       \
         const uint16_t *qb = q + bh * t * D, *kb = k + bh * t * D, *vb = v + bh * t * D;                     \
         const uint16_t *ob = dout + b * so[0] + h * so[1];                                                   \
+        const int64_t gb = b * sg[0] + h * sg[1], gt = sg[2];       /* (b, h)'s dQ, dK, dV rows: gb + i gt */ \
         pack_keys(vk, vb, t, tq, D, D);                                                                      \
         pack_pairs(kv, kb, t, tq, D, D);                                                                     \
         transpose_rows(otr, ob, t, tq, so[2], D);                     /* dO and Q' transposed, 0 past t */   \
@@ -1304,7 +1379,7 @@ static int attention_backward_amx_##D(const uint16_t *q, const uint16_t *k, cons
             TILES_TIMES(D, O, DS, kv, tq)                             /* dQ = dS K * scale */                \
             for (int64_t r = 0; r < rows; r++)                                                               \
                 for (int u = 0; u < D / 16; u++)                                                             \
-                    _mm256_storeu_si256((__m256i *) (dq + (bh * t + i0 + r) * D + u * 16), (__m256i)         \
+                    _mm256_storeu_si256((__m256i *) (dq + gb + (i0 + r) * gt + u * 16), (__m256i)         \
                         _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(O + r * D + u * 16), _mm512_set1_ps(scale)))); \
             for (int64_t r = 0; r < 16; r += 2) {        /* pairs of rows of P m and dS (rows past t: 0) */ \
                 uint32_t *pwr = pw + ((i0 + r) / 2) * tq, *swr = sw + ((i0 + r) / 2) * tq;                   \
@@ -1325,9 +1400,9 @@ static int attention_backward_amx_##D(const uint16_t *q, const uint16_t *k, cons
                 for (int64_t n = 0; n < 16 && j0 + n < t; n++) {           /* column n of C: key j0 + n */  \
                     const __m512i col = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_setr_epi32(               \
                         0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(16)), _mm512_set1_epi32((int) n)); \
-                    _mm256_storeu_si256((__m256i *) (dv + (bh * t + j0 + n) * D + u * 16), (__m256i) _mm512_cvtneps_pbh( \
+                    _mm256_storeu_si256((__m256i *) (dv + gb + (j0 + n) * gt + u * 16), (__m256i) _mm512_cvtneps_pbh( \
                         _mm512_mul_ps(_mm512_i32gather_ps(col, C[0], 4), _mm512_set1_ps(dscale))));        \
-                    _mm256_storeu_si256((__m256i *) (dk + (bh * t + j0 + n) * D + u * 16),                   \
+                    _mm256_storeu_si256((__m256i *) (dk + gb + (j0 + n) * gt + u * 16),                   \
                                         (__m256i) _mm512_cvtneps_pbh(_mm512_i32gather_ps(col, C[1], 4)));     \
                 }                                                                                            \
             }                                                                                                \
@@ -1358,116 +1433,125 @@ static inline void tiles_32x16(float *out, const uint16_t *x, int64_t ld, const 
     }
     TSTORE(0, out, 64); TSTORE(1, out + 256, 64);
 }
-/* the 32 rows at src (ld apart) where all exist, else the rows that do copied into tail, then zeros */
-static inline const uint16_t *rows32(uint16_t *tail, const uint16_t *src, int64_t rows, int64_t ld) {
+/* the 32 rows at src (ld apart, w wide) where all exist, else the rows that do copied into tail (w apart), then
+   zeros; *ldo: the rows' distance in what it returns */
+static inline const uint16_t *rows32(uint16_t *tail, const uint16_t *src, int64_t rows, int64_t ld, int64_t w,
+                                     int64_t *ldo) {
+    *ldo = ld;
     if (rows == 32) return src;
-    memset(tail, 0, (size_t) 32 * ld * 2);
-    memcpy(tail, src, (size_t) rows * ld * 2);
+    memset(tail, 0, (size_t) 32 * w * 2);
+    for (int64_t q = 0; q < rows; q++) memcpy(tail + q * w, src + q * ld, (size_t) w * 2);
+    *ldo = w;
     return tail;
 }
-/* lora_backward_bf16 with its rank-r products on the tiles (n and k multiples of 32), 32 rows at a time: dU = s g B
-   from g's rows as they lie and B in pairs (fp32, two 16 x 16 results), then dB^T += U^T g and dA += dU^T drop(x)
-   per 16 columns, g's and drop(x)'s 32 rows interleaved in pairs (interleave_rows) and U^T, dU^T as 16 x 32 bf16
-   operands (r padded with zeros). dU is split into three bf16 parts, hi = bf16(dU), mid = bf16(dU - hi) and
-   lo = bf16(dU - hi - mid), which hold its fp32 bits, and dA made from all three: as accurate as the AVX-512
-   form's from the fp32 dU (against float64 at 4,096 x 384 x rank 8, the largest error 3.5e-7 of dA's largest
-   value, that form's 1.3e-6; from hi alone, 1.7e-3). dB^T and dA are summed per thread (16 x n, 16 x k fp32, in cache) and then over
-   the threads in turn; dx from the fp32 dU row by row as that form's (lora_dx_row). */
-static int lora_backward_amx(const uint16_t *g, const uint16_t *bmat, const uint16_t *u, const uint16_t *dropped,
-                             const uint16_t *a, const uint16_t *gw, float *da, float *db, float *dx, int64_t m,
-                             int64_t n, int64_t k, int64_t r, float scaling, uint64_t seed, int32_t threshold,
-                             float dscale) {
+/* lora_backward_bf16 with its rank-r products on the tiles (n and k multiples of 32), 32 rows at a time and per
+   linear e: dU = s g B from g's rows as they lie and B in pairs (fp32, two 16 x 16 results), then dB^T += U^T g and
+   dA += dU^T drop(x) per 16 columns, g's and drop(x)'s 32 rows interleaved in pairs (interleave_rows) and U^T, dU^T
+   as 16 x 32 bf16 operands (r padded with zeros). dU is split into three bf16 parts, hi = bf16(dU),
+   mid = bf16(dU - hi) and lo = bf16(dU - hi - mid), which hold its fp32 bits, and dA made from all three: as
+   accurate as the AVX-512 form's from the fp32 dU (against float64 at 4,096 x 384 x rank 8, the largest error
+   3.5e-7 of dA's largest value, that form's 1.3e-6; from hi alone, 1.7e-3). dB^T and dA are summed per thread
+   (16 x n, 16 x k fp32, in cache) and then over the threads in turn; dx from the fp32 dU_e row by row as that
+   form's (lora_dx_row). */
+static int lora_backward_amx(const uint16_t *g, int64_t ldg, const uint16_t *const *bmat, const uint16_t *const *u,
+                             const uint16_t *const *dropped, int64_t ldd, const uint16_t *const *a, const uint16_t *gw,
+                             float *const *da, float *const *db, float *dx, int64_t m, int64_t n, int64_t k, int64_t r,
+                             int64_t groups, float scaling, const uint64_t *seeds, int32_t threshold, float dscale) {
     const int nt = THREADS();
-    /* a thread's words: dB^T and dA sums, g's and drop(x)'s rows in pairs, a zero-padded last block (32 x (n + k)) */
-    const int64_t own = 16 * (n + k) * 3;
-    uint32_t *bp = aligned_alloc(64, (size_t) (8 * n + r * k + nt * own) * 4);
+    /* a thread's words: the G dB^T and dA sums, g's and drop(x)'s rows in pairs, a zero-padded last block
+       (32 x (n + k)), dU's 32 rows per linear, the G masks' rows (MAXT each) */
+    const int64_t own = 16 * (n + k) * (groups + 2) + 32 * 16 * groups + groups * MAXT / 2;
+    uint32_t *bp = aligned_alloc(64, (size_t) (groups * (8 * n + r * k) + nt * own) * 4);
     if (!bp) return -1;
-    float *ap = (float *) (bp + 8 * n), *part = ap + r * k;
-    pack_rank_pairs(bp, bmat, n, r, r, 1);                    /* B (n x r) */
-    for (int64_t i = 0; i < r * k; i++) ap[i] = bf2f(a[i]);
+    float *ap = (float *) (bp + groups * 8 * n), *part = ap + groups * r * k;
+    for (int64_t e = 0; e < groups; e++) pack_rank_pairs(bp + e * 8 * n, bmat[e], n, r, r, 1);     /* B_e (n x r) */
+    lora_unpack(ap, NULL, a, NULL, n, k, r, groups);
     const int16_t th = (int16_t) threshold;
     #pragma omp parallel
     {
-        float *pdb = part + (int64_t) THREAD() * own, *pda = pdb + 16 * n;
-        uint32_t *gp = (uint32_t *) (pda + 16 * k), *dp = gp + 16 * n;
+        float *sums = part + (int64_t) THREAD() * own;
+        uint32_t *gp = (uint32_t *) (sums + 16 * (n + k) * groups), *dp = gp + 16 * n;
         uint16_t *tail = (uint16_t *) (dp + 16 * k);
-        float du[32 * 16] __attribute__((aligned(64)));
+        float *du = (float *) (tail + 32 * (n + k));
+        uint16_t *keep = (uint16_t *) (du + 32 * 16 * groups);
         uint16_t ut[16 * 32] __attribute__((aligned(64))), dut[3][16 * 32] __attribute__((aligned(64)));
-        uint16_t keep[MAXT] __attribute__((aligned(64)));
-        memset(pdb, 0, (size_t) 16 * (n + k) * 4);
+        memset(sums, 0, (size_t) 16 * (n + k) * groups * 4);
         TCONFIG();
         #pragma omp for schedule(static)
         for (int64_t i0 = 0; i0 < m; i0 += 32) {
             const int64_t rows = m - i0 < 32 ? m - i0 : 32;
-            const uint16_t *gs = rows32(tail, g + i0 * n, rows, n);
-            const uint16_t *ds = rows32(tail + 32 * n, dropped + i0 * k, rows, k);
-            tiles_32x16(du, gs, n, bp, n);                          /* dU = g B */
-            memset(ut, 0, sizeof ut);
-            for (int64_t q = 0; q < 32; q++) {
-                _mm512_store_ps(du + q * 16, _mm512_mul_ps(_mm512_load_ps(du + q * 16), _mm512_set1_ps(scaling)));
-                for (int64_t c = 0; c < 16; c++) {
-                    const float x = du[q * 16 + c];
-                    const uint16_t hi = f2bf(x), mid = f2bf(x - bf2f(hi));
-                    dut[0][c * 32 + q] = hi;
-                    dut[1][c * 32 + q] = mid;
-                    dut[2][c * 32 + q] = f2bf(x - bf2f(hi) - bf2f(mid));
+            for (int64_t e = 0; e < groups; e++) {
+                float *pdb = sums + 16 * (n + k) * e, *pda = pdb + 16 * n, *due = du + 32 * 16 * e;
+                int64_t lg, ld;
+                const uint16_t *gs = rows32(tail, g + i0 * ldg + e * n, rows, ldg, n, &lg);
+                const uint16_t *ds = rows32(tail + 32 * n, dropped[e] + i0 * ldd, rows, ldd, k, &ld);
+                tiles_32x16(due, gs, lg, bp + e * 8 * n, n);                 /* dU = g B */
+                memset(ut, 0, sizeof ut);
+                for (int64_t q = 0; q < 32; q++) {
+                    _mm512_store_ps(due + q * 16, _mm512_mul_ps(_mm512_load_ps(due + q * 16), _mm512_set1_ps(scaling)));
+                    for (int64_t c = 0; c < 16; c++) {
+                        const float x = due[q * 16 + c];
+                        const uint16_t hi = f2bf(x), mid = f2bf(x - bf2f(hi));
+                        dut[0][c * 32 + q] = hi;
+                        dut[1][c * 32 + q] = mid;
+                        dut[2][c * 32 + q] = f2bf(x - bf2f(hi) - bf2f(mid));
+                    }
+                    if (q < rows) for (int64_t c = 0; c < r; c++) ut[c * 32 + q] = u[e][(i0 + q) * r + c];
                 }
-                if (q < rows) for (int64_t c = 0; c < r; c++) ut[c * 32 + q] = u[(i0 + q) * r + c];
+                for (int64_t p = 0; p < 16; p++) {
+                    interleave_rows(gp + p * n, gs + 2 * p * lg, gs + (2 * p + 1) * lg, n);
+                    interleave_rows(dp + p * k, ds + 2 * p * ld, ds + (2 * p + 1) * ld, k);
+                }
+                TLOAD(5, ut, 64);
+                for (int64_t j = 0; j < n; j += 16) {                  /* dB^T += U^T g */
+                    TLOAD(0, pdb + j, n * 4); TLOAD(6, gp + j, n * 4); TDP(0, 5, 6); TSTORE(0, pdb + j, n * 4);
+                }
+                TLOAD(7, dut[0], 64); TLOAD(5, dut[1], 64); TLOAD(2, dut[2], 64);
+                for (int64_t j = 0; j < k; j += 16) {                  /* dA += (hi + mid + lo)^T drop(x) */
+                    TLOAD(1, pda + j, k * 4); TLOAD(4, dp + j, k * 4);
+                    TDP(1, 2, 4); TDP(1, 5, 4); TDP(1, 7, 4);
+                    TSTORE(1, pda + j, k * 4);
+                }
             }
-            for (int64_t p = 0; p < 16; p++) {
-                interleave_rows(gp + p * n, gs + 2 * p * n, gs + (2 * p + 1) * n, n);
-                interleave_rows(dp + p * k, ds + 2 * p * k, ds + (2 * p + 1) * k, k);
-            }
-            TLOAD(5, ut, 64);
-            for (int64_t j = 0; j < n; j += 16) {                  /* dB^T += U^T g */
-                TLOAD(0, pdb + j, n * 4); TLOAD(6, gp + j, n * 4); TDP(0, 5, 6); TSTORE(0, pdb + j, n * 4);
-            }
-            TLOAD(7, dut[0], 64); TLOAD(5, dut[1], 64); TLOAD(2, dut[2], 64);
-            for (int64_t j = 0; j < k; j += 16) {                  /* dA += (hi + mid + lo)^T drop(x) */
-                TLOAD(1, pda + j, k * 4); TLOAD(4, dp + j, k * 4);
-                TDP(1, 2, 4); TDP(1, 5, 4); TDP(1, 7, 4);
-                TSTORE(1, pda + j, k * 4);
-            }
-            if (dx) for (int64_t q = 0; q < rows; q++) lora_dx_row(dx, gw, _mm512_load_ps(du + q * 16), ap, i0 + q, k, r, seed, th, dscale, keep);
+            if (dx)
+                for (int64_t q = 0; q < rows; q++) {
+                    __m512 dq[LORA_GROUPS];
+                    for (int64_t e = 0; e < groups; e++) dq[e] = _mm512_load_ps(du + 32 * 16 * e + q * 16);
+                    lora_dx_row(dx, gw, dq, ap, i0 + q, k, r, groups, seeds, th, dscale, keep);
+                }
         }
         TRELEASE();
     }
-    for (int64_t j = 0; j < n; j++)                       /* the threads' sums in turn */
-        for (int64_t c = 0; c < r; c++) {
-            float t = 0.0f;
-            for (int p = 0; p < nt; p++) t += part[p * own + c * n + j];
-            db[j * r + c] = t * scaling;
-        }
-    for (int64_t c = 0; c < r; c++)
-        for (int64_t j = 0; j < k; j++) {
-            float t = 0.0f;
-            for (int p = 0; p < nt; p++) t += part[p * own + 16 * n + c * k + j];
-            da[c * k + j] = t;
-        }
+    lora_sums(part, own, nt, da, db, n, k, r, groups, scaling, 1);
     free(bp);
     return 0;
 }
-/* lora_input_bf16 with U = drop(x) A^T on the tiles (k a multiple of 32): 32 rows of xb and drop(x) as
-   lora_input_row writes them, then U's 32 x 16 block from drop(x)'s rows as they lie and A^T in pairs */
-static int lora_input_amx(const float *x, const uint16_t *a, uint16_t *xb, uint16_t *dropped, uint16_t *u, int64_t m,
-                          int64_t k, int64_t r, uint64_t seed, int32_t threshold, float dscale) {
-    uint32_t *at = aligned_alloc(64, (size_t) (8 * k + THREADS() * 16 * k) * 4);
+/* lora_input_bf16 with U = drop(x) A^T on the tiles (k a multiple of 32): 32 rows of xb and drop_e(x) as
+   lora_input_row writes them, then U_e's 32 x 16 block from drop_e(x)'s rows as they lie and A_e^T in pairs */
+static int lora_input_amx(const float *x, const uint16_t *const *a, uint16_t *xb, int64_t ldx, uint16_t *const *dropped,
+                          uint16_t *const *u, int64_t m, int64_t k, int64_t r, int64_t groups, const uint64_t *seeds,
+                          int32_t threshold, float dscale) {
+    uint32_t *at = aligned_alloc(64, (size_t) (groups * 8 * k + THREADS() * 16 * k) * 4);
     if (!at) return -1;
-    pack_rank_pairs(at, a, k, r, 1, k);                       /* A^T (k x r) */
+    for (int64_t e = 0; e < groups; e++) pack_rank_pairs(at + e * 8 * k, a[e], k, r, 1, k);     /* A_e^T (k x r) */
     const int16_t th = (int16_t) threshold;
     #pragma omp parallel
     {
-        uint16_t *tail = (uint16_t *) (at + 8 * k + (int64_t) THREAD() * 16 * k);     /* 32 rows, zero-padded */
+        uint16_t *tail = (uint16_t *) (at + groups * 8 * k + (int64_t) THREAD() * 16 * k);   /* 32 rows, zero-padded */
         uint16_t keep[MAXT] __attribute__((aligned(64)));
         float ub[32 * 16] __attribute__((aligned(64)));
         TCONFIG();
         #pragma omp for schedule(static)
         for (int64_t i0 = 0; i0 < m; i0 += 32) {
             const int64_t rows = m - i0 < 32 ? m - i0 : 32;
-            for (int64_t q = 0; q < rows; q++) lora_input_row(x, xb, dropped, NULL, i0 + q, k, seed, th, dscale, keep);
-            tiles_32x16(ub, rows32(tail, (dropped ? dropped : xb) + i0 * k, rows, k), k, at, k);     /* U */
-            for (int64_t q = 0; q < rows; q++)
-                for (int64_t c = 0; c < r; c++) u[(i0 + q) * r + c] = f2bf(ub[q * 16 + c]);
+            for (int64_t e = 0; e < groups; e++) {
+                lora_group_rows(x, xb, ldx, dropped, NULL, e, i0, rows, k, seeds, th, dscale, keep);
+                int64_t ld;
+                const uint16_t *src = dropped ? rows32(tail, dropped[e] + i0 * k, rows, k, k, &ld)
+                                              : rows32(tail, xb + i0 * ldx, rows, ldx, k, &ld);
+                tiles_32x16(ub, src, ld, at + e * 8 * k, k);                                 /* U_e */
+                for (int64_t q = 0; q < rows; q++) lora_u_row(ub + q * 16, u, xb, ldx, i0 + q, k, r, e, groups);
+            }
         }
         TRELEASE();
     }
@@ -1628,32 +1712,43 @@ void attention_amx_use(int on) { (void) on; }
 #define attention_backward_amx_64 attention_backward_64
 #endif
 /* LoRA's backward (lora_backward_vec): its products on the tiles where they run and n and k are multiples of 32 */
-int lora_backward_bf16(const uint16_t *g, const uint16_t *bmat, const uint16_t *u, const uint16_t *dropped,
-                       const uint16_t *a, const uint16_t *gw, float *da, float *db, float *dx, int64_t m, int64_t n,
-                       int64_t k, int64_t r, float scaling, uint64_t seed, int32_t threshold, float dscale) {
+int lora_backward_bf16(const uint16_t *g, int64_t ldg, const uint16_t *const *bmat, const uint16_t *const *u,
+                       const uint16_t *const *dropped, int64_t ldd, const uint16_t *const *a, const uint16_t *gw,
+                       float *const *da, float *const *db, float *dx, int64_t m, int64_t n, int64_t k, int64_t r,
+                       int64_t groups, float scaling, const uint64_t *seeds, int32_t threshold, float dscale) {
+    if (groups < 1 || groups > LORA_GROUPS) return -2;
 #ifdef LORA_AMX
     if (AMX_ON() && !lora_amx_off && n % 32 == 0 && k % 32 == 0)
-        return lora_backward_amx(g, bmat, u, dropped, a, gw, da, db, dx, m, n, k, r, scaling, seed, threshold, dscale);
+        return lora_backward_amx(g, ldg, bmat, u, dropped, ldd, a, gw, da, db, dx, m, n, k, r, groups, scaling, seeds,
+                                 threshold, dscale);
 #endif
-    return lora_backward_vec(g, bmat, u, dropped, a, gw, da, db, dx, m, n, k, r, scaling, seed, threshold, dscale);
+    return lora_backward_vec(g, ldg, bmat, u, dropped, ldd, a, gw, da, db, dx, m, n, k, r, groups, scaling, seeds,
+                             threshold, dscale);
 }
 /* LoRA's input side (lora_input_vec): U's product on the tiles where they run and k is a multiple of 32 */
-int lora_input_bf16(const float *x, const uint16_t *a, uint16_t *xb, uint16_t *dropped, uint16_t *u, int64_t m,
-                    int64_t k, int64_t r, uint64_t seed, int32_t threshold, float dscale) {
+int lora_input_bf16(const float *x, const uint16_t *const *a, uint16_t *xb, int64_t ldx, uint16_t *const *dropped,
+                    uint16_t *const *u, int64_t m, int64_t k, int64_t r, int64_t groups, const uint64_t *seeds,
+                    int32_t threshold, float dscale) {
+    if (groups < 1 || groups > LORA_GROUPS || (ldx != k && ldx < k + groups * r)) return -2;
 #ifdef LORA_AMX
-    if (AMX_ON() && !lora_amx_off && k % 32 == 0) return lora_input_amx(x, a, xb, dropped, u, m, k, r, seed, threshold, dscale);
+    if (AMX_ON() && !lora_amx_off && k % 32 == 0)
+        return lora_input_amx(x, a, xb, ldx, dropped, u, m, k, r, groups, seeds, threshold, dscale);
 #endif
-    return lora_input_vec(x, a, xb, dropped, u, m, k, r, seed, threshold, dscale);
+    return lora_input_vec(x, a, xb, ldx, dropped, u, m, k, r, groups, seeds, threshold, dscale);
 }
 int attention_backward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *dout,
                             const uint16_t *probs, uint16_t *dq, uint16_t *dk, uint16_t *dv, int64_t nb, int64_t nh,
-                            int64_t t, int64_t d, const int64_t *so, float scale, uint64_t seed, int32_t th,
-                            float dscale) {                                                     /* -1: no memory */
+                            int64_t t, int64_t d, const int64_t *so, const int64_t *sg, float scale, uint64_t seed,
+                            int32_t th, float dscale) {                                         /* -1: no memory */
     if (AMX_ON())
-        return d == 32 ? attention_backward_amx_32(q, k, v, dout, probs, dq, dk, dv, nb, nh, t, so, scale, seed, (int16_t) th, dscale)
-                       : attention_backward_amx_64(q, k, v, dout, probs, dq, dk, dv, nb, nh, t, so, scale, seed, (int16_t) th, dscale);
-    return d == 32 ? attention_backward_32(q, k, v, dout, probs, dq, dk, dv, nb, nh, t, so, scale, seed, (int16_t) th, dscale)
-                   : attention_backward_64(q, k, v, dout, probs, dq, dk, dv, nb, nh, t, so, scale, seed, (int16_t) th, dscale);
+        return d == 32 ? attention_backward_amx_32(q, k, v, dout, probs, dq, dk, dv, nb, nh, t, so, sg, scale, seed,
+                                                   (int16_t) th, dscale)
+                       : attention_backward_amx_64(q, k, v, dout, probs, dq, dk, dv, nb, nh, t, so, sg, scale, seed,
+                                                   (int16_t) th, dscale);
+    return d == 32 ? attention_backward_32(q, k, v, dout, probs, dq, dk, dv, nb, nh, t, so, sg, scale, seed,
+                                           (int16_t) th, dscale)
+                   : attention_backward_64(q, k, v, dout, probs, dq, dk, dv, nb, nh, t, so, sg, scale, seed,
+                                           (int16_t) th, dscale);
 }
 /* st: q's (b, h, t) strides, k's, v's, then the mask's (b, i) strides (elements; the last dims are contiguous).
    probs NULL: prediction. Otherwise training: P is also written to probs (B, h, T, T), and P V is made with P m
@@ -1906,6 +2001,7 @@ int linear_u8_available(void) { return 0; }
 
 _DROPOUT_TYPES = (("f32", "bf16"), ("bf16", "bf16"), ("f32", "f32"), ("bf16", "f32"))   # (x, y) of dropout_x_y
 MAX_ROW = 8192          # the fused kernels' longest row: their stack buffers (MAXT in the C source)
+LORA_GROUPS = 4         # the most LoRA linears on one input the LoRA kernels take at once (LORA_GROUPS in C)
 ATTENTION_MAX_T = 512   # attention()'s longest sequence (BERT-family encoders' limit; MAXA in the C source)
 ATTENTION_HEAD_SIZES = (32, 64)   # the head sizes the attention kernels are compiled for
 _SOURCE = _SOURCE.replace("@MAX_ROW@", str(MAX_ROW)).replace("@MAX_ATT@", str(ATTENTION_MAX_T))
@@ -1989,9 +2085,9 @@ def _compile(arch: tuple[str, ...] = ("-march=native",)) -> ctypes.CDLL | None:
                   **{f"dropout_{a}_{b}": [p, p, i64, u64, i32, f32] for a, b in _DROPOUT_TYPES},
                   "dropout_add_bf16_f32": [p] * 3 + [i64, u64, i32, f32],
                   "mul_bf16": [p] * 3 + [i64],
-                  "lora_backward_bf16": [p] * 9 + [i64] * 4 + [f32, u64, i32, f32],
-                  "lora_input_bf16": [p] * 5 + [i64] * 3 + [u64, i32, f32],
-                  "lora_output_bf16": [p] * 3 + [i64] * 3 + [f32],
+                  "lora_backward_bf16": [p, i64] + [p] * 3 + [i64] + [p] * 5 + [i64] * 5 + [f32, p, i32, f32],
+                  "lora_input_bf16": [p] * 3 + [i64] + [p] * 2 + [i64] * 4 + [p, i32, f32],
+                  "lora_output_bf16": [p, i64] + [p] * 2 + [i64] * 3 + [f32],
                   **{f"range_{t}": [p, i64, p] for t in ("f32", "bf16")},
                   **{f"quantize_u8_{t}": [p, p, i64, f32, i32] for t in ("f32", "bf16")}}
     for name, args in signatures.items():
@@ -2009,7 +2105,7 @@ def _compile(arch: tuple[str, ...] = ("-march=native",)) -> ctypes.CDLL | None:
     if lib.attention_bf16_available():
         lib.attention_bf16.argtypes = [p] * 5 + [i64] * 4 + [p, f32, p, u64, i32, f32, p]
         lib.attention_bf16.restype = ctypes.c_int
-        lib.attention_backward_bf16.argtypes = [p] * 8 + [i64] * 4 + [p, f32, u64, i32, f32]
+        lib.attention_backward_bf16.argtypes = [p] * 8 + [i64] * 4 + [p, p, f32, u64, i32, f32]
         lib.attention_backward_bf16.restype = ctypes.c_int
     lib.attention_amx_available.restype = ctypes.c_int
     lib.attention_amx_use.argtypes = [ctypes.c_int]
@@ -2265,7 +2361,7 @@ def attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 
 
 def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_out: torch.Tensor, probs: torch.Tensor,
-                       seed: int, threshold: int, dropout_scale: float, scale: float):
+                       seed: int, threshold: int, dropout_scale: float, scale: float, out=None):
     """The gradients (dQ, dK, dV) of :func:`attention`'s training forward, O = (P m) V / (1 - p) with
     P = softmax(Q' K^T + bias), for contiguous bf16 (B, h, T, d) ``q`` (Q' = Q * scale, as the forward was given),
     ``k``, ``v``, the (B, h, T, T) ``probs`` the forward kept and ``d_out`` = dL/dO (any strides with a
@@ -2274,6 +2370,9 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_out:
         dQ = dS K * scale, dK = dS^T Q', dV = (P m)^T dO / (1 - p),
     each product by AVX-512 BF16 dot products accumulated in fp32 and rounded once, m redrawn from ``seed``
     (:func:`softmax_keep`'s mask). Unlike the unfused backward, dP and dO / (1 - p) are not rounded to bf16.
+    ``out``: (dQ, dK, dV) written there instead, bf16 (B, h, T, d) tensors of any one set of strides with a
+    contiguous last dim (e.g. views of one (B, T, 3, h, d) tensor: the input gradients of query, key and value
+    side by side, :class:`fast._LoraLinears`).
     """
     b, h, t, d = q.shape
     lib = _attention_lib(d, t)
@@ -2286,10 +2385,17 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_out:
     d_out = d_out.to(torch.bfloat16)
     if d_out.stride(-1) != 1:
         d_out = d_out.contiguous()
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if out is None:
+        out = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = out
+    strides = dq.stride()
+    if any(x.shape != q.shape or x.dtype != torch.bfloat16 or x.stride() != strides or x.device.type != "cpu"
+           for x in out) or strides[-1] != 1:
+        raise ValueError("attention_backward: out must be three bf16 tensors of q's shape with one set of strides")
     so = (ctypes.c_int64 * 3)(*d_out.stride()[:3])
+    sg = (ctypes.c_int64 * 3)(*strides[:3])
     if lib.attention_backward_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), d_out.data_ptr(), probs.data_ptr(),
-                                   dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), b, h, t, d, so, float(scale), seed,
+                                   dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), b, h, t, d, so, sg, float(scale), seed,
                                    int(threshold), float(dropout_scale)):
         raise MemoryError("attention kernel: no memory for its packed keys and values")
     return dq, dk, dv
@@ -2528,58 +2634,110 @@ def lora_kernels_available(n: int, k: int, r: int) -> bool:
         and 0 < r <= 16 and max(n, k) <= MAX_ROW
 
 
-def lora_backward(g: torch.Tensor, b: torch.Tensor, u: torch.Tensor, dropped: torch.Tensor, a: torch.Tensor,
-                  gw: torch.Tensor | None, scaling: float, seed: int, threshold: int, dscale: float):
+def _pointers(tensors) -> ctypes.Array:
+    """The data pointers of ``tensors`` as a C array (the LoRA kernels' per-linear arguments)."""
+    return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+
+
+def _linears(*args):
+    """(G, each argument as a list): one LoRA linear's tensors (and seed) or G linears' sequences of them."""
+    if not isinstance(args[0], (list, tuple)):
+        return 1, [[x] for x in args]
+    groups = len(args[0])
+    if not 1 <= groups <= LORA_GROUPS or any(len(x) != groups for x in args):
+        raise ValueError(f"LoRA kernels: 1 to {LORA_GROUPS} linears, each with all of its tensors")
+    return groups, [list(x) for x in args]
+
+
+def lora_backward(g: torch.Tensor, b, u, dropped, a, gw: torch.Tensor | None, scaling: float, seed, threshold: int,
+                  dscale: float):
     """LoRA's gradients from one pass over the rows, for bf16 2-D ``g`` (m, n) = dL/dy, ``b`` = B (n, r),
     ``u`` = U = drop(x) A^T (m, r), ``dropped`` = drop(x) (m, k), ``a`` = A (r, k) and ``gw`` = g W (m, k; None:
     no input gradient wanted): (dA (r, k), dB (n, r), dx (m, k) or None), fp32, with dU = s g B in fp32,
     dB = s U^T g, dA = dU^T drop(x), dx = gw + (dU A) m / (1 - p), m the dropout's mask for ``seed`` and
     ``threshold`` (:func:`draw`'s over drop(x)'s elements) and ``dscale`` = 1 / (1 - p). Where AMX tiles run
     (:func:`amx_form`) and n and k are multiples of 32, dU, dB and dA are made on the tiles, dA from dU's fp32 bits
-    in three bf16 parts (as accurate as the AVX-512 form's fp32 dU)."""
-    m, n = g.shape
-    r, k = a.shape
-    _check({"g": (g, torch.bfloat16)}, (m, n))
-    _check({"b": (b, torch.bfloat16)}, (n, r))
-    _check({"u": (u, torch.bfloat16)}, (m, r))
-    _check({"dropped": (dropped, torch.bfloat16), **({} if gw is None else {"gw": (gw, torch.bfloat16)})}, (m, k))
-    _check({"a": (a, torch.bfloat16)}, (r, k))
-    da, db = torch.empty((r, k)), torch.empty((n, r))
+    in three bf16 parts (as accurate as the AVX-512 form's fp32 dU). ``dropped`` may be the first k columns of a
+    wider tensor (:func:`lora_input`'s ``width``).
+
+    G LoRA linears on one input (query, key and value; up to :data:`LORA_GROUPS`): ``b``, ``u``, ``dropped``,
+    ``a`` and ``seed`` sequences of G, ``g`` (m, G n) their output gradients side by side, ``gw`` = g W for
+    their frozen weights stacked (W_1; ..; W_G): ([dA_e], [dB_e], dx) with dx = gw + sum_e (dU_e A_e) m_e / (1 - p)
+    summed in one pass, e in turn."""
+    single = not isinstance(b, (list, tuple))
+    groups, (b, u, dropped, a, seed) = _linears(b, u, dropped, a, seed)
+    m, gn = g.shape
+    r, k = a[0].shape
+    n = gn // groups
+    if n * groups != gn or g.stride(1) != 1 or g.stride(0) != gn:
+        raise ValueError(f"lora_backward: g must be a contiguous (m, {groups} n) bf16 tensor")
+    _check({"g": (g, torch.bfloat16)}, (m, gn))
+    ldd = dropped[0].stride(0)
+    for e in range(groups):
+        _check({"b": (b[e], torch.bfloat16)}, (n, r))
+        _check({"u": (u[e], torch.bfloat16)}, (m, r))
+        _check({"a": (a[e], torch.bfloat16)}, (r, k))
+        d = dropped[e]
+        if d.dtype != torch.bfloat16 or d.shape != (m, k) or d.stride() != (ldd, 1) or ldd < k or d.device.type != "cpu":
+            raise ValueError(f"lora_backward: dropped must be bf16 ({m}, {k}) CPU tensors of rows one stride apart")
+    if gw is not None:
+        _check({"gw": (gw, torch.bfloat16)}, (m, k))
+    da, db = [torch.empty((r, k)) for _ in a], [torch.empty((n, r)) for _ in b]
     dx = None if gw is None else torch.empty((m, k))
-    if compiled().lora_backward_bf16(g.data_ptr(), b.data_ptr(), u.data_ptr(), dropped.data_ptr(), a.data_ptr(),
-                                     None if gw is None else gw.data_ptr(), da.data_ptr(), db.data_ptr(),
-                                     None if dx is None else dx.data_ptr(), m, n, k, r, float(scaling), int(seed),
+    seeds = (ctypes.c_uint64 * groups)(*(int(x) for x in seed))
+    if compiled().lora_backward_bf16(g.data_ptr(), gn, _pointers(b), _pointers(u), _pointers(dropped), ldd, _pointers(a),
+                                     None if gw is None else gw.data_ptr(), _pointers(da), _pointers(db),
+                                     None if dx is None else dx.data_ptr(), m, n, k, r, groups, float(scaling), seeds,
                                      int(threshold), float(dscale)):
         raise MemoryError("LoRA backward kernel: no memory for its sums")
-    return da, db, dx
+    return (da[0], db[0], dx) if single else (da, db, dx)
 
 
-def lora_input(x: torch.Tensor, a: torch.Tensor, seed: int, threshold: int, dscale: float, dropout: bool):
+def lora_input(x: torch.Tensor, a, seed, threshold: int, dscale: float, dropout: bool, width: int | None = None):
     """LoRA's input side in one pass over fp32 ``x`` (..., k), for A (r, k) bf16 (:func:`lora_kernels_available`'s
     sizes): (xb, drop(x), U) with xb = bf16(x) for the frozen product, drop(x) = bf16(x * ``dscale``) m (the
     :func:`dropout` kernel's bits: m :func:`draw`'s mask over x's elements; xb itself without ``dropout``) and
-    U = drop(x) A^T (..., r), its fp32 sums rounded once (on AMX tiles where they run and k is a multiple of 32)."""
-    r, k = a.shape
+    U = drop(x) A^T (..., r), its fp32 sums rounded once (on AMX tiles where they run and k is a multiple of 32).
+    ``a`` and ``seed`` sequences of G (LoRA linears on the one x: query, key and value): (xb, [drop_e(x)], [U_e]),
+    xb once, each linear's own mask. ``width`` (at least k + G r): xb is (..., width), [bf16(x) | U_1 .. U_G | 0],
+    the input of one frozen product with the updates folded in (the weight [W | s B ...], :class:`fast._LoraLinears`);
+    without dropout drop_e(x) is then its first k columns."""
+    single = not isinstance(a, (list, tuple))
+    groups, (a, seed) = _linears(a, seed)
+    r, k = a[0].shape
     _check({"x": (x, torch.float32)}, (*x.shape[:-1], k))
-    _check({"a": (a, torch.bfloat16)}, (r, k))
+    for e in range(groups):
+        _check({"a": (a[e], torch.bfloat16)}, (r, k))
     m = x.numel() // k
-    xb = torch.empty(x.shape, dtype=torch.bfloat16) if dropout else saved_empty(x.shape, torch.bfloat16)
-    dropped = saved_empty(x.shape, torch.bfloat16) if dropout else xb     # kept for the backward pass, as U is
-    u = saved_empty((*x.shape[:-1], r), torch.bfloat16)
-    if compiled().lora_input_bf16(x.data_ptr(), a.data_ptr(), xb.data_ptr(), dropped.data_ptr() if dropout else None,
-                                  u.data_ptr(), m, k, r, int(seed), int(threshold), float(dscale)):
+    width = k if width is None else width
+    if width != k and width < k + groups * r:
+        raise ValueError(f"lora_input: width {width} holds neither x alone nor x and the {groups} U side by side")
+    shape = (*x.shape[:-1], width)
+    xb = torch.empty(shape, dtype=torch.bfloat16) if dropout else saved_empty(shape, torch.bfloat16)
+    # kept for the backward pass, as U is; without dropout drop(x) is xb (its first k columns)
+    dropped = ([saved_empty(x.shape, torch.bfloat16) for _ in a] if dropout
+               else [xb if width == k else xb[..., :k]] * groups)
+    u = [saved_empty((*x.shape[:-1], r), torch.bfloat16) for _ in a]
+    seeds = (ctypes.c_uint64 * groups)(*(int(s) for s in seed))
+    if compiled().lora_input_bf16(x.data_ptr(), _pointers(a), xb.data_ptr(), width,
+                                  _pointers(dropped) if dropout else None, _pointers(u), m, k, r, groups, seeds, int(threshold), float(dscale)):
         raise MemoryError("LoRA input kernel: no memory")
-    return xb, dropped, u
+    return (xb, dropped[0], u[0]) if single else (xb, dropped, u)
 
 
-def lora_output(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+def lora_output(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, scaling: float, start: int = 0) -> torch.Tensor:
     """In place: y = bf16(y + ``scaling`` U B^T) for the frozen product's bf16 ``y`` (..., n), U (..., r) and B (n, r)
-    bf16, the update summed in fp32 and added before y's one rounding (as ``addmm_`` with ``alpha``)."""
+    bf16, the update summed in fp32 and added before y's one rounding (as ``addmm_`` with ``alpha``). ``start``:
+    into y's columns start .. start + n - 1 only (one of G linears' outputs side by side)."""
     n, r = b.shape
-    _check({"y": (y, torch.bfloat16)}, (*y.shape[:-1], n))
+    width = y.shape[-1]
+    if not (y.is_contiguous() and 0 <= start and start + n <= width):
+        raise ValueError("lora_output: y must be contiguous and hold the columns written")
+    _check({"y": (y, torch.bfloat16)}, (*y.shape[:-1], width))
     _check({"u": (u, torch.bfloat16)}, (*y.shape[:-1], r))
     _check({"b": (b, torch.bfloat16)}, (n, r))
-    if compiled().lora_output_bf16(y.data_ptr(), u.data_ptr(), b.data_ptr(), y.numel() // n, n, r, float(scaling)):
+    if compiled().lora_output_bf16(y.data_ptr() + 2 * start, width, u.data_ptr(), b.data_ptr(), y.numel() // width, n,
+                                   r, float(scaling)):
         raise MemoryError("LoRA output kernel: no memory")
     return y
 

@@ -223,7 +223,7 @@ def test_training_attention_kernels_keep_scores_in_fp32_and_give_the_formulas_gr
         calls, back = [], []
         kernel, kernel_back = masks.attention, masks.attention_backward
         monkeypatch.setattr(masks, "attention", lambda *a, **kw: calls.append(kw.get("probs")) or kernel(*a, **kw))
-        monkeypatch.setattr(masks, "attention_backward", lambda *a: back.append(1) or kernel_back(*a))
+        monkeypatch.setattr(masks, "attention_backward", lambda *a, **kw: back.append(1) or kernel_back(*a, **kw))
         results = []
         for use_kernel in (True, False):
             monkeypatch.setattr(fast, "_fused", lambda dtype, t, f=use_kernel: f)   # off: PyTorch's softmax path
@@ -833,8 +833,8 @@ def test_fused_lora_linear_is_peft_lora_with_the_same_masks(dropout, dims, monke
     for fuse in (False, True):
         if fuse:
             fused = fast.fuse_passes(model)
-            assert {k: len(v) for k, v in fused.items()} == {"sublayer_end": 0, "gelu": 0, "lora": 1, "ffn": 0,
-                                                                "embeddings": 0, "distilbert_embeddings": 0}
+            assert {k: len(v) for k, v in fused.items()} == {"sublayer_end": 0, "gelu": 0, "lora": 1, "qkv": 0,
+                                                                "ffn": 0, "embeddings": 0, "distilbert_embeddings": 0}
         leaf = x.clone().requires_grad_()
         torch.manual_seed(9)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -947,6 +947,34 @@ def _lora_step(tiny_backbone, off):
     return sp.report, grads, swapped, dtypes
 
 
+
+def test_query_key_and_value_as_one_lora_product_keep_the_linears_maths(kernel_backbone, monkeypatch):
+    """BERT's query, key and value LoRA linears made together (fast._LoraLinears: one frozen product of the stacked
+    weights, one input-gradient product, one pass for dx) against the same linears one at a time (--fast-off qkv):
+    the same masks from the same seeds, so the loss's gradients agree to bf16 noise."""
+    if masks.compiled() is None or not masks.lora_kernels_available(64, 64, 4):
+        pytest.skip("no AVX-512 BF16 LoRA kernels here")
+    groups = []
+    real = masks.lora_backward
+    monkeypatch.setattr(masks, "lora_backward", lambda g, b, *a: groups.append(
+        len(b) if isinstance(b, list) else 1) or real(g, b, *a))
+    joint, real_joint = [], fast.joint_view
+    monkeypatch.setattr(fast, "joint_view", lambda *t: joint.append(real_joint(*t) is not None) or real_joint(*t))
+    report, fused, swapped, _ = _lora_step(kernel_backbone, [])
+    # the attention took the first layer's query, key and value side by side, and where its backward kernel ran,
+    # wrote their gradients so, which the LoRA backward then read in place
+    assert joint.count(True) == (2 if fast._attention_kernels() else 1)
+    # the first layer's three together; the last layer's query is for the first token only (--pooling cls:
+    # clintune.prune), so its linears go one at a time (the backward pass takes the last layer first)
+    assert report["fused_passes"]["qkv"] == 2 and groups == [1, 1, 1, 3]
+    assert sum("FusedBertSelfAttention" == t.__name__ for t in swapped.values()) == 2
+    groups.clear()
+    report, alone, _, _ = _lora_step(kernel_backbone, ["qkv"])
+    assert "qkv" not in report["fused_passes"] and groups == [1] * 6
+    assert fused.keys() == alone.keys() and len(fused) > 6
+    for name, g in fused.items():
+        assert float((g - alone[name]).norm() / alone[name].norm()) < 2e-2, name
+
 @pytest.mark.parametrize("part", list(fast.PARTS))
 def test_fast_off_leaves_out_just_that_part_and_keeps_the_gradients(kernel_backbone, part, monkeypatch):
     """Each --fast-off part: what accelerate does without it (the report, the classes, the weights' dtype,
@@ -975,6 +1003,8 @@ def test_fast_off_leaves_out_just_that_part_and_keeps_the_gradients(kernel_backb
         part not in ("sublayer_end", "dropout")) and ("gelu" in fused) == (part != "gelu")
     assert ("ffn" in fused) == (part != "gelu") and (fused.get("ffn", 0) > 0) == (part not in ("gelu", "bf16_weights"))
     assert (fused.get("lora", 0) > 0) == (part not in ("lora", "dropout", "bf16_weights"))
+    assert ("qkv" in fused) == (part not in ("lora", "dropout", "qkv"))
+    assert (fused.get("qkv", 0) > 0) == (part not in ("lora", "dropout", "qkv", "bf16_weights"))
     assert ("reuse_freed_memory" in report) == (part != "memory")
     assert ("arena" in report) == (part != "arena")
     assert ("block_cache" in report) == (part != "blocks")

@@ -553,6 +553,62 @@ def test_lora_input_and_output_kernels_are_the_cast_the_dropout_and_the_rank_r_p
     assert masks.lora_output(y, u, b, 0.5) is y and torch.equal(y, want_y)
 
 
+
+@pytest.mark.parametrize("m,n,with_x,dropout", [(70, 64, True, True), (37, 48, True, True), (9, 64, False, True),
+                                                (40, 64, True, False)])
+def test_lora_kernels_take_query_key_and_value_together(m, n, with_x, dropout, lora_form):
+    """Three LoRA linears on one x (query, key and value) in one call: x's bf16 copy once, each linear's dropout,
+    U, dA and dB the very bits of its own call (its own seed), their outputs' updates each into its own columns
+    of one (m, 3n) product, and dx = gW + sum_e (dU_e A_e) m_e / (1 - p) against float64 from g (m, 3n) side by
+    side; rows past the kernels' blocks (70, 37, 9), n past the tiles' 32 (48), no dropout (U from xb for all);
+    and x's copy written with the three U beside it (``width``), the backward reading drop(x) from it."""
+    gen = torch.Generator().manual_seed(m + n)
+    k, r, s, thr = 64, 8, 0.5, (-26214 if dropout else -32768)
+    dscale = 1 / 0.9 if dropout else 1.0
+    seeds = [11, 12, 13] if dropout else [0, 0, 0]
+    x = torch.randn(m, k, generator=gen)
+    a = [torch.randn(r, k, generator=gen).bfloat16() for _ in range(3)]
+    b = [torch.randn(n, r, generator=gen).bfloat16() for _ in range(3)]
+    xb, dropped, u = masks.lora_input(x, a, seeds, thr, dscale, dropout)
+    assert torch.equal(xb, x.bfloat16()) and len(dropped) == len(u) == 3
+    for e in range(3):
+        xb1, d1, u1 = masks.lora_input(x, a[e], seeds[e], thr, dscale, dropout)
+        assert torch.equal(dropped[e], d1) and torch.equal(u[e], u1), e
+        assert (dropped[e] is xb) == (not dropout)
+    y = torch.randn(m, 3 * n, generator=gen).bfloat16()
+    want_y = y.clone()
+    for e in range(3):
+        part = want_y[:, e * n:(e + 1) * n].contiguous()
+        want_y[:, e * n:(e + 1) * n] = masks.lora_output(part, u[e], b[e], s)
+        assert masks.lora_output(y, u[e], b[e], s, start=e * n) is y
+    assert torch.equal(y, want_y)
+    g = torch.randn(m, 3 * n, generator=gen).bfloat16()
+    gw = torch.randn(m, k, generator=gen).bfloat16()
+    da, db, dx = masks.lora_backward(g, b, u, dropped, a, gw if with_x else None, s, seeds, thr, dscale)
+    want_dx = gw.double()
+    for e in range(3):
+        ge = g[:, e * n:(e + 1) * n].contiguous()
+        da1, db1, _ = masks.lora_backward(ge, b[e], u[e], dropped[e], a[e], None, s, seeds[e], thr, dscale)
+        assert torch.equal(da[e], da1) and torch.equal(db[e], db1), e
+        keep = torch.from_numpy(masks.reference(m * k, seeds[e], thr)).view(m, k).double()
+        want_dx = want_dx + (s * (ge.double() @ b[e].double()) @ a[e].double()) * keep * dscale
+    if with_x:
+        assert float((dx.double() - want_dx).abs().max() / want_dx.abs().max()) < 1e-6
+    else:
+        assert dx is None
+    # the updates folded into the product's input: [bf16(x) | U_1 U_2 U_3 | 0], 32 columns past x's 64 (24 + 8)
+    wide, dropped_w, u_w = masks.lora_input(x, a, seeds, thr, dscale, dropout, width=k + 32)
+    assert wide.shape == (m, k + 32) and torch.equal(wide[:, :k], xb) and not wide[:, k + 24:].any()
+    for e in range(3):
+        assert torch.equal(u_w[e], u[e]) and torch.equal(wide[:, k + e * r:k + (e + 1) * r], u[e])
+        assert torch.equal(dropped_w[e], dropped[e]) and (dropped_w[e].stride(0) == k + 32) == (not dropout)
+    da_w, db_w, dx_w = masks.lora_backward(g, b, u_w, dropped_w, a, gw if with_x else None, s, seeds, thr, dscale)
+    assert all(torch.equal(p, q) for p, q in zip(da_w + db_w, da + db)) and (dx is None or torch.equal(dx_w, dx))
+    with pytest.raises(ValueError, match="1 to 4 linears"):
+        masks.lora_input(x, a * 2, seeds * 2, thr, dscale, dropout)
+    with pytest.raises(ValueError, match="width 80 holds neither"):
+        masks.lora_input(x, a, seeds, thr, dscale, dropout, width=k + 16)
+
 def test_sixteen_row_reductions_give_each_rows_own_reduction_bit_for_bit():
     """AMX prediction finds 16 rows' largest scores and sums of e at once (reduce16_max / reduce16_add: permutes
     across rows); each must be the very bits of that row's own reduction, as the kernel made them before, on rows
