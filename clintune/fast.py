@@ -818,12 +818,35 @@ def _stacked(mod: nn.Module, linears, r: int) -> tuple[torch.Tensor, torch.Tenso
     return held[1:]
 
 
+#: a self-attention's query, key and value linears, its heads' attribute and the linear its forward ends with (None:
+#: its caller applies it), by the forward's code: BERT's (and its copies: RoBERTa, CamemBERT, ...) and DistilBERT's
+QKV_LAYOUTS = {"bert": (("query", "key", "value"), "num_attention_heads", None),
+               "distilbert": (("q_lin", "k_lin", "v_lin"), "n_heads", "out_lin")}
+
+
+def _qkv_layout(mod: nn.Module) -> str | None:
+    """:data:`QKV_LAYOUTS`' key of ``mod`` where its forward is BERT's or DistilBERT's self-attention and its query,
+    key and value are all PEFT LoRA linears over :class:`FrozenLinear`\ s, else None."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from transformers.models.bert.modeling_bert import BertSelfAttention
+    from transformers.models.distilbert.modeling_distilbert import DistilBertSelfAttention
+
+    for kind, cls in (("bert", BertSelfAttention), ("distilbert", DistilBertSelfAttention)):
+        names, heads, out = QKV_LAYOUTS[kind]
+        lins = [getattr(mod, name, None) for name in names]
+        if (all(isinstance(lin, LoraLinear) and type(getattr(lin, "base_layer", None)) is FrozenLinear for lin in lins)
+                and isinstance(getattr(mod, heads, None), int) and _same_code(type(mod).forward, cls.forward)):
+            return kind
+    return None
+
+
 def _qkv_parts(self, x: torch.Tensor):
-    """(stacked weight, folded weight, stacked bias, p, scaling, A_q, A_k, A_v, B_q, B_k, B_v) when BERT's
-    self-attention ``self`` can make its query, key and value by :class:`_LoraLinears`: all three class-swapped
-    LoRA linears in :class:`_LoraLinear`'s case with the same rank, dropout, scaling and shapes, biases all or none, the
-    kernels there for them, x (B, T, k); else None."""
-    linears = [getattr(self, name, None) for name in ("query", "key", "value")]
+    """(stacked weight, folded weight, stacked bias, p, scaling, A_q, A_k, A_v, B_q, B_k, B_v) when the
+    self-attention ``self`` (:data:`QKV_LAYOUTS`) can make its query, key and value by :class:`_LoraLinears`: all
+    three class-swapped LoRA linears in :class:`_LoraLinear`'s case with the same rank, dropout, scaling and shapes,
+    biases all or none, the kernels there for them, x (B, T, k); else None."""
+    names, heads, _ = QKV_LAYOUTS[self._qkv_layout]
+    linears = [getattr(self, name, None) for name in names]
     if x.dim() != 3 or not all(hasattr(type(lin), "_fused_from") for lin in linears):
         return None
     parts = [_lora_ready(lin, x) for lin in linears]
@@ -833,7 +856,7 @@ def _qkv_parts(self, x: torch.Tensor):
     if any(pt[2] != p or pt[3] != scaling or pt[0].shape != a0.shape or pt[1].shape != b0.shape for pt in parts) \
             or any(lin.base_layer.weight.shape != shape for lin in linears) \
             or len({lin.base_layer.bias is None for lin in linears}) != 1 \
-            or shape[0] % self.num_attention_heads or x.shape[-1] != shape[1] \
+            or shape[0] % getattr(self, heads) or x.shape[-1] != shape[1] \
             or not masks.lora_kernels_available(shape[0], shape[1], a0.shape[0]):
         return None
     weight, folded, bias = _stacked(self, linears, a0.shape[0])
@@ -841,9 +864,9 @@ def _qkv_parts(self, x: torch.Tensor):
 
 
 def _qkv_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
-    """BERT's self-attention (``BertSelfAttention.forward`` and its copies) with query, key and value made by
-    :class:`_LoraLinears` where it can (no cache, an attention function transformers registers); the original
-    forward otherwise."""
+    """BERT's self-attention (``BertSelfAttention.forward`` and its copies) or DistilBERT's with query, key and value
+    made by :class:`_LoraLinears` where it can (no cache, an attention function transformers registers); the
+    original forward otherwise."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     parts = None
@@ -855,12 +878,13 @@ def _qkv_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor
     kwargs.pop("cache", None)
     kwargs.pop("past_key_values", None)
     weight, folded, bias, p, scaling, *lora = parts
-    query, key, value = _LoraLinears.apply(hidden_states, weight, folded, bias, p, scaling, self.num_attention_heads,
-                                           *lora)
+    _, heads, last = QKV_LAYOUTS[self._qkv_layout]
+    query, key, value = _LoraLinears.apply(hidden_states, weight, folded, bias, p, scaling, getattr(self, heads), *lora)
     interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
     out, weights = interface(self, query, key, value, attention_mask,
                              dropout=0.0 if not self.training else self.dropout.p, scaling=self.scaling, **kwargs)
-    return out.reshape(*hidden_states.shape[:-1], -1).contiguous(), weights
+    out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
+    return (out if last is None else getattr(self, last)(out)), weights
 
 
 class _DropoutAddNorm(torch.autograd.Function):
@@ -1074,13 +1098,12 @@ def _fusable(mod: nn.Module) -> str | None:
     """"sublayer_end" for a module whose forward is BERT's ``BertSelfOutput.forward`` (dense, dropout,
     LayerNorm of the sum; also RoBERTa's, CamemBERT's ... copies), "gelu" for transformers' exact GELU,
     "lora" for PEFT's LoRA linear over a :class:`FrozenLinear`, "qkv" for BERT's self-attention (and its copies)
-    whose query, key and value are all such (:func:`_qkv_forward`), "ffn" for BERT's intermediate layer (and its
+    or DistilBERT's whose query, key and value are all such (:func:`_qkv_forward`), "ffn" for BERT's intermediate layer (and its
     copies) over a :class:`FrozenLinear` with a GELU oneDNN computes (exact or tanh; :func:`_ffn_forward`),
     "embeddings" for BERT's or RoBERTa's embeddings (and copies; :func:`_embeddings_forward`),
     "distilbert_embeddings" for DistilBERT's (:func:`_distilbert_embeddings_forward`)."""
     from peft.tuners.lora.layer import Linear as LoraLinear
-    from transformers.models.bert.modeling_bert import (BertEmbeddings, BertIntermediate, BertSelfAttention,
-                                                        BertSelfOutput)
+    from transformers.models.bert.modeling_bert import BertEmbeddings, BertIntermediate, BertSelfOutput
     from transformers.models.distilbert.modeling_distilbert import Embeddings as DistilBertEmbeddings
     from transformers.models.roberta.modeling_roberta import RobertaEmbeddings
 
@@ -1100,9 +1123,9 @@ def _fusable(mod: nn.Module) -> str | None:
             return "distilbert_embeddings"
     if type(mod) is LoraLinear and type(getattr(mod, "base_layer", None)) is FrozenLinear:
         return "lora"
-    qkv = [getattr(mod, name, None) for name in ("query", "key", "value")]
-    if (all(isinstance(lin, LoraLinear) and type(getattr(lin, "base_layer", None)) is FrozenLinear for lin in qkv)
-            and _same_code(type(mod).forward, BertSelfAttention.forward)):
+    layout = _qkv_layout(mod)
+    if layout is not None:
+        mod._qkv_layout = layout                                    # what _qkv_forward reads its linears by
         return "qkv"
     if (type(getattr(mod, "dense", None)) is FrozenLinear and _same_code(type(mod).forward, BertIntermediate.forward)
             and isinstance(getattr(mod, "intermediate_act_fn", None), nn.Module)):
