@@ -921,11 +921,11 @@ def test_fast_off_parts_are_the_configs_and_unknown_ones_are_refused():
         fast.accelerate(torch.nn.Linear(2, 2), Runtime(torch.device("cpu"), "bf16"), off=["attn"])
 
 
-def _lora_step(tiny_backbone, off, targets=("query", "key", "value")):
+def _lora_step(tiny_backbone, off, targets=("query", "key", "value"), lora_dropout=0.1):
     """One bf16 LoRA step with every dropout on (0.1) and ``off`` left out of the fast path: (the speed-ups'
     report, the trainable gradients, what accelerate swapped), the model restored afterwards."""
     cfg = tiny_config(tiny_backbone, "unused.csv", method="lora", head="pooler", pooling="cls", lora_r=4,
-                      lora_alpha=4, lora_dropout=0.1, target_modules=list(targets))
+                      lora_alpha=4, lora_dropout=lora_dropout, target_modules=list(targets))
     asm, model = _lora_model(cfg)
     enc = asm.tokenizer(["heart failure with reduced ejection fraction noted on echo", "rash", "atrial fibrillation",
                          "eczema of both hands, itching at night"], padding=True, return_tensors="pt")
@@ -948,12 +948,13 @@ def _lora_step(tiny_backbone, off, targets=("query", "key", "value")):
 
 
 
-@pytest.mark.parametrize("kind", ["bert", "distilbert"])
-def test_query_key_and_value_as_one_lora_product_keep_the_linears_maths(kind, tiny_backbone, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind,lora_dropout", [("bert", 0.1), ("distilbert", 0.1), ("bert", 0.0)])
+def test_query_key_and_value_as_one_lora_product_keep_the_linears_maths(kind, lora_dropout, tiny_backbone, tmp_path,
+                                                                        monkeypatch):
     """BERT's and DistilBERT's query, key and value LoRA linears made together (fast._LoraLinears: one product of
     the stacked weights with the updates folded in, one input-gradient product, one pass for dx) against the same
     linears one at a time (--fast-off qkv): the same masks from the same seeds, so the loss's gradients agree to
-    bf16 noise."""
+    bf16 noise; without LoRA dropout, the three read x's copy beside the U they fold in."""
     from conftest import build_kernel_backbone
 
     if masks.compiled() is None or not masks.lora_kernels_available(64, 64, 4):
@@ -966,7 +967,7 @@ def test_query_key_and_value_as_one_lora_product_keep_the_linears_maths(kind, ti
         len(b) if isinstance(b, list) else 1) or real(g, b, *a))
     joint, real_joint = [], fast.joint_view
     monkeypatch.setattr(fast, "joint_view", lambda *t: joint.append(real_joint(*t) is not None) or real_joint(*t))
-    report, fused, swapped, _ = _lora_step(backbone, [], targets)
+    report, fused, swapped, _ = _lora_step(backbone, [], targets, lora_dropout)
     # the attention took the first layer's query, key and value side by side, and where its backward kernel ran,
     # wrote their gradients so, which the LoRA backward then read in place
     assert joint.count(True) == (2 if fast._attention_kernels() else 1)
@@ -976,7 +977,7 @@ def test_query_key_and_value_as_one_lora_product_keep_the_linears_maths(kind, ti
     name = "FusedBertSelfAttention" if kind == "bert" else "FusedDistilBertSelfAttention"
     assert sum(name == t.__name__ for t in swapped.values()) == 2
     groups.clear()
-    report, alone, _, _ = _lora_step(backbone, ["qkv"], targets)
+    report, alone, _, _ = _lora_step(backbone, ["qkv"], targets, lora_dropout)
     assert "qkv" not in report["fused_passes"] and groups == [1] * 6
     assert fused.keys() == alone.keys() and len(fused) > 6
     for name, g in fused.items():
