@@ -826,7 +826,7 @@ QKV_LAYOUTS = {"bert": (("query", "key", "value"), "num_attention_heads", None),
 
 def _qkv_layout(mod: nn.Module) -> str | None:
     """:data:`QKV_LAYOUTS`' key of ``mod`` where its forward is BERT's or DistilBERT's self-attention and its query,
-    key and value are all PEFT LoRA linears over :class:`FrozenLinear`\ s, else None."""
+    key and value are all PEFT LoRA linears over frozen linears (:class:`FrozenLinear`), else None."""
     from peft.tuners.lora.layer import Linear as LoraLinear
     from transformers.models.bert.modeling_bert import BertSelfAttention
     from transformers.models.distilbert.modeling_distilbert import DistilBertSelfAttention

@@ -948,6 +948,33 @@ def _lora_step(tiny_backbone, off, targets=("query", "key", "value"), lora_dropo
 
 
 
+def test_the_folded_lora_product_follows_b_from_step_to_step():
+    """_LoraLinears folds s B_e into its kept weight at every forward: after B changes in place (an optimiser's
+    step), the next output is x W^T + b + s (x A^T) B^T with the new B, within bf16 rounding, for each of the three."""
+    if masks.compiled() is None or not masks.lora_kernels_available(64, 64, 4) or not fast._onednn_linear():
+        pytest.skip("no AVX-512 BF16 LoRA kernels here")
+    gen = torch.Generator().manual_seed(0)
+    b, t, k, n, r, heads, s = 2, 40, 64, 64, 4, 2, 0.5
+    x = torch.randn(b, t, k, generator=gen)
+    w, bias = (torch.randn(3 * n, k, generator=gen) * 0.1).bfloat16(), torch.randn(3 * n, generator=gen).bfloat16()
+    folded = torch.zeros(3 * n, 96, dtype=torch.bfloat16)                       # 64 + 3 x 4 columns, padded to 96
+    folded[:, :k] = w
+    a = [torch.randn(r, k, generator=gen) * 0.1 for _ in range(3)]
+    bs = [torch.zeros(n, r) for _ in range(3)]
+    for step in range(3):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = fast._LoraLinears.apply(x, w, folded, bias, 0.0, s, heads, *a, *bs)
+        xb = x.bfloat16().double()
+        for e, out in enumerate(outs):
+            u = (xb @ a[e].bfloat16().double().t()).bfloat16().double()
+            want = xb @ w[e * n:(e + 1) * n].double().t() + bias[e * n:(e + 1) * n].double() \
+                + s * u @ bs[e].bfloat16().double().t()
+            got = out.transpose(1, 2).reshape(b, t, n).double()
+            assert float((got - want).abs().max()) <= 2 ** -7 * float(want.abs().max()), (step, e)
+        for be in bs:
+            be.add_(torch.randn(be.shape, generator=gen))
+
+
 @pytest.mark.parametrize("kind,lora_dropout", [("bert", 0.1), ("distilbert", 0.1), ("bert", 0.0)])
 def test_query_key_and_value_as_one_lora_product_keep_the_linears_maths(kind, lora_dropout, tiny_backbone, tmp_path,
                                                                         monkeypatch):
