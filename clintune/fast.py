@@ -865,13 +865,13 @@ def _qkv_parts(self, x: torch.Tensor):
 
 def _qkv_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
     """BERT's self-attention (``BertSelfAttention.forward`` and its copies) or DistilBERT's with query, key and value
-    made by :class:`_LoraLinears` where it can (no cache, an attention function transformers registers); the
-    original forward otherwise."""
+    made by :class:`_LoraLinears` where it can (no cache, no packed notes, an attention function transformers
+    registers); the original forward otherwise."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     parts = None
     if (not args and kwargs.get("cache") is None and kwargs.get("past_key_values") is None
-            and self.config._attn_implementation in ALL_ATTENTION_FUNCTIONS):
+            and kwargs.get(STARTS) is None and self.config._attn_implementation in ALL_ATTENTION_FUNCTIONS):
         parts = _qkv_parts(self, hidden_states)
     if parts is None:
         return self._fused_from.forward(self, hidden_states, attention_mask, *args, **kwargs)
