@@ -26,7 +26,9 @@ SDPA falls back to whenever attention dropout is on, and page faults on freshly 
   ``addmm``, without its pass that first broadcasts the bias into the output.
 * :func:`fuse_passes` fuses the remaining passes over memory by class swaps (bf16 on CPU only; the original
   forward otherwise): PEFT's LoRA linear over a :class:`FrozenLinear` (:class:`_LoraLinear`: the update
-  added inside the frozen product, the two input gradients summed in one pass), BERT's sublayer end
+  added inside the frozen product, the two input gradients summed in one pass), BERT's and DistilBERT's
+  self-attention whose query, key and value are all such (:class:`_LoraLinears`: the three and their updates one
+  product, their gradients side by side as the attention's backward writes them), BERT's sublayer end
   LayerNorm(dropout(h) + residual) with a frozen LayerNorm (:class:`_DropoutAddNorm` in training; in
   prediction LayerNorm(h + residual) in one pass, :func:`masks.add_norm`), and the exact GELU, which keeps
   its derivative from the forward pass in training (:class:`_GeluKeepGrad`) and in prediction is applied by
