@@ -758,7 +758,7 @@ class _LoraLinears(torch.autograd.Function):
                                           width=folded.shape[1])
         y = torch.ops.mkldnn._linear_pointwise(xw, folded, bias, "none", [], "")
         ctx.save_for_backward(weight, *a16, *b16, *dropped, *u)
-        ctx.scaling, ctx.groups, ctx.heads = scaling, groups, heads
+        ctx.scaling, ctx.groups = scaling, groups
         b, t = x.shape[:2]
         y = y.view(b, t, groups, heads, n // heads)
         return tuple(y[:, :, e].transpose(1, 2) for e in range(groups))
@@ -834,7 +834,7 @@ def _qkv_layout(mod: nn.Module) -> str | None:
     from transformers.models.distilbert.modeling_distilbert import DistilBertSelfAttention
 
     for kind, cls in (("bert", BertSelfAttention), ("distilbert", DistilBertSelfAttention)):
-        names, heads, out = QKV_LAYOUTS[kind]
+        names, heads, _ = QKV_LAYOUTS[kind]
         lins = [getattr(mod, name, None) for name in names]
         if (all(isinstance(lin, LoraLinear) and type(getattr(lin, "base_layer", None)) is FrozenLinear for lin in lins)
                 and isinstance(getattr(mod, heads, None), int) and _same_code(type(mod).forward, cls.forward)):
@@ -1100,8 +1100,9 @@ def _fusable(mod: nn.Module) -> str | None:
     """"sublayer_end" for a module whose forward is BERT's ``BertSelfOutput.forward`` (dense, dropout,
     LayerNorm of the sum; also RoBERTa's, CamemBERT's ... copies), "gelu" for transformers' exact GELU,
     "lora" for PEFT's LoRA linear over a :class:`FrozenLinear`, "qkv" for BERT's self-attention (and its copies)
-    or DistilBERT's whose query, key and value are all such (:func:`_qkv_forward`), "ffn" for BERT's intermediate layer (and its
-    copies) over a :class:`FrozenLinear` with a GELU oneDNN computes (exact or tanh; :func:`_ffn_forward`),
+    or DistilBERT's whose query, key and value are all such (:func:`_qkv_forward`), "ffn" for BERT's intermediate
+    layer (and its copies) over a :class:`FrozenLinear` with a GELU oneDNN computes (exact or tanh;
+    :func:`_ffn_forward`),
     "embeddings" for BERT's or RoBERTa's embeddings (and copies; :func:`_embeddings_forward`),
     "distilbert_embeddings" for DistilBERT's (:func:`_distilbert_embeddings_forward`)."""
     from peft.tuners.lora.layer import Linear as LoraLinear

@@ -702,8 +702,8 @@ static int lora_backward_vec(const uint16_t *g, int64_t ldg, const uint16_t *con
    lora_input: xb = bf16(x) (the product's input), drop_e(x) = bf16(x / (1 - p)) m_e (dropped[e], m_e from
    seeds[e]; dropped NULL when p = 0, where drop_e(x) is xb) and U_e = drop_e(x) A_e^T (u[e], m x r, fp32 sums
    rounded once), four rows at a time in one pass over x;
-   lora_output: y = bf16(y + s U B^T) in place over the product's bf16 y (m x n, rows ld apart: one linear's
-   columns of the G side by side), the update summed in fp32 and added before the one rounding */
+   lora_output: y = bf16(y + s U B^T) in place over one linear's bf16 product y (m x n), the update summed in fp32
+   and added before the one rounding (G linears fold theirs into one product: lora_input's ldx) */
 /* row i of xb = bf16(x) (xb NULL: not written) and of drop(x) (NULL: no dropout, drop(x) is xb), and drop(x)'s
    row in fp32 into df */
 static inline void lora_input_row(const float *x, uint16_t *xb, int64_t ldx, uint16_t *dropped, float *df, int64_t i,
@@ -725,14 +725,13 @@ static inline void lora_input_row(const float *x, uint16_t *xb, int64_t ldx, uin
 }
 /* rows i0 .. i0 + rows - 1 of linear e's input side: of xb only for e = 0, of drop_e(x) where there is dropout
    (without, linear e > 0 reads xb, which e = 0 wrote) */
-static inline int lora_group_rows(const float *x, uint16_t *xb, int64_t ldx, uint16_t *const *dropped, float *df,
+static inline void lora_group_rows(const float *x, uint16_t *xb, int64_t ldx, uint16_t *const *dropped, float *df,
                                   int64_t e, int64_t i0, int64_t rows, int64_t k, const uint64_t *seeds, int16_t th,
                                   float dscale, uint16_t *keep) {
-    if (e > 0 && !dropped) return 0;
+    if (e > 0 && !dropped) return;
     for (int64_t q = 0; q < rows; q++)
         lora_input_row(x, e == 0 ? xb : NULL, ldx, dropped ? dropped[e] : NULL, df ? df + q * k : NULL, i0 + q, k,
                        seeds[e], th, dscale, keep);
-    return 1;
 }
 /* row i of U_e (fp32 sums t, rounded once) into u[e] and, where xb's rows are wider than x's (ldx > k), into xb's
    columns k + e r .. k + (e + 1) r - 1 too, the columns past all G zeroed with the last: [xb | U_1 .. U_G | 0],
@@ -783,7 +782,7 @@ static int lora_input_vec(const float *x, const uint16_t *const *a, uint16_t *xb
     free(at);
     return 0;
 }
-int lora_output_bf16(uint16_t *y, int64_t ld, const uint16_t *u, const uint16_t *b, int64_t m, int64_t n, int64_t r,
+int lora_output_bf16(uint16_t *y, const uint16_t *u, const uint16_t *b, int64_t m, int64_t n, int64_t r,
                      float scaling) {
     float *bt = aligned_alloc(64, (size_t) r * n * 4);
     if (!bt) return -1;
@@ -793,7 +792,7 @@ int lora_output_bf16(uint16_t *y, int64_t ld, const uint16_t *u, const uint16_t 
     for (int64_t i = 0; i < m; i++) {
         float uc[16];
         for (int64_t c = 0; c < r; c++) uc[c] = bf2f(u[i * r + c]);
-        uint16_t *yi = y + i * ld;
+        uint16_t *yi = y + i * n;
         for (int64_t j = 0; j < n; j += 16) {
             __m512 v = _mm512_setzero_ps();
             for (int64_t c = 0; c < r; c++) v = _mm512_fmadd_ps(_mm512_set1_ps(uc[c]), _mm512_load_ps(bt + c * n + j), v);
@@ -1156,7 +1155,7 @@ static int attention_backward_##D(const uint16_t *q, const uint16_t *k, const ui
             const __m512 vs = _mm512_set1_ps(scale);                                                         \
             for (int64_t r = 0; r < rows; r++)                                                               \
                 for (int u = 0; u < D / 16; u++)                                                             \
-                    _mm256_storeu_si256((__m256i *) (dq + gb + (i0 + r) * gt + u * 16),                   \
+                    _mm256_storeu_si256((__m256i *) (dq + gb + (i0 + r) * gt + u * 16),                      \
                                         (__m256i) _mm512_cvtneps_pbh(_mm512_mul_ps(o[r][u], vs)));           \
             for (int r = 0; r < R / 2; r++)                           /* pairs of rows of P m and of dS */   \
                 for (int64_t j = 0; j < t; j++) {                                                            \
@@ -1184,9 +1183,9 @@ static int attention_backward_##D(const uint16_t *q, const uint16_t *k, const ui
         const __m512 vds = _mm512_set1_ps(dscale);                                                           \
         for (int64_t j = 0; j < t; j++)                                                                      \
             for (int u = 0; u < D / 16; u++) {                                                               \
-                _mm256_storeu_si256((__m256i *) (dv + gb + (j) * gt + u * 16),                            \
+                _mm256_storeu_si256((__m256i *) (dv + gb + j * gt + u * 16),                                 \
                                     (__m256i) _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(accv + j * D + u * 16), vds))); \
-                _mm256_storeu_si256((__m256i *) (dk + gb + (j) * gt + u * 16),                            \
+                _mm256_storeu_si256((__m256i *) (dk + gb + j * gt + u * 16),                                 \
                                     (__m256i) _mm512_cvtneps_pbh(_mm512_load_ps(acck + j * D + u * 16)));    \
             }                                                                                                \
     }                                                                                                        \
@@ -1379,7 +1378,7 @@ static int attention_backward_amx_##D(const uint16_t *q, const uint16_t *k, cons
             TILES_TIMES(D, O, DS, kv, tq)                             /* dQ = dS K * scale */                \
             for (int64_t r = 0; r < rows; r++)                                                               \
                 for (int u = 0; u < D / 16; u++)                                                             \
-                    _mm256_storeu_si256((__m256i *) (dq + gb + (i0 + r) * gt + u * 16), (__m256i)         \
+                    _mm256_storeu_si256((__m256i *) (dq + gb + (i0 + r) * gt + u * 16), (__m256i)            \
                         _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(O + r * D + u * 16), _mm512_set1_ps(scale)))); \
             for (int64_t r = 0; r < 16; r += 2) {        /* pairs of rows of P m and dS (rows past t: 0) */ \
                 uint32_t *pwr = pw + ((i0 + r) / 2) * tq, *swr = sw + ((i0 + r) / 2) * tq;                   \
@@ -1402,7 +1401,7 @@ static int attention_backward_amx_##D(const uint16_t *q, const uint16_t *k, cons
                         0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(16)), _mm512_set1_epi32((int) n)); \
                     _mm256_storeu_si256((__m256i *) (dv + gb + (j0 + n) * gt + u * 16), (__m256i) _mm512_cvtneps_pbh( \
                         _mm512_mul_ps(_mm512_i32gather_ps(col, C[0], 4), _mm512_set1_ps(dscale))));        \
-                    _mm256_storeu_si256((__m256i *) (dk + gb + (j0 + n) * gt + u * 16),                   \
+                    _mm256_storeu_si256((__m256i *) (dk + gb + (j0 + n) * gt + u * 16),                      \
                                         (__m256i) _mm512_cvtneps_pbh(_mm512_i32gather_ps(col, C[1], 4)));     \
                 }                                                                                            \
             }                                                                                                \
@@ -2087,7 +2086,7 @@ def _compile(arch: tuple[str, ...] = ("-march=native",)) -> ctypes.CDLL | None:
                   "mul_bf16": [p] * 3 + [i64],
                   "lora_backward_bf16": [p, i64] + [p] * 3 + [i64] + [p] * 5 + [i64] * 5 + [f32, p, i32, f32],
                   "lora_input_bf16": [p] * 3 + [i64] + [p] * 2 + [i64] * 4 + [p, i32, f32],
-                  "lora_output_bf16": [p, i64] + [p] * 2 + [i64] * 3 + [f32],
+                  "lora_output_bf16": [p] * 3 + [i64] * 3 + [f32],
                   **{f"range_{t}": [p, i64, p] for t in ("f32", "bf16")},
                   **{f"quantize_u8_{t}": [p, p, i64, f32, i32] for t in ("f32", "bf16")}}
     for name, args in signatures.items():
@@ -2669,7 +2668,7 @@ def lora_backward(g: torch.Tensor, b, u, dropped, a, gw: torch.Tensor | None, sc
     m, gn = g.shape
     r, k = a[0].shape
     n = gn // groups
-    if n * groups != gn or g.stride(1) != 1 or g.stride(0) != gn:
+    if n * groups != gn:
         raise ValueError(f"lora_backward: g must be a contiguous (m, {groups} n) bf16 tensor")
     _check({"g": (g, torch.bfloat16)}, (m, gn))
     ldd = dropped[0].stride(0)
@@ -2720,24 +2719,20 @@ def lora_input(x: torch.Tensor, a, seed, threshold: int, dscale: float, dropout:
     u = [saved_empty((*x.shape[:-1], r), torch.bfloat16) for _ in a]
     seeds = (ctypes.c_uint64 * groups)(*(int(s) for s in seed))
     if compiled().lora_input_bf16(x.data_ptr(), _pointers(a), xb.data_ptr(), width,
-                                  _pointers(dropped) if dropout else None, _pointers(u), m, k, r, groups, seeds, int(threshold), float(dscale)):
+                                  _pointers(dropped) if dropout else None, _pointers(u), m, k, r, groups, seeds,
+                                  int(threshold), float(dscale)):
         raise MemoryError("LoRA input kernel: no memory")
     return (xb, dropped[0], u[0]) if single else (xb, dropped, u)
 
 
-def lora_output(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, scaling: float, start: int = 0) -> torch.Tensor:
+def lora_output(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """In place: y = bf16(y + ``scaling`` U B^T) for the frozen product's bf16 ``y`` (..., n), U (..., r) and B (n, r)
-    bf16, the update summed in fp32 and added before y's one rounding (as ``addmm_`` with ``alpha``). ``start``:
-    into y's columns start .. start + n - 1 only (one of G linears' outputs side by side)."""
+    bf16, the update summed in fp32 and added before y's one rounding (as ``addmm_`` with ``alpha``)."""
     n, r = b.shape
-    width = y.shape[-1]
-    if not (y.is_contiguous() and 0 <= start and start + n <= width):
-        raise ValueError("lora_output: y must be contiguous and hold the columns written")
-    _check({"y": (y, torch.bfloat16)}, (*y.shape[:-1], width))
+    _check({"y": (y, torch.bfloat16)}, (*y.shape[:-1], n))
     _check({"u": (u, torch.bfloat16)}, (*y.shape[:-1], r))
     _check({"b": (b, torch.bfloat16)}, (n, r))
-    if compiled().lora_output_bf16(y.data_ptr() + 2 * start, width, u.data_ptr(), b.data_ptr(), y.numel() // width, n,
-                                   r, float(scaling)):
+    if compiled().lora_output_bf16(y.data_ptr(), u.data_ptr(), b.data_ptr(), y.numel() // n, n, r, float(scaling)):
         raise MemoryError("LoRA output kernel: no memory")
     return y
 
